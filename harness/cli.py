@@ -1,0 +1,199 @@
+"""`harness`: the command line. Each command maps its flags onto one Python call."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from harness.errors import HarnessError
+
+app = typer.Typer(
+    help="Key-channel compression of attention: compress a model with a registered method, "
+    "evaluate it with registered suites, and keep every result in a local store.",
+    no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+)
+zoo_app = typer.Typer(help="The embedded default models (tiny, trained offline on CPython's docstrings).",
+                      no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+# piped output (CI logs, files) gets a wide table instead of rich's 80-column default
+out = Console() if sys.stdout.isatty() else Console(width=200)
+STORE_HELP = "results store (SQLite file); artifacts go beside it"
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input: one line on stderr, exit code 2, no traceback."""
+    try:
+        yield
+    except HarnessError as exc:
+        # plain echo, not rich: the message must stay on one line whatever the terminal width
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _csv(values: List[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _ratios(values: List[str]) -> list[float]:
+    ratios = []
+    for v in _csv(values):
+        try:
+            ratios.append(float(v))
+        except ValueError:
+            raise HarnessError(f"--ratio expects numbers such as 0.5 or 0.25,0.5; got {v!r}") from None
+    return ratios
+
+
+@app.command()
+def run(
+    method: str = typer.Option(..., "--method", "-m", help="registered method (see `harness list methods`)"),
+    model: Optional[str] = typer.Option(None, "--model", help="zoo name, save_pretrained folder, or hub id [default: deltanet-tiny]"),
+    ratio: List[str] = typer.Option(["0.5"], "--ratio", "-r", help="fraction of key channels removed, in [0, 1); repeat or comma-separate"),
+    suite: List[str] = typer.Option(["all"], "--suite", "-s", help="suites to run, comma-separated, or 'all' (those that apply to the model)"),
+    param: List[str] = typer.Option([], "--param", "-p", help="method parameter key=value (repeatable), e.g. -p f=2.0"),
+    suite_param: List[str] = typer.Option([], "--suite-param", help="suite parameter suite.key=value, e.g. --suite-param ppl.limit=4096"),
+    seed: int = typer.Option(0, help="seed for calibration sampling and seeded methods"),
+    calib_samples: int = typer.Option(16, help="calibration sequences"),
+    calib_seq_len: int = typer.Option(256, help="tokens per calibration sequence"),
+    calib_file: Optional[str] = typer.Option(None, help="UTF-8 text file for calibration [default: the embedded corpus]"),
+    store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    dense: bool = typer.Option(True, help="also evaluate the uncompressed model (the reference row)"),
+    save: Optional[Path] = typer.Option(None, help="write each compressed model as a save_pretrained folder under this directory"),
+    force: bool = typer.Option(False, help="recompute cells already complete in the store"),
+    trust_remote_code: bool = typer.Option(False, help="allow custom model code from the checkpoint (off by default)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Compress a model and evaluate it; print the results table."""
+    from harness.calibration import CalibrationSpec
+    from harness.params import parse_pairs
+    from harness.pipeline import run as run_pipeline
+    from harness.report import rich_table
+
+    with user_errors():
+        suite_params: dict[str, dict[str, str]] = {}
+        for key, value in parse_pairs(suite_param, flag="--suite-param").items():
+            name, dot, field = key.partition(".")
+            if not dot or not field:
+                raise HarnessError(f"--suite-param expects suite.key=value, got {key}={value}")
+            suite_params.setdefault(name, {})[field] = value
+        report = run_pipeline(
+            model=model, method=method, ratios=_ratios(ratio), suites=_csv(suite),
+            method_params=parse_pairs(param, flag="--param"), suite_params=suite_params, seed=seed,
+            calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed), store=store,
+            device=device, dtype=dtype, trust_remote_code=trust_remote_code, dense=dense, save=save,
+            force=force, progress=not quiet,
+        )
+    out.print(rich_table(report.rows, title=f"{method} on {model or 'deltanet-tiny'}"))
+    out.print(f"{report.computed} cells computed, {report.reused} reused from {store}")
+    for folder in report.saved:
+        out.print(Text(f"saved {folder}"))
+
+
+@app.command("list")
+def list_(what: str = typer.Argument("all", help="methods, suites, models or all")) -> None:
+    """Show registered methods and suites (plugins included, broken ones with their error) and zoo models."""
+    from harness import params, registry, zoo
+
+    with user_errors():
+        if what not in ("all", "methods", "suites", "models"):
+            raise HarnessError(f"unknown listing {what!r}; use methods, suites, models or all")
+    groups = [("methods", registry.METHODS), ("suites", registry.SUITES)]
+    for title, group in groups:
+        if what not in ("all", title):
+            continue
+        table = Table(title=title)
+        for column in ("name", "status", "families", "parameters", "reference", "package"):
+            table.add_column(column)
+        for entry in registry.entries(group):
+            if entry.ok:
+                obj = entry.obj
+                families = ", ".join(getattr(obj, "families", ()))
+                try:
+                    listing = ", ".join(f"{n}={d!r}" for n, _t, d in params.describe(obj))
+                except Exception as exc:  # a plugin class that is not a dataclass
+                    listing = f"? ({type(exc).__name__})"
+                ref = getattr(obj, "paper", "") or getattr(obj, "description", "")
+                cells = (entry.name, "ok", families, listing, ref, entry.distribution)
+            else:
+                cells = (entry.name, f"broken: {entry.error}", "", "", entry.target, entry.distribution)
+            table.add_row(*(Text(str(c)) for c in cells), style=None if entry.ok else "red")
+        out.print(table)
+    if what in ("all", "models"):
+        table = Table(title="zoo models (use with --model NAME)")
+        for column in ("name", "family", "weights", "heldout ppl", "unigram ppl"):
+            table.add_column(column)
+        for name in zoo.list_models():
+            info = zoo.manifest(name)
+            table.add_row(name, zoo.family_of(name), "shipped" if info else "not built",
+                          f"{info['dense_ppl']:.2f}" if info else "", f"{info['unigram_ppl']:.2f}" if info else "")
+        out.print(table)
+
+
+@app.command()
+def show(
+    store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
+    model: Optional[str] = typer.Option(None, help="only this model (as named in the run)"),
+    method: Optional[str] = typer.Option(None, help="only this method"),
+    suite: Optional[str] = typer.Option(None, help="only this suite"),
+) -> None:
+    """Print the results in the store as a table (and any failed or incomplete cells)."""
+    from harness.report import rich_table
+    from harness.store import COMPLETE, ResultStore
+
+    with user_errors():
+        if not store.exists():
+            raise HarnessError(f"no results store at {store}; run `harness run ...` first or pass --store")
+        rows = ResultStore(store).table(model=model, method=method, suite=suite)
+    complete = [r for r in rows if r["status"] == COMPLETE]
+    out.print(rich_table(complete, title=str(store)))
+    other = {r["run_key"]: r for r in rows if r["status"] != COMPLETE}
+    if other:
+        table = Table(title="incomplete or failed cells")
+        for column in ("model", "method", "ratio", "suite", "status", "error"):
+            table.add_column(column)
+        for r in other.values():
+            table.add_row(*(Text(str(r[c] or "")) for c in ("model", "method", "ratio", "suite", "status", "error")))
+        out.print(table)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: str = typer.Argument(..., help="zoo model name (see `harness zoo list`)"),
+    steps: Optional[int] = typer.Option(None, help="training steps [default: the zoo's setting]"),
+    seed: int = typer.Option(0, help="training seed"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder [default: the shipped weights folder]"),
+) -> None:
+    """Train a zoo model from scratch on the embedded corpus (deterministic under --seed)."""
+    from harness import zoo
+
+    with user_errors():
+        if name not in zoo.list_models():
+            raise HarnessError(f"unknown zoo model {name!r}; zoo models: {', '.join(zoo.list_models())}")
+        kwargs = {"steps": steps} if steps is not None else {}
+        path = zoo.build(name, out_dir=out_dir, seed=seed, progress=True, **kwargs)
+    out.print(Text(f"built {name} -> {path}"))
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List zoo models and whether their weights are present."""
+    list_("models")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

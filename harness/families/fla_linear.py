@@ -1,0 +1,188 @@
+"""DeltaNet and Gated DeltaNet (fla 0.6) family adapter.
+
+Prunable tensors per layer: the rows of `q_proj` and `k_proj` and the channels of their
+depthwise short convolutions `q_conv1d` / `k_conv1d`. A depthwise conv acts per channel, so
+keeping a subset of channels commutes with it exactly: slicing is lossless for what is kept.
+Values, beta, gates, output norm and `o_proj` are untouched.
+
+Config: DeltaNet derives the key dim from `expand_k * hidden_size`; Gated DeltaNet from
+`head_dim`, and derives the value head dim as `int(head_dim * expand_v)`, so `expand_v` is
+re-derived to keep the value side exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from harness.families.base import FamilyAdapter
+from harness.method import ACTIVATIONS, LayerData
+from harness.selection import ChannelSelection
+
+
+def _layer_classes():
+    from fla.layers.delta_net import DeltaNet
+    from fla.layers.gated_deltanet import GatedDeltaNet
+
+    return DeltaNet, GatedDeltaNet
+
+
+def _expand_v_for(value_head_dim: int, head_dim: int) -> float:
+    """The float e with int(head_dim * e) == value_head_dim (fla truncates, so round up ulps)."""
+    e = value_head_dim / head_dim
+    while int(head_dim * e) < value_head_dim:
+        e = float(np.nextafter(e, math.inf))
+    return e
+
+
+def _slice_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.data.index_select(0, rows).clone(), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, rows).clone(), requires_grad=linear.bias.requires_grad)
+    linear.out_features = len(rows)
+
+
+def _slice_conv(conv: nn.Conv1d, channels: torch.Tensor) -> None:
+    conv.weight = nn.Parameter(conv.weight.data.index_select(0, channels).clone(), requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.data.index_select(0, channels).clone(), requires_grad=conv.bias.requires_grad)
+    conv.in_channels = conv.out_channels = conv.groups = len(channels)
+    if hasattr(conv, "hidden_size"):
+        conv.hidden_size = len(channels)
+
+
+class FlaLinearAdapter(FamilyAdapter):
+    """Shared surgery for fla's DeltaNet and GatedDeltaNet layers."""
+
+    kind = "linear"
+    layer_class_index = 0  # which of _layer_classes() this adapter handles
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        layer_cls = _layer_classes()[cls.layer_class_index]
+        return any(isinstance(m, layer_cls) for m in model.modules())
+
+    def layers(self, model) -> list[tuple[int, nn.Module]]:
+        layer_cls = _layer_classes()[self.layer_class_index]
+        return [(i, block.attn) for i, block in enumerate(model.model.layers) if isinstance(block.attn, layer_cls)]
+
+    def geometry(self, model) -> dict[int, tuple[int, int, int]]:
+        out = {}
+        for i, attn in self.layers(model):
+            per_key_head_v = attn.value_dim // attn.num_heads  # value channels sharing one key head
+            out[i] = (attn.num_heads, attn.head_k_dim, per_key_head_v)
+        return out
+
+    # --- calibration -----------------------------------------------------------------------
+    def _qk_modules(self, attn) -> tuple[nn.Module, nn.Module]:
+        # the activations that feed the delta rule: conv outputs, or projections without conv
+        return (attn.q_conv1d, attn.k_conv1d) if attn.use_short_conv else (attn.q_proj, attn.k_proj)
+
+    @torch.no_grad()
+    def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
+                advance: Callable[[], None] | None = None, max_tokens: int = 8192) -> list[LayerData]:
+        layers = self.layers(model)
+        store: dict[tuple[int, str], list[torch.Tensor]] = {}
+        handles = []
+        if ACTIVATIONS in needs:
+            for i, attn in layers:
+                for name, module in zip("qk", self._qk_modules(attn)):
+                    def hook(_mod, _inp, out, key=(i, name)):
+                        y = out[0] if isinstance(out, tuple) else out
+                        store.setdefault(key, []).append(y.detach().reshape(-1, y.shape[-1]).float().cpu())
+                    handles.append(module.register_forward_hook(hook))
+        try:
+            if ACTIVATIONS in needs:
+                for input_ids in batches:
+                    model(input_ids=input_ids.to(model.device), use_cache=False)
+                    if advance is not None:
+                        advance()
+        finally:
+            for h in handles:
+                h.remove()
+        out = []
+        for i, attn in layers:
+            data = LayerData(
+                index=i, num_heads=attn.num_heads, head_dim=attn.head_k_dim,
+                value_dim=attn.value_dim // attn.num_heads,
+                q_weight=attn.q_proj.weight.detach().float().cpu(), k_weight=attn.k_proj.weight.detach().float().cpu(),
+            )
+            if ACTIVATIONS in needs:
+                for name in "qk":
+                    acts = torch.cat(store.pop((i, name)))[:max_tokens]
+                    setattr(data, name, acts.reshape(acts.shape[0], attn.num_heads, attn.head_k_dim))
+            out.append(data)
+        return out
+
+    # --- realization -----------------------------------------------------------------------
+    def _check(self, model, selection: ChannelSelection) -> None:
+        geometry = self.geometry(model)
+        if set(selection.layers) != set(geometry):
+            raise ValueError(f"selection covers layers {sorted(selection.layers)}, model has {sorted(geometry)}")
+        for i, sel in selection.layers.items():
+            if (sel.num_heads, sel.head_dim) != geometry[i][:2]:
+                raise ValueError(f"layer {i}: selection is for {sel.num_heads}x{sel.head_dim}, model has {geometry[i][:2]}")
+
+    @torch.no_grad()
+    def zero(self, model, selection: ChannelSelection) -> None:
+        self._check(model, selection)
+        for i, attn in self.layers(model):
+            keep = torch.zeros(attn.key_dim, dtype=torch.bool)
+            keep[torch.from_numpy(selection.layers[i].flat_indices())] = True
+            drop = (~keep).to(attn.q_proj.weight.device)
+            for module in (attn.q_proj, attn.k_proj, *((attn.q_conv1d, attn.k_conv1d) if attn.use_short_conv else ())):
+                module.weight[drop] = 0
+                if module.bias is not None:
+                    module.bias[drop] = 0
+
+    @torch.no_grad()
+    def apply(self, model, selection: ChannelSelection) -> None:
+        self._check(model, selection)
+        counts = {sel.uniform_count for sel in selection.layers.values()}
+        if len(counts) != 1:
+            raise ValueError(f"fla configs hold one key head dim for all layers; selection keeps {sorted(counts)}")
+        n_keep = counts.pop()
+        for i, attn in self.layers(model):
+            rows = torch.from_numpy(selection.layers[i].flat_indices()).to(attn.q_proj.weight.device)
+            _slice_rows(attn.q_proj, rows)
+            _slice_rows(attn.k_proj, rows)
+            if attn.use_short_conv:
+                _slice_conv(attn.q_conv1d, rows)
+                _slice_conv(attn.k_conv1d, rows)
+            attn.head_k_dim = n_keep
+            attn.key_dim = attn.num_heads * n_keep
+            self._update_layer(attn, n_keep)
+        self._update_config(model.config, n_keep)
+
+    def _update_layer(self, attn, n_keep: int) -> None: ...
+
+    def _update_config(self, config, n_keep: int) -> None: ...
+
+
+class DeltaNetAdapter(FlaLinearAdapter):
+    family = "deltanet"
+    layer_class_index = 0
+
+    def _update_layer(self, attn, n_keep: int) -> None:
+        attn.expand_k = attn.key_dim / attn.hidden_size
+
+    def _update_config(self, config, n_keep: int) -> None:
+        config.expand_k = config.num_heads * n_keep / config.hidden_size
+
+
+class GatedDeltaNetAdapter(FlaLinearAdapter):
+    family = "gated_deltanet"
+    layer_class_index = 1
+
+    def _update_layer(self, attn, n_keep: int) -> None:
+        attn.expand_v = _expand_v_for(attn.head_v_dim, n_keep)
+        attn.head_dim = n_keep
+
+    def _update_config(self, config, n_keep: int) -> None:
+        value_head_dim = int(config.head_dim * config.expand_v)
+        config.expand_v = _expand_v_for(value_head_dim, n_keep)
+        config.head_dim = n_keep

@@ -1,0 +1,173 @@
+"""Model loading: zoo names, local `save_pretrained` folders and hub ids, through the real
+transformers loaders (`AutoConfig` / `AutoModelForCausalLM.from_pretrained`).
+
+Checks before weights are trusted: the path exists, the architecture is one we support, and
+the checkpoint's weights match its config (missing, unexpected or mis-shaped tensors are an
+error here, where transformers would only warn and leave random weights). `trust_remote_code`
+is off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+
+# transformers model_type -> harness family
+FAMILY_OF_MODEL_TYPE = {
+    "delta_net": "deltanet",
+    "gated_deltanet": "gated_deltanet",
+    "llama": "llama",
+    "qwen2": "qwen2",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODEL = "deltanet-tiny"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    family: str
+    name: str  # as the user gave it
+    path: str  # resolved local folder or hub id
+    digest: str  # identifies the weights (see weights_digest)
+    device: str
+    dtype: str
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise HarnessError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
+    return device
+
+
+def _looks_like_path(name: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else with a slash is meant as a path
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def resolve_source(name: str) -> tuple[str, bool]:
+    """(local folder, came_from_hub). Zoo names map to the shipped weights."""
+    from harness import zoo
+
+    if name in zoo.list_models():
+        path = zoo.default_path(name)
+        if not (path / "config.json").exists():
+            raise HarnessError(f"zoo model {name!r} has no weights at {path}; build them with `harness zoo build {name}`")
+        return str(path), False
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise HarnessError(f"{path} has no config.json; pass a save_pretrained folder or a zoo name ({', '.join(zoo.list_models())})")
+        return str(path), False
+    if _looks_like_path(name):
+        raise HarnessError(f"model path {name!r} does not exist; pass a save_pretrained folder, a hub id or a zoo name ({', '.join(zoo.list_models())})")
+    return _hub_snapshot(name), False
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """The local snapshot folder of a hub id: from the cache, or downloaded when online."""
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        return snapshot_download(repo_id, local_files_only=offline,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+    except Exception as exc:  # the hub client raises many types; all mean "not available"
+        raise HarnessError(
+            f"model {repo_id!r} is not a local folder, a zoo name, or a hub id available "
+            f"{'in the local cache (offline)' if offline else 'online'}: {type(exc).__name__}; "
+            "pass a save_pretrained folder or download it first"
+        ) from None
+
+
+def weights_digest(folder: str) -> str:
+    """sha256 over config.json and the weight files' bytes (files over 256 MiB: size + first and
+    last 16 MiB, so that a multi-GB checkpoint is identified in seconds)."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        if path.name.startswith("tokenizer") or path.name == "zoo.json":
+            continue
+        h.update(path.name.encode())
+        size = path.stat().st_size
+        h.update(str(size).encode())
+        with path.open("rb") as f:
+            if size <= 256 << 20:
+                h.update(f.read())
+            else:
+                h.update(f.read(16 << 20))
+                f.seek(-(16 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _register_fla() -> None:
+    import fla.models  # noqa: F401  (registers DeltaNet / GatedDeltaNet with the Auto classes)
+
+    from harness.kernels import fla_cpu
+
+    fla_cpu.install()  # routes fla's Triton ops to torch references for CPU tensors
+
+
+def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "float32",
+               trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = name or DEFAULT_MODEL
+    if dtype not in DTYPES:
+        raise HarnessError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    source, _from_hub = resolve_source(name)
+    local_files_only = True  # resolve_source already has every file on disk
+    _register_fla()
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "trust_remote_code" in msg:
+            raise HarnessError(f"{name} needs custom code; rerun with --trust-remote-code if you trust its source") from None
+        raise HarnessError(f"unsupported architecture in {name}: {msg}") from None
+    except OSError as exc:
+        raise HarnessError(f"cannot load {name!r}: {str(exc).splitlines()[0]}") from None
+    family = FAMILY_OF_MODEL_TYPE.get(config.model_type)
+    if family is None:
+        raise HarnessError(
+            f"unsupported architecture {config.model_type!r} in {name}; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                local_files_only=local_files_only, output_loading_info=True,
+            )
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "size mismatch" in line), first[0] if first else type(exc).__name__)
+        raise HarnessError(f"checkpoint {name} does not match its config: {detail.strip()}") from None
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        kind, keys = next(iter(problems.items()))
+        keys = sorted(map(str, keys))
+        raise HarnessError(
+            f"checkpoint {name} does not match its config: {len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]}); "
+            "was config.json edited or the weights saved from another model?"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"no usable tokenizer in {name}: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, family, name, source, weights_digest(source), device, dtype)

@@ -1,0 +1,92 @@
+"""The Method contract: a small selector that scores key channels and keeps the best.
+
+A method is a dataclass whose fields are its parameters (typed, validated in `validate`).
+It never touches the model: the family adapter captures what the method `needs` into one
+`LayerData` per layer, and applies the resulting `ChannelSelection`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from harness.errors import HarnessError
+from harness.selection import ChannelSelection, LayerSelection
+
+# What a method can ask the adapter to capture during calibration.
+ACTIVATIONS = "activations"  # q/k activations that feed the recurrence, (tokens, heads, d_k)
+WEIGHTS = "weights"  # q_proj/k_proj weights, always available
+
+
+@dataclass
+class LayerData:
+    """Everything a selector may look at for one layer."""
+
+    index: int
+    num_heads: int
+    head_dim: int
+    value_dim: int
+    q_weight: torch.Tensor  # (num_heads * head_dim, hidden): output rows of q_proj
+    k_weight: torch.Tensor
+    q: torch.Tensor | None = None  # (tokens, num_heads, head_dim), float32 on CPU
+    k: torch.Tensor | None = None
+
+
+def keep_count(head_dim: int, ratio: float) -> int:
+    """Channels kept per head at a pruning ratio: floor(d_k * (1 - ratio))."""
+    if not 0.0 <= ratio < 1.0:
+        raise HarnessError(f"ratio must be in [0, 1) (the fraction of key channels removed), got {ratio}")
+    n_keep = math.floor(head_dim * (1.0 - ratio) + 1e-9)
+    if n_keep < 1:
+        raise HarnessError(
+            f"ratio {ratio} keeps 0 of {head_dim} key channels per head; use a ratio of at most {1 - 1 / head_dim:.4f}"
+        )
+    return n_keep
+
+
+@dataclass
+class Method:
+    """Base of every selector. Subclasses set the class variables and `select_head`."""
+
+    name: ClassVar[str] = ""
+    families: ClassVar[tuple[str, ...]] = ()
+    paper: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset({WEIGHTS})
+
+    seed: int = 0
+    _meta: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a clear message for bad parameter values."""
+
+    def select_head(self, layer: LayerData, head: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
+        """Indices (any order) of the `n_keep` channels this head keeps."""
+        raise NotImplementedError
+
+    def select(self, layers: list[LayerData], ratio: float, family: str, progress=None) -> ChannelSelection:
+        rng = np.random.default_rng(self.seed)
+        self._meta = {}
+        chosen: dict[int, LayerSelection] = {}
+        for layer in layers:
+            n_keep = keep_count(layer.head_dim, ratio)
+            heads = []
+            for h in range(layer.num_heads):
+                idx = np.asarray(self.select_head(layer, h, n_keep, rng), dtype=np.int64)
+                if idx.shape != (n_keep,) or len(set(idx.tolist())) != n_keep:
+                    raise RuntimeError(f"{self.name} returned {idx.tolist()} for head {h}, expected {n_keep} distinct")
+                heads.append(tuple(sorted(int(i) for i in idx)))
+            chosen[layer.index] = LayerSelection(layer.head_dim, layer.value_dim, tuple(heads))
+            if progress is not None:
+                progress()
+        return ChannelSelection(family=family, layers=chosen, method=self.name, ratio=ratio, meta=dict(self._meta))
+
+    def record(self, key: str, value) -> None:
+        """Keep a diagnostic (for example a certificate) in the selection's meta."""
+        self._meta.setdefault(key, []).append(value)

@@ -1,0 +1,195 @@
+"""The run pipeline: load -> calibrate -> select -> apply -> evaluate -> store.
+
+`run(...)` is the Python twin of `harness run`: the CLI only parses flags into this call.
+Every (model, method, ratio, suite) cell has a run key; a cell already complete in the store
+is reused, not recomputed. Each cell is marked running before its work and complete (with all
+its metrics, in one transaction) after it; an exception or Ctrl-C marks the cell failed, and
+cells finished before it stay in the store.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from harness import params as params_mod
+from harness import provenance, registry
+from harness.calibration import CalibrationSpec, calibration_batches
+from harness.errors import HarnessError
+from harness.method import keep_count
+from harness.progress import Bars, bars
+from harness.results import RunKey
+from harness.selection import ChannelSelection
+from harness.store import COMPLETE, ResultStore
+from harness.suite import Metric, Suite, SuiteContext
+
+DEFAULT_STORE = "harness-results/results.sqlite"
+COMPRESSION = "compression"  # the built-in cell that records what a selection keeps (bytes, ratio)
+
+
+@dataclass
+class RunReport:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    computed: int = 0  # cells computed by this call
+    reused: int = 0  # cells found complete in the store
+    saved: list[str] = field(default_factory=list)  # folders written by save
+
+
+def _suites_for(names: Sequence[str], suite_params: dict[str, dict[str, Any]]) -> list[Suite]:
+    wanted: list[str] = []
+    for name in names:
+        if name == "all":
+            wanted += [e.name for e in registry.entries(registry.SUITES) if e.ok]
+        else:
+            wanted.append(name)
+    unknown_params = set(suite_params) - set(wanted)
+    if unknown_params:
+        raise HarnessError(f"parameters given for suite {sorted(unknown_params)[0]!r}, which this run does not include")
+    suites = []
+    for name in dict.fromkeys(wanted):  # ordered, unique
+        cls = registry.get_suite(name)
+        suites.append(params_mod.build(cls, suite_params.get(name), what=f"suite {name}"))
+    return suites
+
+
+def _compression_metrics(selection: ChannelSelection) -> list[Metric]:
+    dense, pruned = selection.state_bytes(bytes_per_elem=4)
+    return [
+        Metric("kept_ratio", selection.kept_ratio, "fraction of key channels"),
+        Metric("state_bytes_dense", dense, "bytes per sequence, fp32"),
+        Metric("state_bytes", pruned, "bytes per sequence, fp32"),
+        Metric("state_reduction", 1 - pruned / dense if dense else 0.0, "fraction"),
+    ]
+
+
+def run(
+    model: str | None = None,
+    method: str = "drrqr",
+    ratios: Sequence[float] = (0.5,),
+    suites: Sequence[str] = ("all",),
+    *,
+    method_params: dict[str, Any] | None = None,
+    suite_params: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+    calibration: CalibrationSpec | None = None,
+    store: str | Path = DEFAULT_STORE,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    dense: bool = True,
+    save: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RunReport:
+    """Compress `model` with `method` at each ratio and evaluate `suites`; see `harness run --help`."""
+    from harness.families import adapter_for
+    from harness.loader import load_model
+
+    # --- validate everything that needs no model first: bad input fails in milliseconds ---
+    method_cls = registry.get_method(method)
+    selector = params_mod.build(method_cls, {**(method_params or {}), "seed": (method_params or {}).get("seed", seed)},
+                                what=f"method {method}")
+    for ratio in ratios:
+        if not 0.0 <= float(ratio) < 1.0:
+            raise HarnessError(f"ratio must be in [0, 1) (the fraction of key channels removed), got {ratio}")
+    suite_objs = _suites_for(suites, suite_params or {})
+    calibration = calibration or CalibrationSpec(seed=seed)
+    results = ResultStore(store)
+
+    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if loaded.family not in method_cls.families:
+        raise HarnessError(
+            f"method {method!r} supports {', '.join(method_cls.families)} models; {loaded.name} is {loaded.family}"
+        )
+    adapter = adapter_for(loaded.model)
+    geometry = adapter.geometry(loaded.model)
+    for ratio in ratios:
+        for _heads, head_dim, _dv in geometry.values():
+            keep_count(head_dim, float(ratio))
+    suite_objs = [s for s in suite_objs if s.applies_to(loaded.family)]
+    if not suite_objs:
+        raise HarnessError(f"none of the suites {', '.join(suites)} applies to {loaded.family} models")
+
+    report = RunReport()
+    method_key = params_mod.as_dict(selector)
+    prov = provenance.collect(loaded.device)
+
+    def key(suite: str, suite_args: dict, ratio: float, dense_cell: bool) -> RunKey:
+        return RunKey(
+            model=loaded.name, model_digest=loaded.digest, family=loaded.family,
+            method="dense" if dense_cell else method, method_params={} if dense_cell else method_key,
+            ratio=0.0 if dense_cell else float(ratio), suite=suite, suite_params=suite_args,
+            seed=seed, calibration={} if dense_cell or not method_cls.needs - {"weights"} else calibration.key(),
+        )
+
+    def cells(ratio: float, dense_cell: bool) -> list[tuple[RunKey, Suite | None]]:
+        out = [(key(COMPRESSION, {}, ratio, dense_cell), None)]
+        return out + [(key(s.name, params_mod.as_dict(s), ratio, dense_cell), s) for s in suite_objs]
+
+    def record(k: RunKey, metrics: list[Metric], cached: bool) -> None:
+        for m in metrics:
+            report.rows.append({"model": k.model, "family": k.family, "method": k.method, "ratio": k.ratio,
+                                "suite": k.suite, "metric": m.name, "value": m.value, "unit": m.unit,
+                                "cached": cached})
+
+    def evaluate(model, selection: ChannelSelection, ratio: float, dense_cell: bool, bar: Bars) -> None:
+        for k, suite in cells(ratio, dense_cell):
+            if not force and results.status(k) == COMPLETE:
+                record(k, results.metrics(k), True)
+                report.reused += 1
+                continue
+            results.begin(k, kept_ratio=selection.kept_ratio, selection_digest=selection.digest)
+            art = results.artifacts_dir(k)
+            selection.save(art / "selection.json")
+            started = time.perf_counter()
+            try:
+                if suite is None:
+                    metrics = _compression_metrics(selection)
+                else:
+                    ctx = SuiteContext(loaded.family, loaded.device, seed, art, bar.task)
+                    metrics = suite.run(model, loaded.tokenizer, ctx)
+            except BaseException as exc:  # Ctrl-C too: the cell is marked, finished cells stay
+                results.fail(k, f"{type(exc).__name__}: {exc}")
+                raise
+            results.finish(k, metrics, prov={**prov, "duration_s": time.perf_counter() - started},
+                           duration_s=time.perf_counter() - started)
+            record(k, metrics, False)
+            report.computed += 1
+
+    def all_done(ratio: float, dense_cell: bool) -> bool:
+        return not force and all(results.status(k) == COMPLETE for k, _ in cells(ratio, dense_cell))
+
+    with bars(progress) as bar:
+        if dense:
+            evaluate(loaded.model, adapter.full_selection(loaded.model), 0.0, True, bar)
+        todo = [float(r) for r in ratios if not all_done(float(r), False) or save is not None]
+        layer_data = None
+        if todo and method_cls.needs - {"weights"}:
+            batches = calibration_batches(loaded.tokenizer, calibration)
+            layer_data = adapter.capture(loaded.model, batches, method_cls.needs,
+                                         advance=bar.task("calibrate", len(batches)))
+        elif todo:
+            layer_data = adapter.capture(loaded.model, [], method_cls.needs)
+        for ratio in ratios:
+            ratio = float(ratio)
+            if ratio not in todo:
+                for k, _ in cells(ratio, False):
+                    record(k, results.metrics(k), True)
+                    report.reused += 1
+                continue
+            selection = selector.select(layer_data, ratio, loaded.family,
+                                        progress=bar.task(f"select {method} {ratio:g}", len(layer_data)))
+            pruned = copy.deepcopy(loaded.model)
+            adapter.apply(pruned, selection)
+            if save is not None:
+                folder = Path(save) / f"{Path(loaded.name).name}-{method}-{ratio:g}"
+                pruned.save_pretrained(folder)
+                loaded.tokenizer.save_pretrained(folder)
+                selection.save(folder / "selection.json")
+                report.saved.append(str(folder))
+            evaluate(pruned, selection, ratio, False, bar)
+            del pruned
+    return report

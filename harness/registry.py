@@ -1,0 +1,83 @@
+"""Registries of methods and suites, fed by entry points.
+
+Built-ins register through this project's own pyproject, exactly like plugins do, so there is
+one path for both. Each entry is loaded on demand and its import error is kept, not raised:
+a broken plugin shows up in `harness list` and fails only a command that asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any
+
+from harness.errors import HarnessError
+
+METHODS = "harness.methods"
+SUITES = "harness.suites"
+
+
+@dataclass
+class Entry:
+    name: str
+    group: str
+    target: str  # "module:attr" as declared
+    distribution: str  # the package that declared it
+    obj: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _kind(group: str) -> str:
+    return "method" if group == METHODS else "suite"
+
+
+@cache
+def _entry(group: str, name: str) -> Entry:
+    for ep in entry_points(group=group):
+        if ep.name == name:
+            dist = ep.dist.name if ep.dist is not None else "?"
+            entry = Entry(name, group, ep.value, dist)
+            try:
+                entry.obj = ep.load()
+            except Exception as exc:  # a plugin can fail in any way; keep the message
+                entry.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return entry
+    raise KeyError(name)
+
+
+def names(group: str) -> list[str]:
+    return sorted({ep.name for ep in entry_points(group=group)})
+
+
+def entries(group: str) -> list[Entry]:
+    """Every registered entry of a group, loaded; broken ones carry their error."""
+    return [_entry(group, name) for name in names(group)]
+
+
+def get(group: str, name: str) -> Any:
+    """The registered class, or a one-line HarnessError naming the alternatives."""
+    kind = _kind(group)
+    try:
+        entry = _entry(group, name)
+    except KeyError:
+        known = ", ".join(names(group)) or "none"
+        raise HarnessError(f"unknown {kind} {name!r}; registered {kind}s: {known} (see `harness list`)") from None
+    if not entry.ok:
+        raise HarnessError(
+            f"{kind} {name!r} from package {entry.distribution!r} failed to load ({entry.error}); "
+            f"fix or uninstall that plugin"
+        )
+    return entry.obj
+
+
+def get_method(name: str):
+    return get(METHODS, name)
+
+
+def get_suite(name: str):
+    return get(SUITES, name)

@@ -1,0 +1,49 @@
+"""Results as tables: one row per (model, method, ratio), one column per suite metric."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from rich.table import Table
+from rich.text import Text
+
+_ORDER = ("model", "method", "ratio")
+
+
+def pivot(rows: Iterable[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Long rows (one per metric) -> (metric columns, wide rows)."""
+    columns: dict[str, None] = {}
+    wide: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("metric") is None:
+            continue
+        column = f"{row['suite']}.{row['metric']}"
+        columns.setdefault(column)
+        ident = tuple(row[k] for k in _ORDER)
+        wide.setdefault(ident, dict(zip(_ORDER, ident)))[column] = row["value"]
+    ordered = sorted(wide.values(), key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["ratio"]))
+    return list(columns), ordered
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4g}" if abs(value) < 10 else f"{value:,.2f}"
+    return "" if value is None else str(value)
+
+
+def rich_table(rows: Iterable[dict[str, Any]], title: str | None = None) -> Table:
+    columns, wide = pivot(rows)
+    table = Table(title=title, show_lines=False)
+    for name in _ORDER:
+        table.add_column(name, justify="right" if name == "ratio" else "left")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row in wide:
+        # Text, not str: names from results are data, never rich markup
+        table.add_row(*(Text(_fmt(row.get(c))) for c in (*_ORDER, *columns)))
+    return table

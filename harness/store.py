@@ -1,0 +1,137 @@
+"""The results store: one SQLite file plus one artifact folder per run cell.
+
+SQLite because it ships with Python (no extra dependency, nothing to start), is a single file
+a researcher can copy, gives atomic transactions, and pandas and Streamlit read it directly.
+Analytic queries over a few thousand rows do not need a column store such as DuckDB.
+Writes go through one `ResultStore` per process (the single writer); each cell's results
+and its status change land in one transaction, so a crash never leaves half a cell.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from harness import provenance
+from harness.errors import HarnessError
+from harness.results import RunKey
+from harness.suite import Metric
+
+SCHEMA_VERSION = 1
+RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_key TEXT PRIMARY KEY,
+    model TEXT NOT NULL, model_digest TEXT NOT NULL, family TEXT NOT NULL,
+    method TEXT NOT NULL, method_params TEXT NOT NULL, ratio REAL NOT NULL, recovery TEXT NOT NULL,
+    suite TEXT NOT NULL, suite_params TEXT NOT NULL, seed INTEGER NOT NULL, calibration TEXT NOT NULL,
+    status TEXT NOT NULL, error TEXT,
+    kept_ratio REAL, selection_digest TEXT,
+    provenance TEXT, started TEXT, finished TEXT, duration_s REAL, artifacts TEXT
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_key TEXT NOT NULL REFERENCES runs(run_key) ON DELETE CASCADE,
+    metric TEXT NOT NULL, value REAL, unit TEXT, details TEXT,
+    PRIMARY KEY (run_key, metric)
+);
+"""
+
+
+class ResultStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if self.path.is_dir():
+            raise HarnessError(f"results store {self.path} is a folder; pass a file path such as {self.path / 'results.sqlite'}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.artifacts_root = self.path.parent / "artifacts"
+        try:
+            with closing(self._connect()) as db, db:
+                db.executescript(_SCHEMA)
+                row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) != SCHEMA_VERSION:
+                    raise HarnessError(
+                        f"results store {self.path} has schema {row[0]}, this harness writes {SCHEMA_VERSION}; use another --store"
+                    )
+        except sqlite3.DatabaseError as exc:
+            raise HarnessError(f"results store {self.path} is not a usable SQLite file ({exc}); pass another --store") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def artifacts_dir(self, key: RunKey) -> Path:
+        path = self.artifacts_root / key.digest
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # --- writes --------------------------------------------------------------------------
+    def begin(self, key: RunKey, *, kept_ratio: float | None = None, selection_digest: str | None = None) -> None:
+        """Mark a cell as running (replacing an earlier failed or interrupted attempt)."""
+        k = asdict(key)
+        with closing(self._connect()) as db, db:
+            db.execute("DELETE FROM runs WHERE run_key=?", (key.digest,))
+            db.execute(
+                "INSERT INTO runs (run_key, model, model_digest, family, method, method_params, ratio, recovery,"
+                " suite, suite_params, seed, calibration, status, kept_ratio, selection_digest, started, artifacts)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (key.digest, k["model"], k["model_digest"], k["family"], k["method"], json.dumps(k["method_params"], sort_keys=True),
+                 k["ratio"], k["recovery"], k["suite"], json.dumps(k["suite_params"], sort_keys=True), k["seed"],
+                 json.dumps(k["calibration"], sort_keys=True), RUNNING, kept_ratio, selection_digest, provenance.now(),
+                 str(self.artifacts_dir(key))),
+            )
+
+    def finish(self, key: RunKey, metrics: Iterable[Metric], *, prov: dict[str, Any], duration_s: float) -> None:
+        """Store a cell's metrics and mark it complete, in one transaction."""
+        with closing(self._connect()) as db, db:
+            db.executemany(
+                "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?)",
+                [(key.digest, m.name, float(m.value), m.unit, json.dumps(m.details, sort_keys=True, default=str)) for m in metrics],
+            )
+            db.execute(
+                "UPDATE runs SET status=?, provenance=?, finished=?, duration_s=?, error=NULL WHERE run_key=?",
+                (COMPLETE, json.dumps(prov, sort_keys=True), provenance.now(), duration_s, key.digest),
+            )
+
+    def fail(self, key: RunKey, error: str) -> None:
+        with closing(self._connect()) as db, db:
+            db.execute("UPDATE runs SET status=?, error=?, finished=? WHERE run_key=?",
+                       (FAILED, error[:2000], provenance.now(), key.digest))
+
+    # --- reads ---------------------------------------------------------------------------
+    def status(self, key: RunKey) -> str | None:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT status FROM runs WHERE run_key=?", (key.digest,)).fetchone()
+        return None if row is None else row["status"]
+
+    def metrics(self, key: RunKey) -> list[Metric]:
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT metric, value, unit, details FROM results WHERE run_key=? ORDER BY metric",
+                              (key.digest,)).fetchall()
+        return [Metric(r["metric"], r["value"], r["unit"] or "", json.loads(r["details"] or "{}")) for r in rows]
+
+    def table(self, **where: Any) -> list[dict[str, Any]]:
+        """Runs joined with their metrics, one dict per metric (runs without metrics too)."""
+        clauses, args = [], []
+        for column, value in where.items():
+            if value is not None:
+                clauses.append(f"runs.{column} = ?")
+                args.append(value)
+        sql = (
+            "SELECT runs.*, results.metric, results.value, results.unit FROM runs"
+            " LEFT JOIN results ON results.run_key = runs.run_key"
+            + (" WHERE " + " AND ".join(clauses) if clauses else "")
+            + " ORDER BY runs.model, runs.method, runs.ratio, runs.suite, results.metric"
+        )
+        with closing(self._connect()) as db:
+            return [dict(r) for r in db.execute(sql, args).fetchall()]

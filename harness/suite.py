@@ -1,0 +1,49 @@
+"""The Suite contract: evaluate a (possibly compressed) model, return metrics.
+
+A suite is a dataclass whose fields are its parameters. It sees the model, its tokenizer and a
+`SuiteContext`; it never sees which method compressed the model (suites never branch on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+ALL_FAMILIES = "*"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float
+    unit: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SuiteContext:
+    family: str
+    device: str
+    seed: int
+    artifacts: Path  # this run's artifact folder
+    progress: Callable[[str, int], Any]  # progress(description, total) -> advance(n=1) callable
+
+
+@dataclass
+class Suite:
+    name: ClassVar[str] = ""
+    families: ClassVar[tuple[str, ...]] = (ALL_FAMILIES,)
+    description: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a clear message for bad parameter values."""
+
+    def applies_to(self, family: str) -> bool:
+        return ALL_FAMILIES in self.families or family in self.families
+
+    def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
+        raise NotImplementedError

@@ -1,0 +1,48 @@
+"""DRRQR: key-channel selection by strong rank-revealing QR of the Q/K activations.
+
+Nazari & Rusch, "The Key to State Reduction in Linear Attention: A Rank-based Perspective"
+(arXiv 2602.04852, 2026); strong RRQR of Gu & Eisenstat (SIAM J. Sci. Comput. 1996).
+Per head, the calibration queries and keys that feed the delta rule are stacked row-wise into
+M (2 * tokens x d_k, rows subsampled to `max_rows` with the method's seed); the kept channels
+are the first `n_keep` columns of a strong RRQR of M with factor `f`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.method import ACTIVATIONS, WEIGHTS, LayerData, Method
+from harness.methods.rrqr import strong_rrqr
+
+
+@dataclass
+class DRRQR(Method):
+    name = "drrqr"
+    families = ("deltanet", "gated_deltanet")
+    paper = "Nazari & Rusch 2026, arXiv 2602.04852 (strong RRQR: Gu & Eisenstat 1996)"
+    needs = frozenset({ACTIVATIONS, WEIGHTS})
+
+    f: float = 1.5  # strong-RRQR factor: every swap must grow |det A| by more than f
+    max_rows: int = 4096  # rows of M kept per head (seeded subsample)
+    max_swaps: int = 0  # swap cap; 0 = 10 * d_k
+    permute: bool = False  # random column permutation before QRCP, to break ties
+
+    def validate(self) -> None:
+        if self.f < 1.0:
+            raise ValueError(f"f must be >= 1 (strong RRQR factor), got {self.f}")
+        if self.max_rows < 1 or self.max_swaps < 0:
+            raise ValueError("max_rows must be >= 1 and max_swaps >= 0")
+
+    def select_head(self, layer: LayerData, head: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
+        m = np.concatenate([layer.q[:, head].numpy(), layer.k[:, head].numpy()], axis=0).astype(np.float64)
+        if m.shape[0] > self.max_rows:
+            m = m[np.sort(rng.choice(m.shape[0], size=self.max_rows, replace=False))]
+        result = strong_rrqr(
+            m, n_keep, f=self.f, max_swaps=self.max_swaps or 10 * layer.head_dim,
+            permute_seed=int(rng.integers(2**31)) if self.permute else None,
+        )
+        self.record("certificate", {"layer": layer.index, "head": head, "max_rho": result.max_rho,
+                                    "swaps": result.swaps, "hit_swap_cap": result.hit_swap_cap})
+        return result.kept
