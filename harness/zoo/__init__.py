@@ -1,0 +1,229 @@
+"""The embedded default models ("zoo"): tiny causal LMs trained offline on CPython's docstrings.
+
+    from harness import zoo
+    zoo.list_models()                 # ['deltanet-tiny', 'gated-deltanet-tiny', 'llama-tiny']
+    zoo.default_path("deltanet-tiny") # harness/zoo/weights/deltanet-tiny/ (shipped with the package)
+    zoo.manifest("deltanet-tiny")     # its zoo.json (dense and unigram held-out ppl, ...), or None
+    zoo.build("llama-tiny", out_dir="my-llama", steps=300)   # retrain (deterministic under seed)
+
+A built folder is a plain `save_pretrained` folder: config.json, model.safetensors (float32),
+the tokenizer files and zoo.json. Load it with the real loaders: `import fla.models` (which
+registers fla's classes with the Auto API), then `AutoModelForCausalLM.from_pretrained(folder)`
+and `AutoTokenizer.from_pretrained(folder)`; on CPU call `harness.kernels.fla_cpu.install()`
+first for the fla families.
+
+Corpus: the docstrings of CPython's standard library, (c) Python Software Foundation, PSF License
+(see harness.zoo.corpus).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import uuid
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.zoo.models import ZOO, ZooEntry, get
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = "zoo.json"
+
+__all__ = ["build", "build_model", "default_path", "list_models", "manifest", "family_of", "heldout_text", "train_text",
+           "entry", "WEIGHTS_DIR"]
+
+
+def list_models() -> list[str]:
+    return list(ZOO)
+
+
+def entry(name: str) -> ZooEntry:
+    return get(name)
+
+
+def family_of(name: str) -> str:
+    return get(name).family
+
+
+def default_path(name: str) -> Path:
+    """The shipped weights folder of a zoo model (it may not exist if the model was never built)."""
+    get(name)
+    return WEIGHTS_DIR / name
+
+
+def manifest(name_or_folder: str | Path) -> dict | None:
+    """The zoo.json of a zoo model's shipped weights (or of any built folder), None if absent."""
+    folder = default_path(name_or_folder) if str(name_or_folder) in ZOO else Path(name_or_folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def heldout_text() -> str:
+    """The held-out split of the embedded corpus (what the zoo's held-out ppl is measured on)."""
+    from harness.zoo.corpus import load_corpus
+
+    return load_corpus().heldout_text
+
+
+def train_text() -> str:
+    from harness.zoo.corpus import load_corpus
+
+    return load_corpus().train_text
+
+
+def prepare_fla() -> None:
+    """Register fla's models with the Auto classes and, for CPU tensors, route its kernels to torch."""
+    try:
+        import fla.models  # noqa: F401
+    except ImportError as exc:
+        raise HarnessError(f"the fla zoo models need flash-linear-attention: {exc}") from None
+    try:
+        from harness.kernels import fla_cpu
+    except ImportError as exc:
+        raise HarnessError(f"harness.kernels.fla_cpu is not available ({exc}); fla models cannot run on CPU") from None
+    fla_cpu.install()
+
+
+_STREAMS: dict[str, tuple] = {}  # corpus sha256 -> (train ids, held-out ids), this process only
+
+
+def _token_streams(corpus, tokenizer):
+    """The train and held-out splits as 1-D token tensors (each split tokenized as one text)."""
+    import torch
+
+    key = corpus.sha256 + tokenizer.backend_tokenizer.to_str()
+    if key not in _STREAMS:
+        _STREAMS.clear()
+        _STREAMS[key] = tuple(
+            torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            for text in (corpus.train_text, corpus.heldout_text))
+    return _STREAMS[key]
+
+
+def _clear_target(out: Path) -> None:
+    """Refuse to overwrite a folder that is not a model folder."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise HarnessError(f"output path {out} exists and is not a folder")
+    contents = list(out.iterdir())
+    if contents and not (out / MANIFEST).exists() and not (out / "config.json").exists():
+        raise HarnessError(f"output folder {out} is not empty and holds no model; choose another --out")
+
+
+def build(name: str, out_dir: str | Path | None = None, steps: int | None = None, seed: int = 0,
+          progress: bool = True, *, batch_size: int | None = None, seq_len: int | None = None,
+          eval_every: int | None = None, threads: int | None = 1) -> Path:
+    """Train zoo model `name` from scratch and write its save_pretrained folder; returns the folder.
+
+    `out_dir` defaults to the shipped weights folder (default_path(name)); an existing model
+    folder there is replaced only once the new one is complete. `steps`, `batch_size`, `seq_len`
+    default to the zoo's recipe; `eval_every` adds held-out evaluations to the curve in zoo.json
+    (default: 10 points for runs of 100+ steps). `threads` fixes torch's CPU thread count (default 1:
+    part of what makes a rerun bit-identical, and on a small shared CPU one thread is also faster
+    than OpenMP threads competing with other processes; None: leave torch's setting).
+    """
+    path, _model = build_model(name, out_dir, steps, seed, progress, batch_size=batch_size, seq_len=seq_len,
+                               eval_every=eval_every, threads=threads)
+    return path
+
+
+def build_model(name: str, out_dir: str | Path | None = None, steps: int | None = None, seed: int = 0,
+                progress: bool = True, *, batch_size: int | None = None, seq_len: int | None = None,
+                eval_every: int | None = None, threads: int | None = 1):
+    """`build`, returning (folder, the trained model in memory)."""
+    import fla
+    import tokenizers
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from harness.zoo.corpus import load_corpus
+    from harness.zoo.tokenizer import VOCAB_SIZE, corpus_tokenizer
+    from harness.zoo.train import TrainConfig, train
+
+    spec = get(name)
+    recipe = spec.recipe
+    out = Path(out_dir) if out_dir is not None else default_path(name)
+    _clear_target(out)
+    if spec.needs_fla:
+        prepare_fla()
+
+    corpus = load_corpus()
+    tokenizer = corpus_tokenizer(corpus)
+    train_ids, heldout_ids = _token_streams(corpus, tokenizer)
+
+    steps = recipe.steps if steps is None else int(steps)
+    if steps < 1:
+        raise HarnessError(f"steps must be >= 1, got {steps}")
+    if eval_every is None:
+        eval_every = steps // 10 if steps >= 100 else 0
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size or recipe.batch_size, seq_len=seq_len or recipe.seq_len, lr=recipe.lr,
+        warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay, seed=seed, eval_every=eval_every,
+        threads=threads,
+    )
+    torch.manual_seed(seed)
+    config = spec.config()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"building {name} ({spec.family}, {n_params / 1e6:.2f}M parameters): {steps} steps x "
+            f"{cfg.batch_size} x {cfg.seq_len} tokens, seed {seed}; corpus {len(train_ids):,} train / "
+            f"{len(heldout_ids):,} held-out tokens", highlight=False, soft_wrap=True)
+    result = train(model, train_ids, heldout_ids, cfg, progress=progress, vocab_size=VOCAB_SIZE)
+
+    info = {
+        "name": name,
+        "family": spec.family,
+        "model_type": config.model_type,
+        "steps": steps,
+        "seed": seed,
+        "corpus": "CPython standard-library docstrings (c) Python Software Foundation, PSF License",
+        "corpus_sha256": corpus.sha256,
+        "corpus_train_docs": corpus.n_train_docs,
+        "corpus_heldout_docs": corpus.n_heldout_docs,
+        "python_version": corpus.python_version,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "fla_version": getattr(fla, "__version__", "?"),
+        "tokenizers_version": tokenizers.__version__,
+        "platform": platform.platform(),
+        "threads": result.threads,
+        "n_params": n_params,
+        "vocab_size": VOCAB_SIZE,
+        "train_tokens": len(train_ids),
+        "tokens_seen": result.tokens_seen,
+        "heldout_tokens_scored": result.heldout_tokens,
+        "dense_ppl": round(result.dense_ppl, 4),
+        "unigram_ppl": round(result.unigram_ppl, 4),
+        "final_train_loss": round(result.final_train_loss, 4),
+        "train_wall_s": round(result.wall_s, 1),
+        "train_config": result.config,
+        "curve": [{"step": s, "train_loss": round(l, 4), "heldout_ppl": round(p, 4)} for s, l, p in result.curve],
+        "eval": "token-weighted perplexity over non-overlapping windows of seq_len + 1 tokens of the held-out "
+                "split; unigram: add-one smoothed train token counts on the same tokens",
+    }
+
+    # write next to the target, then swap in, so that a crash never leaves half a model folder
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; these are package data
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, model

@@ -1,0 +1,94 @@
+"""The zoo registry: three tiny but real causal LMs, one per supported family.
+
+All share the shape that makes key-channel pruning readable: hidden 128, 4 layers, 4 heads
+with a key (head) dimension of 32, so pruning at ratios 0.25 / 0.5 / 0.75 keeps 24 / 16 / 8
+key channels per head; SwiGLU MLP of width 512; vocabulary 2048 (the shared zoo tokenizer);
+untied embeddings. The fla configs keep fla's defaults for everything else (short convolutions,
+L2 q/k norm, the fuse_* flags: `harness.kernels.fla_cpu` routes those kernels on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from harness.errors import HarnessError
+from harness.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+HIDDEN = 128
+LAYERS = 4
+HEADS = 4
+HEAD_DIM = 32  # the key dimension that pruning shrinks
+MLP_WIDTH = 512
+MAX_POSITIONS = 2048
+COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=MLP_WIDTH,
+              bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
+              max_position_embeddings=MAX_POSITIONS)
+
+
+def _deltanet_config():
+    from fla.models import DeltaNetConfig
+
+    return DeltaNetConfig(num_heads=HEADS, expand_k=HEAD_DIM * HEADS / HIDDEN, expand_v=1.0, **COMMON)
+
+
+def _gated_deltanet_config():
+    from fla.models import GatedDeltaNetConfig
+
+    # head_dim is the key dimension; values are expand_v (fla default 2) times wider
+    return GatedDeltaNetConfig(num_heads=HEADS, head_dim=HEAD_DIM, expand_v=2.0, **COMMON)
+
+
+def _llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=HEAD_DIM,
+                       hidden_act="silu", rms_norm_eps=1e-6, **COMMON)
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a zoo model is trained (see harness.zoo.train.TrainConfig for the meaning)."""
+
+    steps: int
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    family: str  # harness family: "deltanet", "gated_deltanet", "llama"
+    make_config: Callable[[], object] = field(repr=False)
+    recipe: TrainRecipe
+    description: str = ""
+
+    @property
+    def needs_fla(self) -> bool:
+        return self.family in ("deltanet", "gated_deltanet")
+
+    def config(self):
+        return self.make_config()
+
+
+ZOO: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry("deltanet-tiny", "deltanet", _deltanet_config, TrainRecipe(steps=700),
+                 "fla DeltaNet, 4 layers x 4 heads, d_k = d_v = 32"),
+        ZooEntry("gated-deltanet-tiny", "gated_deltanet", _gated_deltanet_config, TrainRecipe(steps=550),
+                 "fla Gated DeltaNet, 4 layers x 4 heads, d_k = 32, d_v = 64"),
+        ZooEntry("llama-tiny", "llama", _llama_config, TrainRecipe(steps=1000),
+                 "transformers Llama (softmax attention, RoPE), 4 layers x 4 heads, head_dim 32"),
+    )
+}
+
+
+def get(name: str) -> ZooEntry:
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise HarnessError(f"unknown zoo model {name!r}; zoo models: {', '.join(ZOO)}") from None
