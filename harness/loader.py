@@ -114,7 +114,10 @@ def weights_digest(folder: str) -> str:
 
 
 def _register_fla() -> None:
-    import fla.models  # noqa: F401  (registers DeltaNet / GatedDeltaNet with the Auto classes)
+    with warnings.catch_warnings():
+        # fla warns on import that Triton has no GPU; the CPU references below are the answer
+        warnings.filterwarnings("ignore", message="Triton is not supported")
+        import fla.models  # noqa: F401  (registers DeltaNet / GatedDeltaNet with the Auto classes)
 
     from harness.kernels import fla_cpu
 
@@ -124,6 +127,9 @@ def _register_fla() -> None:
 def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "float32",
                trust_remote_code: bool = False) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the harness shows its own progress; tiny loads need none
 
     name = name or DEFAULT_MODEL
     if dtype not in DTYPES:

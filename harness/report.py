@@ -23,13 +23,16 @@ def pivot(rows: Iterable[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any
         ident = tuple(row[k] for k in _ORDER)
         wide.setdefault(ident, dict(zip(_ORDER, ident)))[column] = row["value"]
     ordered = sorted(wide.values(), key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["ratio"]))
-    return list(columns), ordered
+    return sorted(columns), ordered
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)  # the store returns REAL; fresh metrics may be int: print both alike
         if math.isnan(value):
             return "nan"
+        if value.is_integer() and abs(value) < 1e12:
+            return str(int(value))
         if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
             return f"{value:.3e}"
         return f"{value:.4g}" if abs(value) < 10 else f"{value:,.2f}"
