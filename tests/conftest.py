@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight fla models saved with save_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_references():
+    from harness.kernels import fla_cpu
+
+    fla_cpu.install()
+    torch.manual_seed(0)
+
+
+def tiny_config(family: str, **over):
+    from fla.models import DeltaNetConfig, GatedDeltaNetConfig
+
+    common = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, bos_token_id=1, eos_token_id=2)
+    if family == "deltanet":
+        return DeltaNetConfig(num_heads=2, expand_k=1.0, **{**common, **over})  # head_k_dim 32
+    return GatedDeltaNetConfig(num_heads=2, head_dim=32, expand_v=2.0, **{**common, **over})
+
+
+def tiny_model(family: str, seed: int = 0, **over):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **over))
+    # random init leaves q/k near-identical in scale; perturb so channel choices matter
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(params=["deltanet", "gated_deltanet"])
+def family(request):
+    return request.param

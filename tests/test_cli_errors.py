@@ -1,0 +1,91 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, nothing stored."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+
+runner = CliRunner()
+
+
+def harness(*args):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--method", "nope"], "unknown method 'nope'; registered methods: drrqr"),
+    (["run", "--method", "random", "--suite", "nope"], "unknown suite 'nope'"),
+    (["run", "--method", "random", "--ratio", "1.0"], "ratio must be in [0, 1)"),
+    (["run", "--method", "random", "--ratio", "-0.1"], "ratio must be in [0, 1)"),
+    (["run", "--method", "random", "--ratio", "abc"], "--ratio expects numbers"),
+    (["run", "--method", "random", "--ratio", "0.99"], "keeps 0 of 32 key channels"),
+    (["run", "--method", "random", "--model", "./no/such/model"], "model path './no/such/model' does not exist"),
+    (["run", "--method", "drrqr", "-p", "f=0.5"], "bad parameters for method drrqr: f must be >= 1"),
+    (["run", "--method", "drrqr", "-p", "g=1"], "unknown parameter 'g' for method drrqr"),
+    (["run", "--method", "random", "--suite-param", "ppl.stride=0"], "bad parameters for suite ppl"),
+    (["run", "--method", "random", "--device", "tpu"], "unknown device 'tpu'"),
+    (["list", "widgets"], "unknown listing 'widgets'"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
+    result = harness(*args, "--store", str(tmp_path / "r.sqlite")) if args[0] == "run" else harness(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert message in " ".join(lines)
+    assert "Traceback" not in result.output
+
+
+def test_method_not_supporting_family(tmp_path):
+    from conftest import tiny_config
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.zoo import default_path
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=2048))
+    model.save_pretrained(tmp_path / "llama")
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(default_path("deltanet-tiny")).save_pretrained(tmp_path / "llama")
+    result = harness("run", "--method", "drrqr", "--model", str(tmp_path / "llama"), "--store", str(tmp_path / "r.sqlite"))
+    assert result.exit_code == 2
+    assert "method 'drrqr' supports deltanet, gated_deltanet models" in result.stderr
+    assert "is llama" in result.stderr
+    assert tiny_config  # the shared fixture module is importable here too
+
+
+def test_unsupported_architecture_and_mismatched_weights(tmp_path):
+    import json
+
+    from conftest import tiny_model
+
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    result = harness("run", "--method", "random", "--model", str(tmp_path / "weird"), "--store", str(tmp_path / "r.sqlite"))
+    assert result.exit_code == 2 and "unsupported architecture 'gpt2'" in result.stderr
+
+    model = tiny_model("deltanet")
+    model.save_pretrained(tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "config.json").read_text())
+    config["expand_k"] = 0.5  # weights are for 1.0
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    result = harness("run", "--method", "random", "--model", str(tmp_path / "bad"), "--store", str(tmp_path / "r.sqlite"))
+    assert result.exit_code == 2
+    assert "does not match its config" in result.stderr
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--method", "nope", "--store", str(tmp_path / "r.sqlite")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown method 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_help_for_every_command():
+    for args in (["--help"], ["run", "--help"], ["list", "--help"], ["show", "--help"], ["zoo", "--help"],
+                 ["zoo", "build", "--help"]):
+        result = harness(*args)
+        assert result.exit_code == 0 and "Usage" in result.output
