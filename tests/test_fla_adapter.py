@@ -124,3 +124,26 @@ def test_deltanet_with_output_gate_and_conv_bias(kernel_scale):
     assert sliced.model.layers[0].attn.q_conv1d.bias.shape == (32,)
     kernel_scale(16 ** -0.5)
     torch.testing.assert_close(logits(sliced), logits(zeroed), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deltanet-tiny", "gated-deltanet-tiny"])
+def test_trained_zoo_models_slice_exactly(name, kernel_scale):
+    """The same check on the shipped (trained) models, through the harness loader, with DRRQR."""
+    import harness
+    from harness.calibration import CalibrationSpec, calibration_batches
+    from harness.methods.drrqr import DRRQR
+
+    loaded = harness.load_model(name)
+    adapter = adapter_for(loaded.model)
+    batches = calibration_batches(loaded.tokenizer, CalibrationSpec(samples=4, seq_len=128))
+    selection = DRRQR().select(adapter.capture(loaded.model, batches, DRRQR.needs), 0.5, adapter.family)
+    zeroed, sliced = copy.deepcopy(loaded.model), loaded.model
+    adapter.zero(zeroed, selection)
+    adapter.apply(sliced, selection)
+    ids = batches[0][:2]
+    at_own_scale = logits(sliced, ids)
+    kernel_scale(16 ** -0.5)
+    torch.testing.assert_close(logits(sliced, ids), logits(zeroed, ids), rtol=1e-5, atol=1e-4)
+    # without forcing, the sliced model runs at its own default scale: on a trained model the output
+    # RMSNorm absorbs that factor almost entirely
+    torch.testing.assert_close(at_own_scale, logits(zeroed, ids), rtol=0, atol=5e-2)

@@ -70,3 +70,16 @@ def test_save_writes_a_plain_checkpoint(tmp_path):
     ctx = SuiteContext("deltanet", "cpu", 0, tmp_path, lambda d, t: (lambda n=1: None))
     (ppl, _nll) = suite.run(loaded.model, loaded.tokenizer, ctx)
     assert ppl.value == pytest.approx(ppl_of(report, "drrqr"), rel=1e-5)
+
+
+@pytest.mark.parametrize("model", ["deltanet-tiny", "gated-deltanet-tiny"])
+def test_drrqr_beats_random_on_the_trained_models(model, tmp_path):
+    """The calibration path end to end: if capture broke (wrong tensors, no hooks fired), DRRQR
+    would select blindly and lose its clear lead over Random at half the key channels."""
+    store = tmp_path / "r.sqlite"
+    fast = {"ppl": {"limit": 4096}}
+    drrqr = harness.run(model=model, method="drrqr", ratios=[0.5], suites=["ppl"], suite_params=fast,
+                        store=store, progress=False)
+    rand = harness.run(model=model, method="random", ratios=[0.5], suites=["ppl"], suite_params=fast,
+                       store=store, progress=False)
+    assert ppl_of(drrqr, "dense") < ppl_of(drrqr, "drrqr") < 0.9 * ppl_of(rand, "random")

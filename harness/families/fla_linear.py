@@ -98,7 +98,9 @@ class FlaLinearAdapter(FamilyAdapter):
         try:
             if ACTIVATIONS in needs:
                 for input_ids in batches:
-                    model(input_ids=input_ids.to(model.device), use_cache=False)
+                    # use_cache=True: without a cache, GatedDeltaNet fuses q/k/v into one conv call
+                    # that bypasses the q_conv1d/k_conv1d modules (and so these hooks)
+                    model(input_ids=input_ids.to(model.device), use_cache=True)
                     if advance is not None:
                         advance()
         finally:
@@ -113,6 +115,8 @@ class FlaLinearAdapter(FamilyAdapter):
             )
             if ACTIVATIONS in needs:
                 for name in "qk":
+                    if (i, name) not in store:
+                        raise RuntimeError(f"layer {i}: no {name} activations were captured (did fla change its forward?)")
                     acts = torch.cat(store.pop((i, name)))[:max_tokens]
                     setattr(data, name, acts.reshape(acts.shape[0], attn.num_heads, attn.head_k_dim))
             out.append(data)
