@@ -76,6 +76,14 @@ def test_unsupported_architecture_and_mismatched_weights(tmp_path):
     assert "does not match its config" in result.stderr
 
 
+def test_uncached_hub_id_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = harness("run", "--method", "random", "--model", "some-org/some-model", "--store", str(tmp_path / "r.sqlite"))
+    assert result.exit_code == 2
+    assert "'some-org/some-model' is not a local folder, a zoo name, or a hub id available in the local cache (offline)" in result.stderr
+
+
 def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--method", "nope", "--store", str(tmp_path / "r.sqlite")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
