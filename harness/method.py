@@ -20,6 +20,9 @@ from harness.selection import ChannelSelection, LayerSelection
 # What a method can ask the adapter to capture during calibration.
 ACTIVATIONS = "activations"  # q/k activations that feed the recurrence, (tokens, heads, d_k)
 WEIGHTS = "weights"  # q_proj/k_proj weights, always available
+INPUTS = "inputs"  # sum over calibration tokens of squared q_proj/k_proj input features, (hidden,)
+GRADIENTS = "gradients"  # dL/dW of q_proj/k_proj summed over calibration batches (L = LM loss)
+CALIBRATED = frozenset({ACTIVATIONS, INPUTS, GRADIENTS})  # needs that require running the model
 
 
 @dataclass
@@ -34,6 +37,9 @@ class LayerData:
     k_weight: torch.Tensor
     q: torch.Tensor | None = None  # (tokens, num_heads, head_dim), float32 on CPU
     k: torch.Tensor | None = None
+    x_sq: torch.Tensor | None = None  # (hidden,): ||X_j||^2 of the projections' inputs
+    q_grad: torch.Tensor | None = None  # like q_weight: accumulated dL/dW
+    k_grad: torch.Tensor | None = None
 
 
 def keep_count(head_dim: int, ratio: float) -> int:

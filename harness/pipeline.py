@@ -19,7 +19,7 @@ from harness import params as params_mod
 from harness import provenance, registry
 from harness.calibration import CalibrationSpec, calibration_batches
 from harness.errors import HarnessError
-from harness.method import keep_count
+from harness.method import ACTIVATIONS, CALIBRATED, GRADIENTS, INPUTS, keep_count
 from harness.progress import Bars, bars
 from harness.results import RunKey
 from harness.selection import ChannelSelection
@@ -114,6 +114,7 @@ def run(
         raise HarnessError(f"none of the suites {', '.join(suites)} applies to {loaded.family} models")
 
     report = RunReport()
+    calibrated = bool(method_cls.needs & CALIBRATED)
     method_key = params_mod.as_dict(selector)
     prov = provenance.collect(loaded.device)
 
@@ -122,7 +123,7 @@ def run(
             model=loaded.name, model_digest=loaded.digest, family=loaded.family,
             method="dense" if dense_cell else method, method_params={} if dense_cell else method_key,
             ratio=0.0 if dense_cell else float(ratio), suite=suite, suite_params=suite_args,
-            seed=seed, calibration={} if dense_cell or not method_cls.needs - {"weights"} else calibration.key(),
+            seed=seed, calibration=calibration.key() if calibrated and not dense_cell else {},
         )
 
     def cells(ratio: float, dense_cell: bool) -> list[tuple[RunKey, Suite | None]]:
@@ -167,10 +168,11 @@ def run(
             evaluate(loaded.model, adapter.full_selection(loaded.model), 0.0, True, bar)
         todo = [float(r) for r in ratios if not all_done(float(r), False) or save is not None]
         layer_data = None
-        if todo and method_cls.needs - {"weights"}:
+        if todo and calibrated:
             batches = calibration_batches(loaded.tokenizer, calibration)
+            passes = bool(method_cls.needs & {ACTIVATIONS, INPUTS}) + (GRADIENTS in method_cls.needs)
             layer_data = adapter.capture(loaded.model, batches, method_cls.needs,
-                                         advance=bar.task("calibrate", len(batches)))
+                                         advance=bar.task("calibrate", passes * len(batches)))
         elif todo:
             layer_data = adapter.capture(loaded.model, [], method_cls.needs)
         for ratio in ratios:

@@ -147,3 +147,24 @@ def test_trained_zoo_models_slice_exactly(name, kernel_scale):
     # without forcing, the sliced model runs at its own default scale: on a trained model the output
     # RMSNorm absorbs that factor almost entirely
     torch.testing.assert_close(at_own_scale, logits(zeroed, ids), rtol=0, atol=5e-2)
+
+
+def test_capture_inputs_and_gradients_match_direct_computation(family):
+    from harness.method import GRADIENTS, INPUTS
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    batches = [TOKENS, LONG[:, :64]]
+    (first, *_rest) = adapter.capture(model, batches, frozenset({INPUTS, GRADIENTS}))
+    attn = model.model.layers[0].attn
+    seen = []
+    handle = attn.q_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    model.zero_grad()
+    for ids in batches:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    handle.remove()
+    expected_sq = sum(x.reshape(-1, x.shape[-1]).pow(2).sum(0) for x in seen)
+    torch.testing.assert_close(first.x_sq, expected_sq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first.q_grad, attn.q_proj.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(first.k_grad, attn.k_proj.weight.grad, rtol=1e-4, atol=1e-6)
+    assert first.q_grad.abs().sum() > 0 and first.q is None  # activations were not asked for

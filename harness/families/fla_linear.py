@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from harness.families.base import FamilyAdapter
-from harness.method import ACTIVATIONS, LayerData
+from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
 from harness.selection import ChannelSelection
 
 
@@ -82,11 +82,12 @@ class FlaLinearAdapter(FamilyAdapter):
         # the activations that feed the delta rule: conv outputs, or projections without conv
         return (attn.q_conv1d, attn.k_conv1d) if attn.use_short_conv else (attn.q_proj, attn.k_proj)
 
-    @torch.no_grad()
     def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
                 advance: Callable[[], None] | None = None, max_tokens: int = 8192) -> list[LayerData]:
         layers = self.layers(model)
+        batches = list(batches)
         store: dict[tuple[int, str], list[torch.Tensor]] = {}
+        x_sq: dict[int, torch.Tensor] = {}
         handles = []
         if ACTIVATIONS in needs:
             for i, attn in layers:
@@ -95,17 +96,25 @@ class FlaLinearAdapter(FamilyAdapter):
                         y = out[0] if isinstance(out, tuple) else out
                         store.setdefault(key, []).append(y.detach().reshape(-1, y.shape[-1]).float().cpu())
                     handles.append(module.register_forward_hook(hook))
+        if INPUTS in needs:
+            for i, attn in layers:  # q_proj and k_proj read the same normed hidden states
+                def pre_hook(_mod, args, i=i):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    x_sq[i] = x_sq.get(i, 0) + x.pow(2).sum(0).cpu()
+                handles.append(attn.q_proj.register_forward_pre_hook(pre_hook))
         try:
-            if ACTIVATIONS in needs:
-                for input_ids in batches:
-                    # use_cache=True: without a cache, GatedDeltaNet fuses q/k/v into one conv call
-                    # that bypasses the q_conv1d/k_conv1d modules (and so these hooks)
-                    model(input_ids=input_ids.to(model.device), use_cache=True)
-                    if advance is not None:
-                        advance()
+            if needs & {ACTIVATIONS, INPUTS}:
+                with torch.no_grad():
+                    for input_ids in batches:
+                        # use_cache=True: without a cache, GatedDeltaNet fuses q/k/v into one conv call
+                        # that bypasses the q_conv1d/k_conv1d modules (and so these hooks)
+                        model(input_ids=input_ids.to(model.device), use_cache=True)
+                        if advance is not None:
+                            advance()
         finally:
             for h in handles:
                 h.remove()
+        grads = self._gradients(model, layers, batches, advance) if GRADIENTS in needs else {}
         out = []
         for i, attn in layers:
             data = LayerData(
@@ -119,8 +128,37 @@ class FlaLinearAdapter(FamilyAdapter):
                         raise RuntimeError(f"layer {i}: no {name} activations were captured (did fla change its forward?)")
                     acts = torch.cat(store.pop((i, name)))[:max_tokens]
                     setattr(data, name, acts.reshape(acts.shape[0], attn.num_heads, attn.head_k_dim))
+            if INPUTS in needs:
+                data.x_sq = x_sq[i]
+            if GRADIENTS in needs:
+                data.q_grad, data.k_grad = grads[i]
             out.append(data)
         return out
+
+    @staticmethod
+    def _gradients(model, layers, batches, advance) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """dL/dW of every q_proj/k_proj, summed over batches; no other parameter gets a gradient."""
+        weights = [w for _, attn in layers for w in (attn.q_proj.weight, attn.k_proj.weight)]
+        saved = {p: p.requires_grad for p in model.parameters()}
+        sums = {id(w): torch.zeros_like(w, dtype=torch.float32) for w in weights}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+            with torch.enable_grad():
+                for input_ids in batches:
+                    ids = input_ids.to(model.device)
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    grads = torch.autograd.grad(loss, weights)
+                    for w, g in zip(weights, grads):
+                        sums[id(w)] += g.float()
+                    if advance is not None:
+                        advance()
+        finally:
+            for p, flag in saved.items():
+                p.requires_grad_(flag)
+        return {i: (sums[id(attn.q_proj.weight)].cpu(), sums[id(attn.k_proj.weight)].cpu()) for i, attn in layers}
 
     # --- realization -----------------------------------------------------------------------
     def _check(self, model, selection: ChannelSelection) -> None:
