@@ -24,7 +24,7 @@ zoo_app = typer.Typer(help="The embedded default models (tiny, trained offline o
 app.add_typer(zoo_app, name="zoo")
 
 # piped output (CI logs, files) gets a wide table instead of rich's 80-column default
-out = Console() if sys.stdout.isatty() else Console(width=200)
+out_console = Console() if sys.stdout.isatty() else Console(width=200)
 STORE_HELP = "results store (SQLite file); artifacts go beside it"
 
 
@@ -53,26 +53,41 @@ def _ratios(values: List[str]) -> list[float]:
     return ratios
 
 
+# options shared by `run` and `prune` (typer reads them as metadata, so one object serves both)
+METHOD = typer.Option(..., "--method", "-m", help="registered method (see `harness list methods`)")
+MODEL = typer.Option(None, "--model", help="zoo name, save_pretrained folder, or hub id [default: deltanet-tiny]")
+RATIO = typer.Option(["0.5"], "--ratio", "-r", help="fraction of key channels removed, in [0, 1); repeat or comma-separate")
+PARAM = typer.Option([], "--param", "-p", help="method parameter key=value (repeatable), e.g. -p f=2.0")
+SEED = typer.Option(0, help="seed for calibration sampling and seeded methods")
+CALIB_SAMPLES = typer.Option(16, help="calibration sequences")
+CALIB_SEQ_LEN = typer.Option(256, help="tokens per calibration sequence")
+CALIB_FILE = typer.Option(None, help="UTF-8 text file for calibration [default: the embedded corpus]")
+DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N")
+DTYPE = typer.Option("float32", help="float32, bfloat16 or float16")
+TRUST = typer.Option(False, help="allow custom model code from the checkpoint (off by default)")
+QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars")
+
+
 @app.command()
 def run(
-    method: str = typer.Option(..., "--method", "-m", help="registered method (see `harness list methods`)"),
-    model: Optional[str] = typer.Option(None, "--model", help="zoo name, save_pretrained folder, or hub id [default: deltanet-tiny]"),
-    ratio: List[str] = typer.Option(["0.5"], "--ratio", "-r", help="fraction of key channels removed, in [0, 1); repeat or comma-separate"),
+    method: str = METHOD,
+    model: Optional[str] = MODEL,
+    ratio: List[str] = RATIO,
     suite: List[str] = typer.Option(["all"], "--suite", "-s", help="suites to run, comma-separated, or 'all' (those that apply to the model)"),
-    param: List[str] = typer.Option([], "--param", "-p", help="method parameter key=value (repeatable), e.g. -p f=2.0"),
+    param: List[str] = PARAM,
     suite_param: List[str] = typer.Option([], "--suite-param", help="suite parameter suite.key=value, e.g. --suite-param ppl.limit=4096"),
-    seed: int = typer.Option(0, help="seed for calibration sampling and seeded methods"),
-    calib_samples: int = typer.Option(16, help="calibration sequences"),
-    calib_seq_len: int = typer.Option(256, help="tokens per calibration sequence"),
-    calib_file: Optional[str] = typer.Option(None, help="UTF-8 text file for calibration [default: the embedded corpus]"),
+    seed: int = SEED,
+    calib_samples: int = CALIB_SAMPLES,
+    calib_seq_len: int = CALIB_SEQ_LEN,
+    calib_file: Optional[str] = CALIB_FILE,
     store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     dense: bool = typer.Option(True, help="also evaluate the uncompressed model (the reference row)"),
     save: Optional[Path] = typer.Option(None, help="write each compressed model as a save_pretrained folder under this directory"),
     force: bool = typer.Option(False, help="recompute cells already complete in the store"),
-    trust_remote_code: bool = typer.Option(False, help="allow custom model code from the checkpoint (off by default)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    trust_remote_code: bool = TRUST,
+    quiet: bool = QUIET,
 ) -> None:
     """Compress a model and evaluate it; print the results table."""
     from harness.calibration import CalibrationSpec
@@ -94,10 +109,41 @@ def run(
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, dense=dense, save=save,
             force=force, progress=not quiet,
         )
-    out.print(rich_table(report.rows, title=f"{method} on {model or 'deltanet-tiny'}"))
-    out.print(f"{report.computed} cells computed, {report.reused} reused from {store}")
+    out_console.print(rich_table(report.rows, title=f"{method} on {model or 'deltanet-tiny'}"))
+    out_console.print(f"{report.computed} cells computed, {report.reused} reused from {store}")
     for folder in report.saved:
-        out.print(Text(f"saved {folder}"))
+        out_console.print(Text(f"saved {folder}"))
+
+
+@app.command()
+def prune(
+    method: str = METHOD,
+    out: Path = typer.Option(..., "--out", "-o", help="directory; one save_pretrained folder per ratio is written in it"),
+    model: Optional[str] = MODEL,
+    ratio: List[str] = RATIO,
+    param: List[str] = PARAM,
+    seed: int = SEED,
+    calib_samples: int = CALIB_SAMPLES,
+    calib_seq_len: int = CALIB_SEQ_LEN,
+    calib_file: Optional[str] = CALIB_FILE,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    trust_remote_code: bool = TRUST,
+    quiet: bool = QUIET,
+) -> None:
+    """Compress a model and write plain checkpoints (loadable with fla/transformers), no evaluation."""
+    from harness.calibration import CalibrationSpec
+    from harness.compress import prune as prune_model
+    from harness.params import parse_pairs
+
+    with user_errors():
+        folders = prune_model(
+            model, method, _ratios(ratio), out, method_params=parse_pairs(param, flag="--param"), seed=seed,
+            calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed), device=device,
+            dtype=dtype, trust_remote_code=trust_remote_code, progress=not quiet,
+        )
+    for folder in folders:
+        out_console.print(Text(f"saved {folder}"))
 
 
 @app.command("list")
@@ -128,7 +174,7 @@ def list_(what: str = typer.Argument("all", help="methods, suites, models or all
             else:
                 cells = (entry.name, f"broken: {entry.error}", "", "", entry.target, entry.distribution)
             table.add_row(*(Text(str(c)) for c in cells), style=None if entry.ok else "red")
-        out.print(table)
+        out_console.print(table)
     if what in ("all", "models"):
         table = Table(title="zoo models (use with --model NAME)")
         for column in ("name", "family", "weights", "heldout ppl", "unigram ppl"):
@@ -137,7 +183,7 @@ def list_(what: str = typer.Argument("all", help="methods, suites, models or all
             info = zoo.manifest(name)
             table.add_row(name, zoo.family_of(name), "shipped" if info else "not built",
                           f"{info['dense_ppl']:.2f}" if info else "", f"{info['unigram_ppl']:.2f}" if info else "")
-        out.print(table)
+        out_console.print(table)
 
 
 @app.command()
@@ -156,7 +202,7 @@ def show(
             raise HarnessError(f"no results store at {store}; run `harness run ...` first or pass --store")
         rows = ResultStore(store).table(model=model, method=method, suite=suite)
     complete = [r for r in rows if r["status"] == COMPLETE]
-    out.print(rich_table(complete, title=str(store)))
+    out_console.print(rich_table(complete, title=str(store)))
     other = {r["run_key"]: r for r in rows if r["status"] != COMPLETE}
     if other:
         table = Table(title="incomplete or failed cells")
@@ -164,7 +210,7 @@ def show(
             table.add_column(column)
         for r in other.values():
             table.add_row(*(Text(str(r[c] or "")) for c in ("model", "method", "ratio", "suite", "status", "error")))
-        out.print(table)
+        out_console.print(table)
 
 
 @zoo_app.command("build")
@@ -182,7 +228,7 @@ def zoo_build(
             raise HarnessError(f"unknown zoo model {name!r}; zoo models: {', '.join(zoo.list_models())}")
         kwargs = {"steps": steps} if steps is not None else {}
         path = zoo.build(name, out_dir=out_dir, seed=seed, progress=True, **kwargs)
-    out.print(Text(f"built {name} -> {path}"))
+    out_console.print(Text(f"built {name} -> {path}"))
 
 
 @zoo_app.command("list")

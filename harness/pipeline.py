@@ -9,7 +9,6 @@ cells finished before it stay in the store.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any, Sequence
 
 from harness import params as params_mod
 from harness import provenance, registry
-from harness.calibration import CalibrationSpec, calibration_batches
+from harness.calibration import CalibrationSpec
+from harness.compress import build_method, check_ratios, plan
 from harness.errors import HarnessError
-from harness.method import ACTIVATIONS, CALIBRATED, GRADIENTS, INPUTS, keep_count
 from harness.progress import Bars, bars
 from harness.results import RunKey
 from harness.selection import ChannelSelection
@@ -85,36 +84,19 @@ def run(
     progress: bool = True,
 ) -> RunReport:
     """Compress `model` with `method` at each ratio and evaluate `suites`; see `harness run --help`."""
-    from harness.families import adapter_for
-    from harness.loader import load_model
-
-    # --- validate everything that needs no model first: bad input fails in milliseconds ---
-    method_cls = registry.get_method(method)
-    selector = params_mod.build(method_cls, {**(method_params or {}), "seed": (method_params or {}).get("seed", seed)},
-                                what=f"method {method}")
-    for ratio in ratios:
-        if not 0.0 <= float(ratio) < 1.0:
-            raise HarnessError(f"ratio must be in [0, 1) (the fraction of key channels removed), got {ratio}")
+    # everything that needs no model is checked first: bad input fails in milliseconds
+    build_method(method, method_params, seed)
+    check_ratios(ratios)
     suite_objs = _suites_for(suites, suite_params or {})
-    calibration = calibration or CalibrationSpec(seed=seed)
     results = ResultStore(store)
-
-    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    if loaded.family not in method_cls.families:
-        raise HarnessError(
-            f"method {method!r} supports {', '.join(method_cls.families)} models; {loaded.name} is {loaded.family}"
-        )
-    adapter = adapter_for(loaded.model)
-    geometry = adapter.geometry(loaded.model)
-    for ratio in ratios:
-        for _heads, head_dim, _dv in geometry.values():
-            keep_count(head_dim, float(ratio))
+    p = plan(model, method, ratios, method_params=method_params, seed=seed, calibration=calibration,
+             device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded, adapter, selector, calibration = p.loaded, p.adapter, p.selector, p.calibration
     suite_objs = [s for s in suite_objs if s.applies_to(loaded.family)]
     if not suite_objs:
         raise HarnessError(f"none of the suites {', '.join(suites)} applies to {loaded.family} models")
 
     report = RunReport()
-    calibrated = bool(method_cls.needs & CALIBRATED)
     method_key = params_mod.as_dict(selector)
     prov = provenance.collect(loaded.device)
 
@@ -123,7 +105,7 @@ def run(
             model=loaded.name, model_digest=loaded.digest, family=loaded.family,
             method="dense" if dense_cell else method, method_params={} if dense_cell else method_key,
             ratio=0.0 if dense_cell else float(ratio), suite=suite, suite_params=suite_args,
-            seed=seed, calibration=calibration.key() if calibrated and not dense_cell else {},
+            seed=seed, calibration=calibration.key() if p.calibrated and not dense_cell else {},
         )
 
     def cells(ratio: float, dense_cell: bool) -> list[tuple[RunKey, Suite | None]]:
@@ -166,32 +148,17 @@ def run(
     with bars(progress) as bar:
         if dense:
             evaluate(loaded.model, adapter.full_selection(loaded.model), 0.0, True, bar)
-        todo = [float(r) for r in ratios if not all_done(float(r), False) or save is not None]
-        layer_data = None
-        if todo and calibrated:
-            batches = calibration_batches(loaded.tokenizer, calibration)
-            passes = bool(method_cls.needs & {ACTIVATIONS, INPUTS}) + (GRADIENTS in method_cls.needs)
-            layer_data = adapter.capture(loaded.model, batches, method_cls.needs,
-                                         advance=bar.task("calibrate", passes * len(batches)))
-        elif todo:
-            layer_data = adapter.capture(loaded.model, [], method_cls.needs)
-        for ratio in ratios:
-            ratio = float(ratio)
+        todo = [r for r in p.ratios if not all_done(r, False) or save is not None]
+        layer_data = p.capture(bar) if todo else None
+        for ratio in p.ratios:
             if ratio not in todo:
                 for k, _ in cells(ratio, False):
                     record(k, results.metrics(k), True)
                     report.reused += 1
                 continue
-            selection = selector.select(layer_data, ratio, loaded.family,
-                                        progress=bar.task(f"select {method} {ratio:g}", len(layer_data)))
-            pruned = copy.deepcopy(loaded.model)
-            adapter.apply(pruned, selection)
+            pruned, selection = p.compress(layer_data, ratio, bar)
             if save is not None:
-                folder = Path(save) / f"{Path(loaded.name).name}-{method}-{ratio:g}"
-                pruned.save_pretrained(folder)
-                loaded.tokenizer.save_pretrained(folder)
-                selection.save(folder / "selection.json")
-                report.saved.append(str(folder))
+                report.saved.append(p.save(pruned, selection, save))
             evaluate(pruned, selection, ratio, False, bar)
             del pruned
     return report
