@@ -67,8 +67,8 @@ class Plan:
         self.adapter.apply(pruned, selection)
         return pruned, selection
 
-    def save(self, pruned, selection: ChannelSelection, out: str | Path) -> str:
-        folder = Path(out) / f"{Path(self.loaded.name).name}-{self.selector.name}-{selection.ratio:g}"
+    def save(self, pruned, selection: ChannelSelection, out: str | Path, suffix: str = "") -> str:
+        folder = Path(out) / f"{Path(self.loaded.name).name}-{self.selector.name}-{selection.ratio:g}{suffix}"
         pruned.save_pretrained(folder)
         self.loaded.tokenizer.save_pretrained(folder)
         selection.save(folder / "selection.json")

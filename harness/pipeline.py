@@ -82,8 +82,13 @@ def run(
     save: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    lora=None,
 ) -> RunReport:
-    """Compress `model` with `method` at each ratio and evaluate `suites`; see `harness run --help`."""
+    """Compress `model` with `method` at each ratio and evaluate `suites`; see `harness run --help`.
+
+    `lora` (a `harness.recovery.LoraSpec`) adds LoRA recovery after pruning: the recovered model is
+    evaluated too, as its own cells (recovery="lora"), beside the pruned ones.
+    """
     # everything that needs no model is checked first: bad input fails in milliseconds
     build_method(method, method_params, seed)
     check_ratios(ratios)
@@ -100,26 +105,31 @@ def run(
     method_key = params_mod.as_dict(selector)
     prov = provenance.collect(loaded.device)
 
-    def key(suite: str, suite_args: dict, ratio: float, dense_cell: bool) -> RunKey:
+    # what happens after pruning: nothing, then (optionally) LoRA recovery; each stage has its own cells
+    stages = ["none"] + (["lora"] if lora is not None else [])
+
+    def key(suite: str, suite_args: dict, ratio: float, dense_cell: bool, recovery: str) -> RunKey:
         return RunKey(
             model=loaded.name, model_digest=loaded.digest, family=loaded.family,
             method="dense" if dense_cell else method, method_params={} if dense_cell else method_key,
             ratio=0.0 if dense_cell else float(ratio), suite=suite, suite_params=suite_args,
             seed=seed, calibration=calibration.key() if p.calibrated and not dense_cell else {},
+            recovery=recovery, recovery_params=lora.key() if recovery == "lora" else {},
         )
 
-    def cells(ratio: float, dense_cell: bool) -> list[tuple[RunKey, Suite | None]]:
-        out = [(key(COMPRESSION, {}, ratio, dense_cell), None)]
-        return out + [(key(s.name, params_mod.as_dict(s), ratio, dense_cell), s) for s in suite_objs]
+    def cells(ratio: float, dense_cell: bool, recovery: str = "none") -> list[tuple[RunKey, Suite | None]]:
+        out = [(key(COMPRESSION, {}, ratio, dense_cell, recovery), None)]
+        return out + [(key(s.name, params_mod.as_dict(s), ratio, dense_cell, recovery), s) for s in suite_objs]
 
     def record(k: RunKey, metrics: list[Metric], cached: bool) -> None:
         for m in metrics:
             report.rows.append({"model": k.model, "family": k.family, "method": k.method, "ratio": k.ratio,
-                                "suite": k.suite, "metric": m.name, "value": m.value, "unit": m.unit,
-                                "cached": cached})
+                                "recovery": k.recovery, "suite": k.suite, "metric": m.name, "value": m.value,
+                                "unit": m.unit, "cached": cached})
 
-    def evaluate(model, selection: ChannelSelection, ratio: float, dense_cell: bool, bar: Bars) -> None:
-        for k, suite in cells(ratio, dense_cell):
+    def evaluate(model, selection: ChannelSelection, ratio: float, dense_cell: bool, bar: Bars,
+                 recovery: str = "none") -> None:
+        for k, suite in cells(ratio, dense_cell, recovery):
             if not force and results.status(k) == COMPLETE:
                 record(k, results.metrics(k), True)
                 report.reused += 1
@@ -142,17 +152,17 @@ def run(
             record(k, metrics, False)
             report.computed += 1
 
-    def all_done(ratio: float, dense_cell: bool) -> bool:
-        return not force and all(results.status(k) == COMPLETE for k, _ in cells(ratio, dense_cell))
+    def all_done(ratio: float) -> bool:
+        return not force and all(results.status(k) == COMPLETE for r in stages for k, _ in cells(ratio, False, r))
 
     with bars(progress) as bar:
         if dense:
             evaluate(loaded.model, adapter.full_selection(loaded.model), 0.0, True, bar)
-        todo = [r for r in p.ratios if not all_done(r, False) or save is not None]
+        todo = [r for r in p.ratios if not all_done(r) or save is not None]
         layer_data = p.capture(bar) if todo else None
         for ratio in p.ratios:
             if ratio not in todo:
-                for k, _ in cells(ratio, False):
+                for k, _ in (c for r in stages for c in cells(ratio, False, r)):
                     record(k, results.metrics(k), True)
                     report.reused += 1
                 continue
@@ -160,5 +170,16 @@ def run(
             if save is not None:
                 report.saved.append(p.save(pruned, selection, save))
             evaluate(pruned, selection, ratio, False, bar)
+            if lora is not None:
+                if all(results.status(k) == COMPLETE for k, _ in cells(ratio, False, "lora")) and not force and save is None:
+                    evaluate(pruned, selection, ratio, False, bar, "lora")  # records the cached cells
+                    continue
+                from harness.recovery import lora_recover
+
+                recovered, stats = lora_recover(pruned, loaded.tokenizer, lora, text_file=calibration.text_file,
+                                                advance=bar.task(f"lora {ratio:g}", lora.steps))
+                if save is not None:
+                    report.saved.append(p.save(recovered, selection, save, suffix="-lora"))
+                evaluate(recovered, selection, ratio, False, bar, "lora")
             del pruned
     return report

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 from rich.table import Table
 from rich.text import Text
 
-_ORDER = ("model", "method", "ratio")
+_ORDER = ("model", "method", "ratio", "recovery")
 
 
 def pivot(rows: Iterable[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -20,9 +20,10 @@ def pivot(rows: Iterable[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any
             continue
         column = f"{row['suite']}.{row['metric']}"
         columns.setdefault(column)
-        ident = tuple(row[k] for k in _ORDER)
+        ident = tuple(row.get(k, "none") for k in _ORDER)
         wide.setdefault(ident, dict(zip(_ORDER, ident)))[column] = row["value"]
-    ordered = sorted(wide.values(), key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["ratio"]))
+    ordered = sorted(wide.values(), key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["ratio"],
+                                                   r["recovery"] != "none", r["recovery"]))
     return sorted(columns), ordered
 
 

@@ -26,8 +26,9 @@ class RunKey:
     suite: str
     suite_params: dict[str, Any]
     seed: int
-    recovery: str = "none"
+    recovery: str = "none"  # "none", or the recovery applied after pruning ("lora")
     calibration: dict[str, Any] = field(default_factory=dict)
+    recovery_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:

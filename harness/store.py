@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_key TEXT PRIMARY KEY,
     model TEXT NOT NULL, model_digest TEXT NOT NULL, family TEXT NOT NULL,
-    method TEXT NOT NULL, method_params TEXT NOT NULL, ratio REAL NOT NULL, recovery TEXT NOT NULL,
+    method TEXT NOT NULL, method_params TEXT NOT NULL, ratio REAL NOT NULL,
+    recovery TEXT NOT NULL, recovery_params TEXT NOT NULL,
     suite TEXT NOT NULL, suite_params TEXT NOT NULL, seed INTEGER NOT NULL, calibration TEXT NOT NULL,
     status TEXT NOT NULL, error TEXT,
     kept_ratio REAL, selection_digest TEXT,
@@ -83,10 +84,10 @@ class ResultStore:
             db.execute("DELETE FROM runs WHERE run_key=?", (key.digest,))
             db.execute(
                 "INSERT INTO runs (run_key, model, model_digest, family, method, method_params, ratio, recovery,"
-                " suite, suite_params, seed, calibration, status, kept_ratio, selection_digest, started, artifacts)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " recovery_params, suite, suite_params, seed, calibration, status, kept_ratio, selection_digest, started,"
+                " artifacts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (key.digest, k["model"], k["model_digest"], k["family"], k["method"], json.dumps(k["method_params"], sort_keys=True),
-                 k["ratio"], k["recovery"], k["suite"], json.dumps(k["suite_params"], sort_keys=True), k["seed"],
+                 k["ratio"], k["recovery"], json.dumps(k["recovery_params"], sort_keys=True), k["suite"], json.dumps(k["suite_params"], sort_keys=True), k["seed"],
                  json.dumps(k["calibration"], sort_keys=True), RUNNING, kept_ratio, selection_digest, provenance.now(),
                  str(self.artifacts_dir(key))),
             )
@@ -131,7 +132,7 @@ class ResultStore:
             "SELECT runs.*, results.metric, results.value, results.unit FROM runs"
             " LEFT JOIN results ON results.run_key = runs.run_key"
             + (" WHERE " + " AND ".join(clauses) if clauses else "")
-            + " ORDER BY runs.model, runs.method, runs.ratio, runs.suite, results.metric"
+            + " ORDER BY runs.model, runs.method, runs.ratio, runs.recovery, runs.suite, results.metric"
         )
         with closing(self._connect()) as db:
             return [dict(r) for r in db.execute(sql, args).fetchall()]
