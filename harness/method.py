@@ -73,7 +73,8 @@ class Method:
         """Raise ValueError with a clear message for bad parameter values."""
 
     def select_head(self, layer: LayerData, head: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
-        """Indices (any order) of the `n_keep` channels this head keeps."""
+        """Indices (any order) of the `n_keep` channels this head keeps, or, for a projection
+        method, a float `head_dim x n_keep` matrix with orthonormal columns (the new channels)."""
         raise NotImplementedError
 
     def select(self, layers: list[LayerData], ratio: float, family: str, progress=None) -> ChannelSelection:
@@ -82,13 +83,23 @@ class Method:
         chosen: dict[int, LayerSelection] = {}
         for layer in layers:
             n_keep = keep_count(layer.head_dim, ratio)
-            heads = []
+            heads, projections = [], []
             for h in range(layer.num_heads):
-                idx = np.asarray(self.select_head(layer, h, n_keep, rng), dtype=np.int64)
+                choice = np.asarray(self.select_head(layer, h, n_keep, rng))
+                if choice.ndim == 2:  # a projection
+                    if choice.shape != (layer.head_dim, n_keep):
+                        raise RuntimeError(f"{self.name} returned a {choice.shape} projection, expected {(layer.head_dim, n_keep)}")
+                    projections.append(tuple(tuple(float(v) for v in row) for row in choice))
+                    heads.append(tuple(range(n_keep)))
+                    continue
+                idx = choice.astype(np.int64)
                 if idx.shape != (n_keep,) or len(set(idx.tolist())) != n_keep:
                     raise RuntimeError(f"{self.name} returned {idx.tolist()} for head {h}, expected {n_keep} distinct")
                 heads.append(tuple(sorted(int(i) for i in idx)))
-            chosen[layer.index] = LayerSelection(layer.head_dim, layer.value_dim, tuple(heads))
+            if projections and len(projections) != layer.num_heads:
+                raise RuntimeError(f"{self.name} mixed projections and index selections in layer {layer.index}")
+            chosen[layer.index] = LayerSelection(layer.head_dim, layer.value_dim, tuple(heads),
+                                                 tuple(projections) if projections else None)
             if progress is not None:
                 progress()
         return ChannelSelection(family=family, layers=chosen, method=self.name, ratio=ratio, meta=dict(self._meta))

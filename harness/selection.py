@@ -20,13 +20,23 @@ SCHEMA = "harness.channel_selection/1"
 
 @dataclass(frozen=True)
 class LayerSelection:
-    """Kept key channels of one layer: one sorted index tuple per (key) head."""
+    """Kept key channels of one layer: one sorted index tuple per (key) head.
+
+    The one generalization is a projection (PCA): per head a `head_dim x n_keep` matrix whose
+    columns are the new key channels; `kept` is then `range(n_keep)` per head, which keeps counts,
+    ratio and bytes meaningful.
+    """
 
     head_dim: int  # key channels per head before pruning
     value_dim: int  # value channels per head (the other side of the state)
     kept: tuple[tuple[int, ...], ...]  # per head, sorted, unique
+    projection: tuple[tuple[tuple[float, ...], ...], ...] | None = None  # per head, head_dim rows of n_keep
 
     def __post_init__(self) -> None:
+        if self.projection is not None:
+            for head, (idx, matrix) in enumerate(zip(self.kept, self.projection)):
+                if len(matrix) != self.head_dim or any(len(row) != len(idx) for row in matrix):
+                    raise ValueError(f"head {head}: projection must be {self.head_dim} x {len(idx)}")
         for head, idx in enumerate(self.kept):
             if list(idx) != sorted(set(idx)):
                 raise ValueError(f"head {head}: kept indices must be sorted and unique, got {idx}")
@@ -100,7 +110,8 @@ class ChannelSelection:
             "ratio": self.ratio,
             "meta": self.meta,
             "layers": {
-                str(i): {"head_dim": s.head_dim, "value_dim": s.value_dim, "kept": [list(k) for k in s.kept]}
+                str(i): {"head_dim": s.head_dim, "value_dim": s.value_dim, "kept": [list(k) for k in s.kept],
+                         **({"projection": [[list(r) for r in m] for m in s.projection]} if s.projection else {})}
                 for i, s in sorted(self.layers.items())
             },
         }
@@ -113,7 +124,10 @@ class ChannelSelection:
         if data.get("schema") != SCHEMA:
             raise ValueError(f"not a channel selection (schema {data.get('schema')!r}, expected {SCHEMA!r})")
         layers = {
-            int(i): LayerSelection(int(s["head_dim"]), int(s["value_dim"]), tuple(tuple(int(c) for c in k) for k in s["kept"]))
+            int(i): LayerSelection(
+                int(s["head_dim"]), int(s["value_dim"]), tuple(tuple(int(c) for c in k) for k in s["kept"]),
+                tuple(tuple(tuple(float(v) for v in r) for r in m) for m in s["projection"]) if "projection" in s else None,
+            )
             for i, s in data["layers"].items()
         }
         return cls(family=data["family"], layers=layers, method=data.get("method", ""),

@@ -55,6 +55,35 @@ def _slice_conv(conv: nn.Conv1d, channels: torch.Tensor) -> None:
         conv.hidden_size = len(channels)
 
 
+def _project(attn, sel) -> None:
+    """Rotate each head's key channels onto its projection's columns: W' = P^T W for q_proj and
+    k_proj. Exact for the projections; the depthwise convs cannot mix channels, so each new
+    channel gets the P^2-weighted average of the old channels' filters (exact only when the mixed
+    channels share a filter), and silu after the conv does not commute with P either: PCA on
+    these layers is an approximation, by construction (see docs/design-notes.md)."""
+    device, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
+    blocks = [torch.tensor(m, dtype=torch.float64) for m in sel.projection]  # per head (d, n_keep)
+    d, n_keep = blocks[0].shape
+
+    def rotate_rows(weight: torch.Tensor) -> torch.Tensor:  # (H*d, ...) -> (H*n_keep, ...)
+        heads = weight.double().reshape(len(blocks), d, -1)
+        return torch.cat([p.T @ w for p, w in zip(blocks, heads)]).reshape(len(blocks) * n_keep, *weight.shape[1:])
+
+    for linear in (attn.q_proj, attn.k_proj):
+        linear.weight = nn.Parameter(rotate_rows(linear.weight.data).to(device, dtype), requires_grad=linear.weight.requires_grad)
+        linear.out_features = linear.weight.shape[0]
+    if attn.use_short_conv:
+        for conv in (attn.q_conv1d, attn.k_conv1d):
+            filters = conv.weight.data.double().reshape(len(blocks), d, -1)  # (H, d, K)
+            mixed = torch.cat([(p ** 2).T @ f for p, f in zip(blocks, filters)])  # (H*n_keep, K)
+            conv.weight = nn.Parameter(mixed.unsqueeze(1).to(device, dtype), requires_grad=conv.weight.requires_grad)
+            if conv.bias is not None:
+                conv.bias = nn.Parameter(rotate_rows(conv.bias.data).to(device, dtype), requires_grad=conv.bias.requires_grad)
+            conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
+            if hasattr(conv, "hidden_size"):
+                conv.hidden_size = conv.weight.shape[0]
+
+
 class FlaLinearAdapter(FamilyAdapter):
     """Shared surgery for fla's DeltaNet and GatedDeltaNet layers."""
 
@@ -172,6 +201,8 @@ class FlaLinearAdapter(FamilyAdapter):
     @torch.no_grad()
     def zero(self, model, selection: ChannelSelection) -> None:
         self._check(model, selection)
+        if any(sel.projection is not None for sel in selection.layers.values()):
+            raise ValueError("a projection mixes channels: it has no zero-masked twin")
         for i, attn in self.layers(model):
             keep = torch.zeros(attn.key_dim, dtype=torch.bool)
             keep[torch.from_numpy(selection.layers[i].flat_indices())] = True
@@ -189,12 +220,16 @@ class FlaLinearAdapter(FamilyAdapter):
             raise ValueError(f"fla configs hold one key head dim for all layers; selection keeps {sorted(counts)}")
         n_keep = counts.pop()
         for i, attn in self.layers(model):
-            rows = torch.from_numpy(selection.layers[i].flat_indices()).to(attn.q_proj.weight.device)
-            _slice_rows(attn.q_proj, rows)
-            _slice_rows(attn.k_proj, rows)
-            if attn.use_short_conv:
-                _slice_conv(attn.q_conv1d, rows)
-                _slice_conv(attn.k_conv1d, rows)
+            sel = selection.layers[i]
+            if sel.projection is not None:
+                _project(attn, sel)
+            else:
+                rows = torch.from_numpy(sel.flat_indices()).to(attn.q_proj.weight.device)
+                _slice_rows(attn.q_proj, rows)
+                _slice_rows(attn.k_proj, rows)
+                if attn.use_short_conv:
+                    _slice_conv(attn.q_conv1d, rows)
+                    _slice_conv(attn.k_conv1d, rows)
             attn.head_k_dim = n_keep
             attn.key_dim = attn.num_heads * n_keep
             self._update_layer(attn, n_keep)
