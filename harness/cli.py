@@ -86,6 +86,11 @@ def run(
     dense: bool = typer.Option(True, help="also evaluate the uncompressed model (the reference row)"),
     save: Optional[Path] = typer.Option(None, help="write each compressed model as a save_pretrained folder under this directory"),
     force: bool = typer.Option(False, help="recompute cells already complete in the store"),
+    finetune: str = typer.Option("none", help="recovery after pruning: none, or lora (peft; evaluated as extra rows)"),
+    lora_steps: int = typer.Option(200, help="LoRA training steps"),
+    lora_rank: int = typer.Option(8, help="LoRA rank"),
+    lora_lr: float = typer.Option(1e-3, help="LoRA learning rate"),
+    lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="comma-separated module names LoRA adapts"),
     trust_remote_code: bool = TRUST,
     quiet: bool = QUIET,
 ) -> None:
@@ -102,12 +107,20 @@ def run(
             if not dot or not field:
                 raise HarnessError(f"--suite-param expects suite.key=value, got {key}={value}")
             suite_params.setdefault(name, {})[field] = value
+        if finetune not in ("none", "lora"):
+            raise HarnessError(f"--finetune must be none or lora, got {finetune!r}")
+        lora = None
+        if finetune == "lora":
+            from harness.recovery import LoraSpec
+
+            lora = LoraSpec(steps=lora_steps, rank=lora_rank, lr=lora_lr, seed=seed,
+                            targets=tuple(_csv([lora_targets])))
         report = run_pipeline(
             model=model, method=method, ratios=_ratios(ratio), suites=_csv(suite),
             method_params=parse_pairs(param, flag="--param"), suite_params=suite_params, seed=seed,
             calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed), store=store,
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, dense=dense, save=save,
-            force=force, progress=not quiet,
+            force=force, progress=not quiet, lora=lora,
         )
     out_console.print(rich_table(report.rows, title=f"{method} on {model or 'deltanet-tiny'}"))
     out_console.print(f"{report.computed} cells computed, {report.reused} reused from {store}")

@@ -83,3 +83,21 @@ def test_drrqr_beats_random_on_the_trained_models(model, tmp_path):
     rand = harness.run(model=model, method="random", ratios=[0.5], suites=["ppl"], suite_params=fast,
                        store=store, progress=False)
     assert ppl_of(drrqr, "dense") < ppl_of(drrqr, "drrqr") < 0.9 * ppl_of(rand, "random")
+
+
+def test_lora_recovery_rows_beside_pruned_rows(tmp_path):
+    from harness.recovery import LoraSpec
+
+    store = tmp_path / "r.sqlite"
+    lora = LoraSpec(steps=3, batch_size=2, seq_len=64)
+    first = harness.run(method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store,
+                        progress=False, lora=lora, save=tmp_path / "out")
+    stages = {(r["method"], r["recovery"]) for r in first.rows if r["metric"] == "ppl"}
+    assert stages == {("dense", "none"), ("random", "none"), ("random", "lora")}
+    assert first.computed == 6
+    assert sorted(p.rsplit("/", 1)[-1] for p in first.saved) == ["deltanet-tiny-random-0.5", "deltanet-tiny-random-0.5-lora"]
+    again = harness.run(method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store,
+                        progress=False, lora=lora)
+    assert again.computed == 0 and again.reused == 6
+    rows = ResultStore(store).table(recovery="lora")
+    assert rows and all(r["status"] == COMPLETE for r in rows)
