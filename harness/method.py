@@ -18,7 +18,7 @@ from harness.errors import HarnessError
 from harness.selection import ChannelSelection, LayerSelection
 
 # What a method can ask the adapter to capture during calibration.
-ACTIVATIONS = "activations"  # q/k activations that feed the recurrence, (tokens, heads, d_k)
+ACTIVATIONS = "activations"  # q/k activations that feed the recurrence (as a Gram-equivalent factor)
 WEIGHTS = "weights"  # q_proj/k_proj weights, always available
 INPUTS = "inputs"  # sum over calibration tokens of squared q_proj/k_proj input features, (hidden,)
 GRADIENTS = "gradients"  # dL/dW of q_proj/k_proj summed over calibration batches (L = LM loss)
@@ -35,7 +35,10 @@ class LayerData:
     value_dim: int
     q_weight: torch.Tensor  # (num_heads * head_dim, hidden): output rows of q_proj
     k_weight: torch.Tensor
-    q: torch.Tensor | None = None  # (tokens, num_heads, head_dim), float32 on CPU
+    # (rows, num_heads, head_dim), float32 on CPU: rows whose Gram matrix equals that of all
+    # calibration activations (the adapter streams them into a triangular factor, so rows <= head_dim);
+    # any method that depends on the activations only through M^T M (QR, pivots, PCA) sees them exactly
+    q: torch.Tensor | None = None
     k: torch.Tensor | None = None
     x_sq: torch.Tensor | None = None  # (hidden,): ||X_j||^2 of the projections' inputs
     q_grad: torch.Tensor | None = None  # like q_weight: accumulated dL/dW

@@ -6,7 +6,7 @@ rotated onto them (W' = P^T W), so q'.k' = q^T P P^T k keeps the dominant subspa
 axis-aligned: the depthwise short convolutions and the silu after them do not commute with a
 rotation, so the adapter can only approximate the convs (each new channel gets the P^2-weighted
 mean of the old filters). The uncentered second moment is used because q.k, not q - mean, is what
-the recurrence reads; `center=True` gives the classic covariance.
+the recurrence reads (and it is all the streamed calibration keeps: a factor with M^T M exact).
 """
 
 from __future__ import annotations
@@ -26,13 +26,10 @@ class PCA(Method):
     needs = frozenset({ACTIVATIONS, WEIGHTS})
 
     use_queries: bool = True  # stack Q with K (False: keys only)
-    center: bool = False  # subtract the mean (classic covariance) instead of the raw second moment
 
     def select_head(self, layer: LayerData, head: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
         parts = [layer.k[:, head]] + ([layer.q[:, head]] if self.use_queries else [])
         x = np.concatenate([p.numpy() for p in parts]).astype(np.float64)
-        if self.center:
-            x = x - x.mean(0)
         moment = x.T @ x / len(x)
         eigvals, eigvecs = np.linalg.eigh(moment)  # ascending
         top = eigvecs[:, np.argsort(-eigvals, kind="stable")[:n_keep]]

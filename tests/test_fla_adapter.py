@@ -168,3 +168,23 @@ def test_capture_inputs_and_gradients_match_direct_computation(family):
     torch.testing.assert_close(first.q_grad, attn.q_proj.weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(first.k_grad, attn.k_proj.weight.grad, rtol=1e-4, atol=1e-6)
     assert first.q_grad.abs().sum() > 0 and first.q is None  # activations were not asked for
+
+
+def test_streamed_activations_are_gram_exact(family):
+    """Capture keeps per head a triangular factor R with R^T R = M^T M over every calibration row,
+    batch by batch: bounded memory, and exact for QR-, pivot- and PCA-based selectors."""
+    from harness.method import ACTIVATIONS
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    batches = [TOKENS, LONG[:, :90], LONG[:1]]
+    rows = []
+    attn = model.model.layers[1].attn
+    handle = attn.k_conv1d.register_forward_hook(lambda _m, _i, out: rows.append(out[0].detach().reshape(-1, 2, 32)))
+    layers = adapter.capture(model, batches, frozenset({ACTIVATIONS}))
+    handle.remove()
+    full = torch.cat(rows).double()  # every key row of layer 1: (tokens, heads, d)
+    factor = layers[1].k.double()
+    assert factor.shape[0] <= 32 < full.shape[0]
+    for h in range(2):
+        torch.testing.assert_close(factor[:, h].T @ factor[:, h], full[:, h].T @ full[:, h], rtol=1e-5, atol=1e-4)

@@ -30,7 +30,7 @@ class FamilyAdapter(ABC):
 
     @abstractmethod
     def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
-                advance: Callable[[], None] | None = None, max_tokens: int = 8192) -> list[LayerData]:
+                advance: Callable[[], None] | None = None) -> list[LayerData]:
         """Run calibration batches and return one LayerData per prunable layer."""
 
     @abstractmethod

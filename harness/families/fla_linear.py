@@ -112,18 +112,23 @@ class FlaLinearAdapter(FamilyAdapter):
         return (attn.q_conv1d, attn.k_conv1d) if attn.use_short_conv else (attn.q_proj, attn.k_proj)
 
     def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
-                advance: Callable[[], None] | None = None, max_tokens: int = 8192) -> list[LayerData]:
+                advance: Callable[[], None] | None = None) -> list[LayerData]:
         layers = self.layers(model)
         batches = list(batches)
-        store: dict[tuple[int, str], list[torch.Tensor]] = {}
+        # streamed: per head only the triangular factor R of all activation rows seen so far
+        # (R^T R = M^T M), updated batch by batch; memory is heads * d_k^2 whatever the token count
+        store: dict[tuple[int, str], torch.Tensor] = {}
         x_sq: dict[int, torch.Tensor] = {}
         handles = []
         if ACTIVATIONS in needs:
             for i, attn in layers:
                 for name, module in zip("qk", self._qk_modules(attn)):
-                    def hook(_mod, _inp, out, key=(i, name)):
+                    def hook(_mod, _inp, out, key=(i, name), heads=attn.num_heads, d=attn.head_k_dim):
                         y = out[0] if isinstance(out, tuple) else out
-                        store.setdefault(key, []).append(y.detach().reshape(-1, y.shape[-1]).float().cpu())
+                        rows = y.detach().reshape(-1, heads, d).transpose(0, 1).double().cpu()  # (H, N, d)
+                        if key in store:
+                            rows = torch.cat([store[key], rows], dim=1)
+                        store[key] = torch.linalg.qr(rows, mode="r").R
                     handles.append(module.register_forward_hook(hook))
         if INPUTS in needs:
             for i, attn in layers:  # q_proj and k_proj read the same normed hidden states
@@ -155,8 +160,7 @@ class FlaLinearAdapter(FamilyAdapter):
                 for name in "qk":
                     if (i, name) not in store:
                         raise RuntimeError(f"layer {i}: no {name} activations were captured (did fla change its forward?)")
-                    acts = torch.cat(store.pop((i, name)))[:max_tokens]
-                    setattr(data, name, acts.reshape(acts.shape[0], attn.num_heads, attn.head_k_dim))
+                    setattr(data, name, store.pop((i, name)).transpose(0, 1).float())  # (rows <= d, H, d)
             if INPUTS in needs:
                 data.x_sq = x_sq[i]
             if GRADIENTS in needs:
