@@ -62,6 +62,9 @@ SEED = typer.Option(0, help="seed for calibration sampling and seeded methods")
 CALIB_SAMPLES = typer.Option(16, help="calibration sequences")
 CALIB_SEQ_LEN = typer.Option(256, help="tokens per calibration sequence")
 CALIB_FILE = typer.Option(None, help="UTF-8 text file for calibration [default: the embedded corpus]")
+CALIB_DATASET = typer.Option(None, help="Hugging Face dataset for calibration: name, name:config, or a save_to_disk folder")
+CALIB_SPLIT = typer.Option("train", help="split of --calib-dataset")
+CALIB_COLUMN = typer.Option("text", help="text column of --calib-dataset")
 DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N")
 DTYPE = typer.Option("float32", help="float32, bfloat16 or float16")
 TRUST = typer.Option(False, help="allow custom model code from the checkpoint (off by default)")
@@ -80,6 +83,9 @@ def run(
     calib_samples: int = CALIB_SAMPLES,
     calib_seq_len: int = CALIB_SEQ_LEN,
     calib_file: Optional[str] = CALIB_FILE,
+    calib_dataset: Optional[str] = CALIB_DATASET,
+    calib_split: str = CALIB_SPLIT,
+    calib_column: str = CALIB_COLUMN,
     store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -118,7 +124,7 @@ def run(
         report = run_pipeline(
             model=model, method=method, ratios=_ratios(ratio), suites=_csv(suite),
             method_params=parse_pairs(param, flag="--param"), suite_params=suite_params, seed=seed,
-            calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed), store=store,
+            calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed, calib_dataset, calib_split, calib_column), store=store,
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, dense=dense, save=save,
             force=force, progress=not quiet, lora=lora,
         )
@@ -139,6 +145,9 @@ def prune(
     calib_samples: int = CALIB_SAMPLES,
     calib_seq_len: int = CALIB_SEQ_LEN,
     calib_file: Optional[str] = CALIB_FILE,
+    calib_dataset: Optional[str] = CALIB_DATASET,
+    calib_split: str = CALIB_SPLIT,
+    calib_column: str = CALIB_COLUMN,
     device: str = DEVICE,
     dtype: str = DTYPE,
     trust_remote_code: bool = TRUST,
@@ -152,7 +161,7 @@ def prune(
     with user_errors():
         folders = prune_model(
             model, method, _ratios(ratio), out, method_params=parse_pairs(param, flag="--param"), seed=seed,
-            calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed), device=device,
+            calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed, calib_dataset, calib_split, calib_column), device=device,
             dtype=dtype, trust_remote_code=trust_remote_code, progress=not quiet,
         )
     for folder in folders:
