@@ -57,6 +57,16 @@ def keep_count(head_dim: int, ratio: float) -> int:
     return n_keep
 
 
+def head_rows(layer: LayerData, head: int) -> slice:
+    """The rows of `q_weight`/`k_weight` (and their gradients) that belong to one head."""
+    return slice(head * layer.head_dim, (head + 1) * layer.head_dim)
+
+
+def top_channels(score: torch.Tensor, n_keep: int) -> np.ndarray:
+    """The `n_keep` highest-scoring channels; ties go to the lower index (stable sort)."""
+    return np.argsort(-score.numpy(), kind="stable")[:n_keep]
+
+
 @dataclass
 class Method:
     """Base of every selector. Subclasses set the class variables and `select_head`."""

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.zoo.train import fixed_threads, next_token_loss
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -160,24 +161,7 @@ def _unfused_mlps(model: nn.Module, names: list[str]):
             parent.fuse_swiglu = True
 
 
-@contextlib.contextmanager
-def _threads(n: int | None):
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # --- training -----------------------------------------------------------------------------------
-
-def _next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    from harness.zoo.train import next_token_loss
-
-    return next_token_loss(model, batch)  # from the logits, as the zoo trains: no fused loss kernel
-
 
 def lora_recover(model: nn.Module, tokenizer, spec: LoraSpec, *, text_file: str | None = None,
                  advance: Callable[..., None] | None = None) -> tuple[nn.Module, dict]:
@@ -207,7 +191,7 @@ def lora_recover(model: nn.Module, tokenizer, spec: LoraSpec, *, text_file: str 
     peft_model, merged = None, None
     t0 = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=fork_devices), _threads(spec.threads), _unfused_mlps(model, names):
+        with torch.random.fork_rng(devices=fork_devices), fixed_threads(spec.threads), _unfused_mlps(model, names):
             torch.manual_seed(spec.seed)
             peft_model = get_peft_model(model, config)
             params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -223,7 +207,7 @@ def lora_recover(model: nn.Module, tokenizer, spec: LoraSpec, *, text_file: str 
                 lr = lr_at(step, spec)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = _next_token_loss(peft_model, batch)
+                loss = next_token_loss(peft_model, batch)  # from the logits: no fused loss kernel
                 if step == 0:
                     lora_calls.check()
                 optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import GRADIENTS, WEIGHTS, LayerData, Method
+from harness.method import GRADIENTS, WEIGHTS, LayerData, Method, head_rows, top_channels
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TaylorGrad(Method):
     needs = frozenset({GRADIENTS, WEIGHTS})
 
     def select_head(self, layer: LayerData, head: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
-        rows = slice(head * layer.head_dim, (head + 1) * layer.head_dim)
+        rows = head_rows(layer, head)
         score = ((layer.q_weight[rows].double() * layer.q_grad[rows].double()).abs().sum(1)
                  + (layer.k_weight[rows].double() * layer.k_grad[rows].double()).abs().sum(1))
-        return np.argsort(-score.numpy(), kind="stable")[:n_keep]
+        return top_channels(score, n_keep)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import INPUTS, WEIGHTS, LayerData, Method
+from harness.method import INPUTS, WEIGHTS, LayerData, Method, head_rows, top_channels
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Wanda(Method):
     needs = frozenset({INPUTS, WEIGHTS})
 
     def select_head(self, layer: LayerData, head: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
-        rows = slice(head * layer.head_dim, (head + 1) * layer.head_dim)
+        rows = head_rows(layer, head)
         x_norm = layer.x_sq.double().clamp_min(0).sqrt()
         score = (layer.q_weight[rows].double().abs() + layer.k_weight[rows].double().abs()) @ x_norm
-        return np.argsort(-score.numpy(), kind="stable")[:n_keep]
+        return top_channels(score, n_keep)

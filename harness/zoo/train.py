@@ -18,6 +18,8 @@ result), so the same seed on the same machine and versions gives the same weight
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -168,16 +170,23 @@ class TrainProgress:
             self._progress.__exit__(*exc)
 
 
+@contextlib.contextmanager
+def fixed_threads(n: int | None):
+    """Run with `n` torch CPU threads (None: leave the setting), restoring it afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(model: torch.nn.Module, train_ids: torch.Tensor, heldout_ids: torch.Tensor, cfg: TrainConfig,
           progress: bool = True, vocab_size: int | None = None) -> TrainResult:
     """Train `model` in place on the 1-D token stream `train_ids`; score it on `heldout_ids`."""
-    threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with fixed_threads(cfg.threads):
         return _train(model, train_ids, heldout_ids, cfg, progress, vocab_size)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _train(model, train_ids, heldout_ids, cfg: TrainConfig, progress: bool, vocab_size: int | None) -> TrainResult:
