@@ -57,6 +57,17 @@ def keep_count(head_dim: int, ratio: float) -> int:
     return n_keep
 
 
+def prefill_chooser(selection: ChannelSelection):
+    """The `choose_at_prefill(query, keys, pads) -> (B, Hkv, n_keep)` of the method that made a
+    query-dependent selection (ThinK), or None for a static selection."""
+    spec = selection.meta.get("prefill_chooser")
+    if not spec:
+        return None
+    from harness.compress import build_method
+
+    return build_method(spec["method"], spec["params"], seed=0).choose_at_prefill
+
+
 def head_rows(layer: LayerData, head: int) -> slice:
     """The rows of `q_weight`/`k_weight` (and their gradients) that belong to one head."""
     return slice(head * layer.head_dim, (head + 1) * layer.head_dim)

@@ -54,16 +54,6 @@ def _suites_for(names: Sequence[str], suite_params: dict[str, dict[str, Any]]) -
     return suites
 
 
-def _compression_metrics(selection: ChannelSelection) -> list[Metric]:
-    dense, pruned = selection.state_bytes(bytes_per_elem=4)
-    return [
-        Metric("kept_ratio", selection.kept_ratio, "fraction of key channels"),
-        Metric("state_bytes_dense", dense, "bytes per sequence, fp32"),
-        Metric("state_bytes", pruned, "bytes per sequence, fp32"),
-        Metric("state_reduction", 1 - pruned / dense if dense else 0.0, "fraction"),
-    ]
-
-
 def run(
     model: str | None = None,
     method: str = "drrqr",
@@ -140,7 +130,7 @@ def run(
             started = time.perf_counter()
             try:
                 if suite is None:
-                    metrics = _compression_metrics(selection)
+                    metrics = adapter.bytes_metrics(model, selection)
                 else:
                     ctx = SuiteContext(loaded.family, loaded.device, seed, art, bar.task)
                     metrics = suite.run(model, loaded.tokenizer, ctx)

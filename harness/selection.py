@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 SCHEMA = "harness.channel_selection/1"
+# meta entries that change how a selection is realized (K-cache window, query-dependent chooser)
+REALIZATION_META = ("cache", "prefill_chooser")
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,10 @@ class ChannelSelection:
     @property
     def digest(self) -> str:
         body = self.to_dict()
-        body.pop("meta")  # diagnostics (timings, certificates) do not change what is kept
+        # diagnostics (timings, certificates) do not change the realized model; these keys do
+        body["meta"] = {k: v for k, v in self.meta.items() if k in REALIZATION_META}
+        if not body["meta"]:
+            body.pop("meta")
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def __hash__(self) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from harness.errors import HarnessError
 from harness.families.base import FamilyAdapter
 from harness.families.fla_linear import DeltaNetAdapter, GatedDeltaNetAdapter
+from harness.families.hf_softmax import Qwen2Adapter, SoftmaxAdapter
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (GatedDeltaNetAdapter, DeltaNetAdapter)
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (GatedDeltaNetAdapter, DeltaNetAdapter, SoftmaxAdapter, Qwen2Adapter)
 FAMILIES = tuple(a.family for a in ADAPTERS)
 
 

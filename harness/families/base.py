@@ -14,6 +14,7 @@ import torch
 
 from harness.method import LayerData
 from harness.selection import ChannelSelection
+from harness.suite import Metric
 
 
 class FamilyAdapter(ABC):
@@ -43,3 +44,22 @@ class FamilyAdapter(ABC):
 
     def full_selection(self, model) -> ChannelSelection:
         return ChannelSelection.full(self.family, self.geometry(model))
+
+    def bytes_metrics(self, model, selection: ChannelSelection) -> list[Metric]:
+        """What the selection saves, as result rows (recurrent-state bytes; softmax adapters
+        override this with the bytes their K cache really allocates)."""
+        dense, pruned = selection.state_bytes(bytes_per_elem=4)
+        return [
+            Metric("kept_ratio", selection.kept_ratio, "fraction of key channels"),
+            Metric("state_bytes_dense", dense, "bytes per sequence, fp32"),
+            Metric("state_bytes", pruned, "bytes per sequence, fp32"),
+            Metric("state_reduction", 1 - pruned / dense if dense else 0.0, "fraction"),
+        ]
+
+
+def stream_factor(previous: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Triangular R with R^T R = previous^T previous + rows^T rows, per leading batch index:
+    calibration activations are streamed into it, so memory stays heads * d^2 whatever the token count."""
+    if previous is not None:
+        rows = torch.cat([previous, rows], dim=-2)
+    return torch.linalg.qr(rows, mode="r").R

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.families.base import FamilyAdapter
+from harness.families.base import FamilyAdapter, stream_factor
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
 from harness.selection import ChannelSelection
 
@@ -126,9 +126,7 @@ class FlaLinearAdapter(FamilyAdapter):
                     def hook(_mod, _inp, out, key=(i, name), heads=attn.num_heads, d=attn.head_k_dim):
                         y = out[0] if isinstance(out, tuple) else out
                         rows = y.detach().reshape(-1, heads, d).transpose(0, 1).double().cpu()  # (H, N, d)
-                        if key in store:
-                            rows = torch.cat([store[key], rows], dim=1)
-                        store[key] = torch.linalg.qr(rows, mode="r").R
+                        store[key] = stream_factor(store.get(key), rows)
                     handles.append(module.register_forward_hook(hook))
         if INPUTS in needs:
             for i, attn in layers:  # q_proj and k_proj read the same normed hidden states

@@ -1,0 +1,236 @@
+"""Softmax-attention family adapter: transformers' Llama and Qwen2 (and their GQA variants).
+
+Nothing is sliced: the weights stay as they are and the selection is realized in attention.
+`apply` installs, on every attention module, a `KeyChannelPlan` and switches the model to the
+attention function registered here (`harness_kcache`), which
+- reads a `PrunedKCache` (middle keys with kept channels only) when one is passed, and
+  `generate` gets one by default, so a long context really holds fewer bytes;
+- otherwise (no cache, or a plain DynamicCache) computes the dense reference with the dropped
+  channels of middle keys masked (`harness.kernels.pruned_attention.masked_attention`).
+The same attention function captures post-RoPE queries and keys for calibration. `zero` is the
+same realization without the pruned cache: the dense twin for equivalence tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Callable, Iterable
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from harness.families.base import FamilyAdapter, stream_factor
+from harness.kcache import KeyChannelPlan, PrunedKCache, PrunedKLayer
+from harness.kernels.pruned_attention import masked_attention, pads_from_mask, pruned_cache_attention
+from harness.method import ACTIVATIONS, LayerData, prefill_chooser
+from harness.selection import ChannelSelection
+from harness.suite import Metric
+
+ATTN_IMPLEMENTATION = "harness_kcache"
+DEFAULT_SINK, DEFAULT_RECENT = 16, 64  # ours, sized for the tiny zoo models; methods may override
+
+
+def _plain_attention(module, query, key, value, mask, scaling):
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, 1) if n_rep > 1 else key
+    v = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, k, v, attn_mask=mask, scale=scaling, is_causal=mask is None and query.shape[2] > 1,
+    ).transpose(1, 2)
+
+
+def kcache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function `apply` installs (registered as `harness_kcache`)."""
+    scaling = module.scaling if scaling is None else scaling
+    capture = getattr(module, "harness_capture", None)
+    if capture is not None:
+        capture(query, key if torch.is_tensor(key) else None)
+    plan: KeyChannelPlan | None = getattr(module, "key_plan", None)
+    if plan is None:
+        return _plain_attention(module, query, key, value, attention_mask, scaling), None
+    if isinstance(key, PrunedKLayer):
+        layer = key
+        first = layer.pads is None
+        if first:
+            pads = pads_from_mask(attention_mask, query.shape[0], layer.get_seq_length())
+            layer.start(pads, None if plan.kept is not None else plan.chooser(query, layer.win_k, pads))
+        if first and plan.full_prefill:
+            out = _plain_attention(module, query, layer.win_k, layer.win_v, attention_mask, scaling)
+        else:
+            out = pruned_cache_attention(query, layer, attention_mask, scaling=scaling)
+        layer.compact()
+        return out, None
+    # dense reference: full K/V (no cache, or a DynamicCache)
+    total, length = key.shape[2], query.shape[2]
+    pads = pads_from_mask(attention_mask, query.shape[0], total)
+    scale = getattr(module, "key_scale_override", None)  # LeanK's trainable alpha
+    if scale is None and plan.kept is not None:
+        scale = plan.key_scale(device=key.device)
+    elif scale is None:  # chosen at prefill: a new prefill (no past) chooses, decode steps reuse it
+        if total == length or getattr(module, "_prefill_choice", None) is None:
+            kept = plan.chooser(query, key, pads)
+            module._prefill_choice = torch.zeros(*kept.shape[:2], plan.head_dim, device=key.device).scatter_(-1, kept, 1.0)
+        scale = module._prefill_choice
+    full_queries = getattr(module, "full_queries", 0)
+    if plan.full_prefill and total == length:
+        full_queries = total
+    out = masked_attention(query, key, value, attention_mask, key_scale=scale, sink=plan.sink, recent=plan.recent,
+                           scaling=scaling, pads=pads, full_queries=full_queries)
+    return out, None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, kcache_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)  # always a materialized 4D mask
+
+
+def _generate_with_pruned_cache(self, *args, **kwargs):
+    """`generate` of a model realized with a pruned K cache: supplies a PrunedKCache unless the
+    caller passes a cache or disables caching."""
+    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) and self.harness_pruned_cache:
+        kwargs["past_key_values"] = PrunedKCache([m.key_plan for m in attention_modules(self)])
+    return type(self).generate(self, *args, **kwargs)
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+class SoftmaxAdapter(FamilyAdapter):
+    family = "llama"
+    kind = "softmax"
+    model_types = ("llama",)
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+
+    def geometry(self, model) -> dict[int, tuple[int, int, int]]:
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return {i: (c.num_key_value_heads, head_dim, head_dim) for i in range(len(attention_modules(model)))}
+
+    # --- calibration -----------------------------------------------------------------------
+    def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
+                advance: Callable[[], None] | None = None) -> list[LayerData]:
+        """Post-RoPE queries and keys, streamed per KV head into Gram-exact factors; a KV head's
+        queries are the rows of all query heads that share it (GQA)."""
+        store: dict[tuple[int, str], torch.Tensor] = {}
+        modules = attention_modules(model)
+
+        def hook(query, key, i):
+            hkv, d = key.shape[1], key.shape[3]
+            rows = {"q": query.detach().reshape(query.shape[0], hkv, -1, d), "k": key.detach()}  # (B, Hkv, n, d)
+            for name, x in rows.items():
+                x = x.transpose(0, 1).reshape(hkv, -1, d).double().cpu()
+                store[(i, name)] = stream_factor(store.get((i, name)), x)
+
+        if ACTIVATIONS in needs:
+            with self.realized(model):
+                for i, m in enumerate(modules):
+                    m.harness_capture = functools.partial(hook, i=i)
+                try:
+                    with torch.no_grad():
+                        for input_ids in batches:
+                            model(input_ids=input_ids.to(model.device), use_cache=False)
+                            if advance is not None:
+                                advance()
+                finally:
+                    for m in modules:
+                        del m.harness_capture
+        out = []
+        for i, m in enumerate(modules):
+            hkv, d, dv = self.geometry(model)[i]
+            data = LayerData(index=i, num_heads=hkv, head_dim=d, value_dim=dv,
+                             q_weight=m.q_proj.weight.detach().float().cpu(), k_weight=m.k_proj.weight.detach().float().cpu())
+            if ACTIVATIONS in needs:
+                data.q = store.pop((i, "q")).transpose(0, 1).float()
+                data.k = store.pop((i, "k")).transpose(0, 1).float()
+            out.append(data)
+        return out
+
+    class realized:
+        """Context: the model runs through `harness_kcache` (restores the previous implementation)."""
+
+        def __init__(self, model):
+            self.model = model
+
+        def __enter__(self):
+            self.previous = self.model.config._attn_implementation
+            self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+        def __exit__(self, *exc):
+            self.model.set_attn_implementation(self.previous)
+
+    # --- realization -----------------------------------------------------------------------
+    def plans(self, model, selection: ChannelSelection, chooser: Callable | None = None) -> list[KeyChannelPlan]:
+        geometry = self.geometry(model)
+        if set(selection.layers) != set(geometry):
+            raise ValueError(f"selection covers layers {sorted(selection.layers)}, model has {sorted(geometry)}")
+        window = selection.meta.get("cache", {})
+        plans = []
+        for i, (hkv, d, dv) in sorted(geometry.items()):
+            sel = selection.layers[i]
+            if (sel.num_heads, sel.head_dim) != (hkv, d):
+                raise ValueError(f"layer {i}: selection is for {sel.num_heads}x{sel.head_dim}, model has {hkv}x{d}")
+            if sel.projection is not None:
+                raise ValueError("a projection cannot be realized in a K cache; choose a channel-selecting method")
+            plans.append(KeyChannelPlan(
+                hkv, d, dv, None if chooser else sel.kept, sink=int(window.get("sink", DEFAULT_SINK)),
+                recent=int(window.get("recent", DEFAULT_RECENT)), value_sum=bool(window.get("value_sum", True)),
+                full_prefill=bool(window.get("full_prefill", False)), chooser=chooser,
+                count=sel.kept_counts[0] if chooser else 0,
+            ))
+        return plans
+
+    def apply(self, model, selection: ChannelSelection, *, pruned_cache: bool = True) -> None:
+        chooser = prefill_chooser(selection)
+        for module, plan in zip(attention_modules(model), self.plans(model, selection, chooser)):
+            module.key_plan = plan
+            if plan.kept is not None:
+                module.key_channel_mask = plan.key_scale(device=module.k_proj.weight.device)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        model.harness_pruned_cache = pruned_cache
+        model.generate = types.MethodType(_generate_with_pruned_cache, model)
+
+    def zero(self, model, selection: ChannelSelection) -> None:
+        self.apply(model, selection, pruned_cache=False)
+
+    # --- memory -----------------------------------------------------------------------------
+    def bytes_metrics(self, model, selection: ChannelSelection, *, context: int = 4096, batch: int = 1) -> list[Metric]:
+        """KV bytes a PrunedKCache really allocates for `batch` sequences of `context` tokens
+        (filled with random keys/values: allocation does not depend on the values), vs dense."""
+        dtype = next(model.parameters()).dtype
+        chooser = None
+        if prefill_chooser(selection) is not None:  # allocation depends only on the count
+            def chooser(_q, keys, _pads):
+                count = selection.layers[0].kept_counts[0]
+                return torch.arange(count).expand(keys.shape[0], keys.shape[1], count)
+        plans = self.plans(model, selection, chooser)
+        cache = PrunedKCache(plans)
+        for layer, plan in zip(cache.layers, plans):
+            k = torch.zeros(batch, plan.num_heads, context, plan.head_dim, dtype=dtype)
+            v = torch.zeros(batch, plan.num_heads, context, plan.value_dim, dtype=dtype)
+            layer.update(k, v)
+            layer.start(torch.zeros(batch, dtype=torch.long), chooser(None, k, None) if chooser else None)
+            layer.compact()
+        used = cache.nbytes()
+        elem = torch.finfo(dtype).bits // 8
+        dense_k = sum(p.num_heads * p.head_dim for p in plans) * context * batch * elem
+        dense_v = sum(p.num_heads * p.value_dim for p in plans) * context * batch * elem
+        unit = f"bytes, batch {batch} x {context} tokens, {str(dtype).removeprefix('torch.')}"
+        kv, dense = used["keys"] + used["values"], dense_k + dense_v
+        return [
+            Metric("kept_ratio", selection.kept_ratio, "fraction of key channels (middle tokens)"),
+            Metric("kv_bytes_dense", dense, unit),
+            Metric("kv_bytes", kv, unit, {"keys": used["keys"], "values": used["values"]}),
+            Metric("kv_reduction", 1 - kv / dense, "fraction"),
+            Metric("k_reduction", 1 - used["keys"] / dense_k, "fraction"),
+            Metric("v_reduction", 1 - used["values"] / dense_v, "fraction"),
+        ]
+
+
+class Qwen2Adapter(SoftmaxAdapter):
+    family = "qwen2"
+    model_types = ("qwen2",)
