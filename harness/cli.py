@@ -53,11 +53,21 @@ def _ratios(values: List[str]) -> list[float]:
     return ratios
 
 
+def _method_params(param: List[str], mask: Optional[Path]) -> dict[str, str]:
+    from harness.params import parse_pairs
+
+    values = parse_pairs(param, flag="--param")
+    if mask is not None:
+        values["mask"] = str(mask)
+    return values
+
+
 # options shared by `run` and `prune` (typer reads them as metadata, so one object serves both)
 METHOD = typer.Option(..., "--method", "-m", help="registered method (see `harness list methods`)")
 MODEL = typer.Option(None, "--model", help="zoo name, save_pretrained folder, or hub id [default: deltanet-tiny]")
 RATIO = typer.Option(["0.5"], "--ratio", "-r", help="fraction of key channels removed, in [0, 1); repeat or comma-separate")
 PARAM = typer.Option([], "--param", "-p", help="method parameter key=value (repeatable), e.g. -p f=2.0")
+MASK = typer.Option(None, "--mask", help="a published LeanK mask (.pth) for --method leank: loaded, not trained; its kept fraction sets the ratio")
 SEED = typer.Option(0, help="seed for calibration sampling and seeded methods")
 CALIB_SAMPLES = typer.Option(16, help="calibration sequences")
 CALIB_SEQ_LEN = typer.Option(256, help="tokens per calibration sequence")
@@ -78,6 +88,7 @@ def run(
     ratio: List[str] = RATIO,
     suite: List[str] = typer.Option(["all"], "--suite", "-s", help="suites to run, comma-separated, or 'all' (those that apply to the model)"),
     param: List[str] = PARAM,
+    mask: Optional[Path] = MASK,
     suite_param: List[str] = typer.Option([], "--suite-param", help="suite parameter suite.key=value, e.g. --suite-param ppl.limit=4096"),
     seed: int = SEED,
     calib_samples: int = CALIB_SAMPLES,
@@ -123,7 +134,7 @@ def run(
                             targets=tuple(_csv([lora_targets])))
         report = run_pipeline(
             model=model, method=method, ratios=_ratios(ratio), suites=_csv(suite),
-            method_params=parse_pairs(param, flag="--param"), suite_params=suite_params, seed=seed,
+            method_params=_method_params(param, mask), suite_params=suite_params, seed=seed,
             calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed, calib_dataset, calib_split, calib_column), store=store,
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, dense=dense, save=save,
             force=force, progress=not quiet, lora=lora,
@@ -141,6 +152,7 @@ def prune(
     model: Optional[str] = MODEL,
     ratio: List[str] = RATIO,
     param: List[str] = PARAM,
+    mask: Optional[Path] = MASK,
     seed: int = SEED,
     calib_samples: int = CALIB_SAMPLES,
     calib_seq_len: int = CALIB_SEQ_LEN,
@@ -156,11 +168,10 @@ def prune(
     """Compress a model and write plain checkpoints (loadable with fla/transformers), no evaluation."""
     from harness.calibration import CalibrationSpec
     from harness.compress import prune as prune_model
-    from harness.params import parse_pairs
 
     with user_errors():
         folders = prune_model(
-            model, method, _ratios(ratio), out, method_params=parse_pairs(param, flag="--param"), seed=seed,
+            model, method, _ratios(ratio), out, method_params=_method_params(param, mask), seed=seed,
             calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed, calib_dataset, calib_split, calib_column), device=device,
             dtype=dtype, trust_remote_code=trust_remote_code, progress=not quiet,
         )

@@ -15,7 +15,7 @@ from harness import params as params_mod
 from harness import registry
 from harness.calibration import CalibrationSpec, calibration_batches
 from harness.errors import HarnessError
-from harness.method import ACTIVATIONS, CALIBRATED, GRADIENTS, INPUTS, LayerData, Method, keep_count
+from harness.method import ACTIVATIONS, CALIBRATED, GRADIENTS, INPUTS, MODEL, LayerData, Method, keep_count
 from harness.progress import Bars, bars
 from harness.selection import ChannelSelection
 
@@ -52,6 +52,8 @@ class Plan:
 
     def capture(self, bar: Bars) -> list[LayerData]:
         needs = self.selector.needs
+        if MODEL in needs:
+            self.selector.fit(self.loaded.model, self.loaded.tokenizer, bar.task)
         if not self.calibrated:
             return self.adapter.capture(self.loaded.model, [], needs)
         batches = calibration_batches(self.loaded.tokenizer, self.calibration)
@@ -90,6 +92,9 @@ def plan(model: str | None, method: str, ratios: Sequence[float], *, method_para
             f"method {method!r} supports {', '.join(selector.families)} models; {loaded.name} is {loaded.family}"
         )
     adapter = adapter_for(loaded.model)
+    implied = selector.implied_ratio()
+    if implied is not None:  # a loaded mask fixes what is kept
+        ratios = [implied]
     for ratio in ratios:
         for _heads, head_dim, _dv in adapter.geometry(loaded.model).values():
             keep_count(head_dim, ratio)

@@ -7,6 +7,8 @@ It never touches the model: the family adapter captures what the method `needs` 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -22,7 +24,11 @@ ACTIVATIONS = "activations"  # q/k activations that feed the recurrence (as a Gr
 WEIGHTS = "weights"  # q_proj/k_proj weights, always available
 INPUTS = "inputs"  # sum over calibration tokens of squared q_proj/k_proj input features, (hidden,)
 GRADIENTS = "gradients"  # dL/dW of q_proj/k_proj summed over calibration batches (L = LM loss)
+MODEL = "model"  # the model itself: the method trains on it (LeanK); `fit` is called before `select`
 CALIBRATED = frozenset({ACTIVATIONS, INPUTS, GRADIENTS})  # needs that require running the model
+
+LINEAR_FAMILIES = ("deltanet", "gated_deltanet")  # a recurrent state of d_k x d_v per head
+SOFTMAX_FAMILIES = ("llama", "qwen2")  # a K cache of tokens x d per KV head
 
 
 @dataclass
@@ -57,6 +63,26 @@ def keep_count(head_dim: int, ratio: float) -> int:
     return n_keep
 
 
+@dataclass
+class CacheWindow:
+    """Softmax methods: the K-cache window their selection is realized with. The first `sink`
+    tokens of each sequence and the last `recent` ones keep all key channels."""
+
+    sink: int = 16
+    recent: int = 64
+
+    def validate_window(self) -> None:
+        if self.sink < 0 or self.recent < 1:
+            raise ValueError(f"need sink >= 0 and recent >= 1, got sink={self.sink}, recent={self.recent}")
+
+    def window_meta(self) -> dict:
+        return {"cache": {"sink": self.sink, "recent": self.recent}}
+
+    def select(self, layers, ratio, family, progress=None):
+        selection = super().select(layers, ratio, family, progress)
+        return dataclasses.replace(selection, meta={**selection.meta, **self.window_meta()})
+
+
 def prefill_chooser(selection: ChannelSelection):
     """The `choose_at_prefill(query, keys, pads) -> (B, Hkv, n_keep)` of the method that made a
     query-dependent selection (ThinK), or None for a static selection."""
@@ -65,7 +91,8 @@ def prefill_chooser(selection: ChannelSelection):
         return None
     from harness.compress import build_method
 
-    return build_method(spec["method"], spec["params"], seed=0).choose_at_prefill
+    return functools.partial(build_method(spec["method"], spec["params"], seed=0).choose_at_prefill,
+                             count=spec["count"])
 
 
 def head_rows(layer: LayerData, head: int) -> slice:
@@ -127,6 +154,13 @@ class Method:
             if progress is not None:
                 progress()
         return ChannelSelection(family=family, layers=chosen, method=self.name, ratio=ratio, meta=dict(self._meta))
+
+    def fit(self, model, tokenizer, progress) -> None:
+        """Methods that need MODEL train here, once per run, before `select` is called per ratio."""
+
+    def implied_ratio(self) -> float | None:
+        """A ratio fixed by the method's parameters (a loaded mask), overriding the requested ones."""
+        return None
 
     def record(self, key: str, value) -> None:
         """Keep a diagnostic (for example a certificate) in the selection's meta."""

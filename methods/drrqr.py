@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import ACTIVATIONS, WEIGHTS, LayerData, Method
+from harness.method import ACTIVATIONS, LINEAR_FAMILIES, SOFTMAX_FAMILIES, WEIGHTS, LayerData, Method
 from harness.methods.rrqr import strong_rrqr
 
 
 @dataclass
 class DRRQR(Method):
     name = "drrqr"
-    families = ("deltanet", "gated_deltanet")
+    families = LINEAR_FAMILIES + SOFTMAX_FAMILIES
     paper = "Nazari & Rusch 2026, arXiv 2602.04852 (strong RRQR: Gu & Eisenstat 1996)"
     needs = frozenset({ACTIVATIONS, WEIGHTS})
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import ACTIVATIONS, WEIGHTS, LayerData, Method
+from harness.method import ACTIVATIONS, LINEAR_FAMILIES, SOFTMAX_FAMILIES, WEIGHTS, LayerData, Method
 from harness.methods.rrqr import qrcp_order
 
 
 @dataclass
 class QRCP(Method):
     name = "qrcp"
-    families = ("deltanet", "gated_deltanet")
+    families = LINEAR_FAMILIES + SOFTMAX_FAMILIES
     paper = "Nazari & Rusch 2026, arXiv 2602.04852 (ablation of DRRQR; QRCP: Businger & Golub 1965)"
     needs = frozenset({ACTIVATIONS, WEIGHTS})
 

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import LayerData, Method
+from harness.method import LINEAR_FAMILIES, SOFTMAX_FAMILIES, LayerData, Method
 
 
 @dataclass
 class RandomChannels(Method):
     name = "random"
-    families = ("deltanet", "gated_deltanet")
+    families = LINEAR_FAMILIES + SOFTMAX_FAMILIES
     paper = "baseline (Nazari & Rusch 2026, arXiv 2602.04852, section 5)"
     needs = frozenset()
 

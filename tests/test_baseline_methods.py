@@ -250,7 +250,7 @@ def test_swap_phase_removes_a_high_norm_decoy_qrcp_keeps_it(seed):
 def test_registered(name, cls):
     assert registry.get_method(name) is cls
     assert cls.name == name
-    assert cls.families == ("deltanet", "gated_deltanet")
+    assert {"deltanet", "gated_deltanet"} <= set(cls.families)  # qrcp and random also run on softmax models
     assert cls.paper
 
 

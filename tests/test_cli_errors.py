@@ -49,9 +49,9 @@ def test_method_not_supporting_family(tmp_path):
     model.save_pretrained(tmp_path / "llama")
     from transformers import AutoTokenizer
     AutoTokenizer.from_pretrained(default_path("deltanet-tiny")).save_pretrained(tmp_path / "llama")
-    result = harness("run", "--method", "drrqr", "--model", str(tmp_path / "llama"), "--store", str(tmp_path / "r.sqlite"))
+    result = harness("run", "--method", "wanda", "--model", str(tmp_path / "llama"), "--store", str(tmp_path / "r.sqlite"))
     assert result.exit_code == 2
-    assert "method 'drrqr' supports deltanet, gated_deltanet models" in result.stderr
+    assert "method 'wanda' supports deltanet, gated_deltanet models" in result.stderr
     assert "is llama" in result.stderr
     assert tiny_config  # the shared fixture module is importable here too
 

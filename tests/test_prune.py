@@ -14,7 +14,8 @@ from harness.progress import Bars
 
 RATIOS = (0.25, 0.5, 0.75)
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "128"]
-BUILTIN = sorted(e.name for e in registry.entries(registry.METHODS) if e.ok and e.distribution == "kc-harness")
+BUILTIN = sorted(e.name for e in registry.entries(registry.METHODS)
+                 if e.ok and e.distribution == "kc-harness" and "deltanet" in e.obj.families)
 
 
 @pytest.mark.parametrize("model", ["deltanet-tiny", "gated-deltanet-tiny"])

@@ -13,6 +13,7 @@ same realization without the pruned cache: the dense twin for equivalence tests.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from typing import Callable, Iterable
@@ -93,6 +94,11 @@ def _generate_with_pruned_cache(self, *args, **kwargs):
     return type(self).generate(self, *args, **kwargs)
 
 
+def _host(weight: torch.Tensor) -> torch.Tensor:
+    # a model on the meta device (real geometry, no memory: masks, bytes) has no data to copy
+    return weight.detach() if weight.is_meta else weight.detach().float().cpu()
+
+
 def attention_modules(model) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in model.model.layers]
 
@@ -143,7 +149,7 @@ class SoftmaxAdapter(FamilyAdapter):
         for i, m in enumerate(modules):
             hkv, d, dv = self.geometry(model)[i]
             data = LayerData(index=i, num_heads=hkv, head_dim=d, value_dim=dv,
-                             q_weight=m.q_proj.weight.detach().float().cpu(), k_weight=m.k_proj.weight.detach().float().cpu())
+                             q_weight=_host(m.q_proj.weight), k_weight=_host(m.k_proj.weight))
             if ACTIVATIONS in needs:
                 data.q = store.pop((i, "q")).transpose(0, 1).float()
                 data.k = store.pop((i, "k")).transpose(0, 1).float()
@@ -162,6 +168,28 @@ class SoftmaxAdapter(FamilyAdapter):
 
         def __exit__(self, *exc):
             self.model.set_attn_implementation(self.previous)
+
+    @contextlib.contextmanager
+    def key_scaling(self, model, scales: torch.Tensor, *, sink: int, recent: int, full_queries: int = 0):
+        """Training-time realization (LeanK): middle keys of layer l multiplied by `scales[l]`
+        (KV heads x channels, differentiable); query slots before `full_queries` attend fully."""
+        modules = attention_modules(model)
+        saved = [(m, getattr(m, "key_plan", None)) for m in modules]
+        geometry = self.geometry(model)
+        try:
+            for i, m in enumerate(modules):
+                hkv, d, dv = geometry[i]
+                m.key_plan = KeyChannelPlan(hkv, d, dv, tuple(tuple(range(d)) for _ in range(hkv)), sink=sink, recent=recent)
+                m.key_scale_override, m.full_queries = scales[i], full_queries
+            with self.realized(model):
+                yield
+        finally:
+            for m, plan in saved:
+                del m.key_scale_override, m.full_queries
+                if plan is None:
+                    del m.key_plan
+                else:
+                    m.key_plan = plan
 
     # --- realization -----------------------------------------------------------------------
     def plans(self, model, selection: ChannelSelection, chooser: Callable | None = None) -> list[KeyChannelPlan]:
