@@ -66,17 +66,21 @@ def keep_count(head_dim: int, ratio: float) -> int:
 @dataclass
 class CacheWindow:
     """Softmax methods: the K-cache window their selection is realized with. The first `sink`
-    tokens of each sequence and the last `recent` ones keep all key channels."""
+    tokens of each sequence and the last `recent` ones keep all key channels; with
+    `full_prefill`, the prompt itself attends with all channels and only generated tokens read
+    the pruned cache (LeanK's deployment); without it, every query reads middle keys through the
+    kept channels, so a teacher-forced forward equals step-by-step decoding."""
 
     sink: int = 16
     recent: int = 64
+    full_prefill: bool = False
 
     def validate_window(self) -> None:
         if self.sink < 0 or self.recent < 1:
             raise ValueError(f"need sink >= 0 and recent >= 1, got sink={self.sink}, recent={self.recent}")
 
     def window_meta(self) -> dict:
-        return {"cache": {"sink": self.sink, "recent": self.recent}}
+        return {"cache": {"sink": self.sink, "recent": self.recent, "full_prefill": self.full_prefill}}
 
     def select(self, layers, ratio, family, progress=None):
         selection = super().select(layers, ratio, family, progress)
