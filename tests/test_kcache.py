@@ -53,6 +53,14 @@ def generate(model, ids, mask, **kw):
     return out.sequences, torch.stack(out.scores, 1)
 
 
+def cache_and_reference(model, selection):
+    """Greedy decoding of the padded batch through the pruned cache and through the masked dense twin."""
+    pruned, reference = copy.deepcopy(model), copy.deepcopy(model)
+    SoftmaxAdapter().apply(pruned, selection)
+    SoftmaxAdapter().zero(reference, selection)
+    return generate(pruned, *padded_batch()), generate(reference, *padded_batch())
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_ratio_zero_decodes_like_the_plain_model(kind):
     model = tiny_softmax(kind)
@@ -71,16 +79,11 @@ def test_ratio_zero_decodes_like_the_plain_model(kind):
 def test_pruned_cache_equals_masked_dense_reference(kind, value_sum):
     model = tiny_softmax(kind)
     selection = mixed_selection(model, value_sum=value_sum)
-    pruned, reference = copy.deepcopy(model), copy.deepcopy(model)
-    SoftmaxAdapter().apply(pruned, selection)
-    SoftmaxAdapter().zero(reference, selection)
-    ids, mask = padded_batch()
-    seq, scores = generate(pruned, ids, mask)
-    seq_ref, scores_ref = generate(reference, ids, mask)
+    (seq, scores), (seq_ref, scores_ref) = cache_and_reference(model, selection)
     torch.testing.assert_close(scores, scores_ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(seq, seq_ref)
     # and the masking is real: the realized model decodes differently from the plain one
-    _, scores_plain = generate(model, ids, mask)
+    _, scores_plain = generate(model, *padded_batch())
     assert (scores - scores_plain).abs().max() > 1e-3
 
 
@@ -136,13 +139,8 @@ def test_full_prefill_attends_the_prompt_with_all_channels():
     model = tiny_softmax("llama")
     selection = mixed_selection(model)
     selection.meta["cache"]["full_prefill"] = True
-    pruned, reference = copy.deepcopy(model), copy.deepcopy(model)
-    SoftmaxAdapter().apply(pruned, selection)
-    SoftmaxAdapter().zero(reference, selection)
-    ids, mask = padded_batch()
-    seq, scores = generate(pruned, ids, mask)
-    _, scores_ref = generate(reference, ids, mask)
-    _, scores_plain = generate(model, ids, mask)
+    (_, scores), (_, scores_ref) = cache_and_reference(model, selection)
+    _, scores_plain = generate(model, *padded_batch())
     torch.testing.assert_close(scores, scores_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores[:, 0], scores_plain[:, 0], atol=2e-5, rtol=1e-5)  # first token: the prompt only
 
