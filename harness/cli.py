@@ -225,6 +225,7 @@ def show(
     model: Optional[str] = typer.Option(None, help="only this model (as named in the run)"),
     method: Optional[str] = typer.Option(None, help="only this method"),
     suite: Optional[str] = typer.Option(None, help="only this suite"),
+    detail: bool = typer.Option(False, help="also the breakdown metrics (per layer/head, per task/length)"),
 ) -> None:
     """Print the results in the store as a table (and any failed or incomplete cells)."""
     from harness.report import rich_table
@@ -235,7 +236,7 @@ def show(
             raise HarnessError(f"no results store at {store}; run `harness run ...` first or pass --store")
         rows = ResultStore(store).table(model=model, method=method, suite=suite)
     complete = [r for r in rows if r["status"] == COMPLETE]
-    out_console.print(rich_table(complete, title=str(store)))
+    out_console.print(rich_table(complete, title=str(store), detail=detail))
     other = {r["run_key"]: r for r in rows if r["status"] != COMPLETE}
     if other:
         table = Table(title="incomplete or failed cells")

@@ -1,4 +1,8 @@
-"""Results as tables: one row per (model, method, ratio), one column per suite metric."""
+"""Results as tables: one row per (model, method, ratio), one column per suite metric.
+
+Metric names with a "/" are breakdowns (per layer and head, per task and length: `key_u/L0H1`,
+`niah_single/256`); the store keeps them all, and the tables show them only when asked.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,16 @@ from rich.text import Text
 _ORDER = ("model", "method", "ratio", "recovery")
 
 
-def pivot(rows: Iterable[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Long rows (one per metric) -> (metric columns, wide rows)."""
+def is_breakdown(metric: str) -> bool:
+    return "/" in metric
+
+
+def pivot(rows: Iterable[dict[str, Any]], detail: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
+    """Long rows (one per metric) -> (metric columns, wide rows); breakdowns only with `detail`."""
     columns: dict[str, None] = {}
     wide: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        if row.get("metric") is None:
+        if row.get("metric") is None or (is_breakdown(row["metric"]) and not detail):
             continue
         column = f"{row['suite']}.{row['metric']}"
         columns.setdefault(column)
@@ -40,8 +48,8 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def rich_table(rows: Iterable[dict[str, Any]], title: str | None = None) -> Table:
-    columns, wide = pivot(rows)
+def rich_table(rows: Iterable[dict[str, Any]], title: str | None = None, detail: bool = False) -> Table:
+    columns, wide = pivot(rows, detail)
     table = Table(title=title, show_lines=False)
     for name in _ORDER:
         table.add_column(name, justify="right" if name == "ratio" else "left")
