@@ -215,7 +215,8 @@ def list_(what: str = typer.Argument("all", help="methods, suites, models or all
         for name in zoo.list_models():
             info = zoo.manifest(name)
             table.add_row(name, zoo.family_of(name), "shipped" if info else "not built",
-                          f"{info['dense_ppl']:.2f}" if info else "", f"{info['unigram_ppl']:.2f}" if info else "")
+                          f"{info['dense_ppl']:.2f}" if (info or {}).get("dense_ppl") else "",
+                          f"{info['unigram_ppl']:.2f}" if (info or {}).get("unigram_ppl") else "")
         out_console.print(table)
 
 

@@ -135,6 +135,10 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
                 progress: bool = True, *, batch_size: int | None = None, seq_len: int | None = None,
                 eval_every: int | None = None, threads: int | None = 1):
     """`build`, returning (folder, the trained model in memory)."""
+    if get(name).task == "mqar":
+        from harness.zoo.mqar import build_mqar_model
+
+        return build_mqar_model(out_dir, steps, seed, progress, threads, batch_size)
     import fla
     import tokenizers
     import torch

@@ -46,6 +46,12 @@ def _llama_config():
                        hidden_act="silu", rms_norm_eps=1e-6, **COMMON)
 
 
+def _deltanet_mqar_config():
+    config = _deltanet_config()
+    config.num_hidden_layers = 2  # as Zoology's MQAR models
+    return config
+
+
 @dataclass(frozen=True)
 class TrainRecipe:
     """How a zoo model is trained (see harness.zoo.train.TrainConfig for the meaning)."""
@@ -65,6 +71,7 @@ class ZooEntry:
     make_config: Callable[[], object] = field(repr=False)
     recipe: TrainRecipe
     description: str = ""
+    task: str = "text"  # "text": the corpus LM trainer; "mqar": harness.zoo.mqar (its own recipe)
 
     @property
     def needs_fla(self) -> bool:
@@ -83,6 +90,10 @@ ZOO: dict[str, ZooEntry] = {
                  "fla Gated DeltaNet, 4 layers x 4 heads, d_k = 32, d_v = 64"),
         ZooEntry("llama-tiny", "llama", _llama_config, TrainRecipe(steps=1000),
                  "transformers Llama (softmax attention, RoPE), 4 layers x 4 heads, head_dim 32"),
+        ZooEntry("deltanet-mqar-tiny", "deltanet", _deltanet_mqar_config,
+                 TrainRecipe(steps=450, batch_size=64, lr=1e-2, warmup_steps=20, weight_decay=0.0),
+                 "fla DeltaNet, 2 layers x 4 heads, d_k = 32, trained on MQAR (the mqar suite's capacity probe)",
+                 task="mqar"),
     )
 }
 
