@@ -228,13 +228,14 @@ class SoftmaxAdapter(FamilyAdapter):
     # --- memory -----------------------------------------------------------------------------
     def bytes_metrics(self, model, selection: ChannelSelection, *, context: int = 4096, batch: int = 1) -> list[Metric]:
         """KV bytes a PrunedKCache really allocates for `batch` sequences of `context` tokens
-        (filled with random keys/values: allocation does not depend on the values), vs dense."""
+        (filled with zeros: allocation does not depend on the values), vs dense."""
         dtype = next(model.parameters()).dtype
-        chooser = None
-        if prefill_chooser(selection) is not None:  # allocation depends only on the count
-            def chooser(_q, keys, _pads):
-                count = selection.layers[0].kept_counts[0]
-                return torch.arange(count).expand(keys.shape[0], keys.shape[1], count)
+        count = selection.layers[min(selection.layers)].kept_counts[0]
+
+        def first_channels(_query, keys, _pads):  # a per-sequence choice allocates by its count only
+            return torch.arange(count).expand(keys.shape[0], keys.shape[1], count)
+
+        chooser = first_channels if prefill_chooser(selection) is not None else None
         plans = self.plans(model, selection, chooser)
         cache = PrunedKCache(plans)
         for layer, plan in zip(cache.layers, plans):

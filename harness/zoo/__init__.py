@@ -215,7 +215,13 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
                 "split; unigram: add-one smoothed train token counts on the same tokens",
     }
 
-    # write next to the target, then swap in, so that a crash never leaves half a model folder
+    write_model_folder(out, model, tokenizer, info)
+    return out, model
+
+
+def write_model_folder(out: Path, model, tokenizer, info: dict) -> None:
+    """save_pretrained + tokenizer + zoo.json, written next to `out` and swapped in, so that a
+    crash never leaves half a model folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
     try:
@@ -230,4 +236,3 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out, model

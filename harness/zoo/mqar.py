@@ -19,11 +19,8 @@ about 150 steps.
 
 from __future__ import annotations
 
-import json
 import platform
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,7 +86,7 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
     from transformers import AutoModelForCausalLM
 
     from harness.suites.mqar import mqar_batch, tokenizer_sets
-    from harness.zoo import WEIGHTS_DIR, MANIFEST, _clear_target, prepare_fla
+    from harness.zoo import WEIGHTS_DIR, _clear_target, prepare_fla
     from harness.zoo.models import _deltanet_config
     from harness.zoo.tokenizer import corpus_tokenizer
     from harness.zoo.train import TrainConfig, TrainProgress, fixed_threads, lr_at, make_optimizer
@@ -149,18 +146,7 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
         "platform": platform.platform(),
         "eval": "harness.suites.mqar sequences (seed 12345, 64 per setting); accuracy = argmax over the value set",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    from harness.zoo import write_model_folder
+
+    write_model_folder(out, model, tokenizer, info)
     return out, model
