@@ -179,6 +179,27 @@ def prune(
         out_console.print(Text(f"saved {folder}"))
 
 
+@app.command()
+def export(
+    format: str = typer.Option("csv", "--format", "-f", help="csv, parquet, markdown or latex"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write [default: print to stdout; parquet needs a file]"),
+    store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
+    model: Optional[str] = typer.Option(None, help="only this model (as named in the run)"),
+    method: Optional[str] = typer.Option(None, help="only this method"),
+    suite: Optional[str] = typer.Option(None, help="only this suite"),
+    detail: bool = typer.Option(False, help="also the breakdown metrics (per layer/head, per task/length)"),
+) -> None:
+    """Write the results table (complete cells) as CSV, Parquet, Markdown or LaTeX."""
+    from harness.export import export as export_table
+
+    with user_errors():
+        text = export_table(store, format, out, detail=detail, model=model, method=method, suite=suite)
+    if text is not None:
+        typer.echo(text, nl=not text.endswith("\n"))
+    else:
+        out_console.print(Text(f"wrote {out}"))
+
+
 @app.command("list")
 def list_(what: str = typer.Argument("all", help="methods, suites, models or all")) -> None:
     """Show registered methods and suites (plugins included, broken ones with their error) and zoo models."""
