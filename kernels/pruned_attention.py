@@ -94,7 +94,8 @@ def pruned_cache_attention(query, layer, mask, *, scaling: float):
     head_full = full_channel_rule(q_slots, head_slots, layer.pads, layer.sink, layer.recent).to(query.device)
     win_full = full_channel_rule(q_slots, win_slots, layer.pads, layer.sink, layer.recent).to(query.device)
     for group in layer.groups:
-        q_heads = (group.heads[:, None] * n_rep + torch.arange(n_rep)[None, :]).reshape(-1).to(query.device)
+        heads = group.heads.to(query.device)
+        q_heads = (heads[:, None] * n_rep + torch.arange(n_rep, device=query.device)[None, :]).reshape(-1)
         q = q_all.index_select(1, q_heads)  # (B, Hg*rep, L, d)
         idx = _expand_kv(group.channels.to(query.device), n_rep)  # (B, Hg*rep, c)
         q_kept = q.gather(-1, idx[:, :, None, :].expand(-1, -1, length, -1))
