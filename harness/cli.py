@@ -200,6 +200,27 @@ def export(
         out_console.print(Text(f"wrote {out}"))
 
 
+@app.command()
+def leaderboard(
+    store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
+    port: int = typer.Option(8501, help="port to serve on"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
+) -> None:
+    """Open the Streamlit leaderboard over a results store (read only)."""
+    import os
+    import subprocess
+
+    from harness.leaderboard import APP
+
+    with user_errors():
+        if not store.exists():
+            raise HarnessError(f"no results store at {store}; run `harness run ...` first or pass --store")
+    env = {**os.environ, "HARNESS_STORE": str(store.resolve())}
+    command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
+               "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
 @app.command("list")
 def list_(what: str = typer.Argument("all", help="methods, suites, models or all")) -> None:
     """Show registered methods and suites (plugins included, broken ones with their error) and zoo models."""
