@@ -79,6 +79,12 @@ DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N")
 DTYPE = typer.Option("float32", help="float32, bfloat16 or float16")
 TRUST = typer.Option(False, help="allow custom model code from the checkpoint (off by default)")
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars")
+# options shared by `show` and `export`
+STORE = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP)
+ONLY_MODEL = typer.Option(None, help="only this model (as named in the run)")
+ONLY_METHOD = typer.Option(None, help="only this method")
+ONLY_SUITE = typer.Option(None, help="only this suite")
+DETAIL = typer.Option(False, help="also the breakdown metrics (per layer/head, per task/length)")
 
 
 @app.command()
@@ -97,7 +103,7 @@ def run(
     calib_dataset: Optional[str] = CALIB_DATASET,
     calib_split: str = CALIB_SPLIT,
     calib_column: str = CALIB_COLUMN,
-    store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
+    store: Path = STORE,
     device: str = DEVICE,
     dtype: str = DTYPE,
     dense: bool = typer.Option(True, help="also evaluate the uncompressed model (the reference row)"),
@@ -183,11 +189,11 @@ def prune(
 def export(
     format: str = typer.Option("csv", "--format", "-f", help="csv, parquet, markdown or latex"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write [default: print to stdout; parquet needs a file]"),
-    store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
-    model: Optional[str] = typer.Option(None, help="only this model (as named in the run)"),
-    method: Optional[str] = typer.Option(None, help="only this method"),
-    suite: Optional[str] = typer.Option(None, help="only this suite"),
-    detail: bool = typer.Option(False, help="also the breakdown metrics (per layer/head, per task/length)"),
+    store: Path = STORE,
+    model: Optional[str] = ONLY_MODEL,
+    method: Optional[str] = ONLY_METHOD,
+    suite: Optional[str] = ONLY_SUITE,
+    detail: bool = DETAIL,
 ) -> None:
     """Write the results table (complete cells) as CSV, Parquet, Markdown or LaTeX."""
     from harness.export import export as export_table
@@ -202,7 +208,7 @@ def export(
 
 @app.command()
 def leaderboard(
-    store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
+    store: Path = STORE,
     port: int = typer.Option(8501, help="port to serve on"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
 ) -> None:
@@ -264,11 +270,11 @@ def list_(what: str = typer.Argument("all", help="methods, suites, models or all
 
 @app.command()
 def show(
-    store: Path = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP),
-    model: Optional[str] = typer.Option(None, help="only this model (as named in the run)"),
-    method: Optional[str] = typer.Option(None, help="only this method"),
-    suite: Optional[str] = typer.Option(None, help="only this suite"),
-    detail: bool = typer.Option(False, help="also the breakdown metrics (per layer/head, per task/length)"),
+    store: Path = STORE,
+    model: Optional[str] = ONLY_MODEL,
+    method: Optional[str] = ONLY_METHOD,
+    suite: Optional[str] = ONLY_SUITE,
+    detail: bool = DETAIL,
 ) -> None:
     """Print the results in the store as a table (and any failed or incomplete cells)."""
     from harness.report import rich_table
