@@ -38,7 +38,7 @@ class KeyChannelPlan:
     chooser: Callable | None = None  # (query_window (B,Hq,W,d), keys (B,Hkv,T,d)) -> kept (B,Hkv,c)
     count: int = 0  # channels per head when `chooser` picks them
 
-    def key_scale(self, batch: int | None = None, device=None) -> torch.Tensor:
+    def key_scale(self, device=None) -> torch.Tensor:
         """(Hkv, d) 0/1 mask of kept channels (static plans only)."""
         scale = torch.zeros(self.num_heads, self.head_dim)
         for h, idx in enumerate(self.kept or ()):

@@ -33,7 +33,7 @@ ATTN_IMPLEMENTATION = "harness_kcache"
 DEFAULT_SINK, DEFAULT_RECENT = 16, 64  # ours, sized for the tiny zoo models; methods may override
 
 
-def _plain_attention(module, query, key, value, mask, scaling):
+def _plain_attention(query, key, value, mask, scaling):
     n_rep = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(n_rep, 1) if n_rep > 1 else key
     v = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
@@ -50,7 +50,7 @@ def kcache_attention(module, query, key, value, attention_mask, scaling=None, dr
         capture(query, key if torch.is_tensor(key) else None)
     plan: KeyChannelPlan | None = getattr(module, "key_plan", None)
     if plan is None:
-        return _plain_attention(module, query, key, value, attention_mask, scaling), None
+        return _plain_attention(query, key, value, attention_mask, scaling), None
     if isinstance(key, PrunedKLayer):
         layer = key
         first = layer.pads is None
@@ -58,7 +58,7 @@ def kcache_attention(module, query, key, value, attention_mask, scaling=None, dr
             pads = pads_from_mask(attention_mask, query.shape[0], layer.get_seq_length())
             layer.start(pads, None if plan.kept is not None else plan.chooser(query, layer.win_k, pads))
         if first and plan.full_prefill:
-            out = _plain_attention(module, query, layer.win_k, layer.win_v, attention_mask, scaling)
+            out = _plain_attention(query, layer.win_k, layer.win_v, attention_mask, scaling)
         else:
             out = pruned_cache_attention(query, layer, attention_mask, scaling=scaling)
         layer.compact()
@@ -68,7 +68,7 @@ def kcache_attention(module, query, key, value, attention_mask, scaling=None, dr
     pads = pads_from_mask(attention_mask, query.shape[0], total)
     scale = getattr(module, "key_scale_override", None)  # LeanK's trainable alpha
     if scale is None and plan.kept is not None:
-        scale = plan.key_scale(device=key.device)
+        scale = module.key_channel_mask  # built once by `apply`
     elif scale is None:  # chosen at prefill: a new prefill (no past) chooses, decode steps reuse it
         if total == length or getattr(module, "_prefill_choice", None) is None:
             kept = plan.chooser(query, key, pads)
@@ -146,8 +146,9 @@ class SoftmaxAdapter(FamilyAdapter):
                     for m in modules:
                         del m.harness_capture
         out = []
+        geometry = self.geometry(model)
         for i, m in enumerate(modules):
-            hkv, d, dv = self.geometry(model)[i]
+            hkv, d, dv = geometry[i]
             data = LayerData(index=i, num_heads=hkv, head_dim=d, value_dim=dv,
                              q_weight=_host(m.q_proj.weight), k_weight=_host(m.k_proj.weight))
             if ACTIVATIONS in needs:
@@ -218,6 +219,8 @@ class SoftmaxAdapter(FamilyAdapter):
             module.key_plan = plan
             if plan.kept is not None:
                 module.key_channel_mask = plan.key_scale(device=module.k_proj.weight.device)
+            elif hasattr(module, "key_channel_mask"):  # chosen per sequence: no static mask to show
+                del module.key_channel_mask
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         model.harness_pruned_cache = pruned_cache
         model.generate = types.MethodType(_generate_with_pruned_cache, model)
