@@ -20,9 +20,7 @@ def results_frame(store: str | Path, *, detail: bool = False, **where) -> pd.Dat
     """The store's complete cells as a wide table (rows filtered by model/method/suite...)."""
     from harness.store import COMPLETE, ResultStore
 
-    if not Path(store).exists():
-        raise HarnessError(f"no results store at {store}; run `harness run ...` first or pass --store")
-    rows = [r for r in ResultStore(store).table(**where) if r["status"] == COMPLETE]
+    rows = [r for r in ResultStore(store, read_only=True).table(**where) if r["status"] == COMPLETE]
     columns, wide = pivot(rows, detail)
     return pd.DataFrame(wide, columns=[*_ORDER, *columns])
 

@@ -45,35 +45,53 @@ CREATE TABLE IF NOT EXISTS results (
 
 
 class ResultStore:
-    def __init__(self, path: str | Path):
+    """The store at `path`. `read_only` (readers: show, export, the leaderboard) opens an existing
+    store through SQLite's read-only mode: nothing is created, migrated or written."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path).expanduser()
+        self.read_only = read_only
         if self.path.is_dir():
             raise HarnessError(f"results store {self.path} is a folder; pass a file path such as {self.path / 'results.sqlite'}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.path.is_file():
+            raise HarnessError(f"no results store at {self.path}; run `harness run ...` first or pass --store")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.artifacts_root = self.path.parent / "artifacts"
         try:
             with closing(self._connect()) as db, db:
-                db.executescript(_SCHEMA)
+                if not read_only:
+                    db.executescript(_SCHEMA)
                 row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if row is None:
+                if row is None and not read_only:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) != SCHEMA_VERSION:
+                elif row is None or int(row[0]) != SCHEMA_VERSION:
                     raise HarnessError(
-                        f"results store {self.path} has schema {row[0]}, this harness writes {SCHEMA_VERSION}; use another --store"
+                        f"results store {self.path} has schema {row[0] if row else 'none'}, this harness reads and writes "
+                        f"{SCHEMA_VERSION}; use another --store"
                     )
         except sqlite3.DatabaseError as exc:
             raise HarnessError(f"results store {self.path} is not a usable SQLite file ({exc}); pass another --store") from None
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
+        if self.read_only:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        else:
+            db = sqlite3.connect(self.path, timeout=30)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA journal_mode=WAL")
+        if not self.read_only:
+            db.execute("PRAGMA journal_mode=WAL")
         return db
 
-    def artifacts_dir(self, key: RunKey) -> Path:
-        path = self.artifacts_root / key.digest
-        path.mkdir(parents=True, exist_ok=True)
+    def artifacts_dir(self, key: RunKey | str, *, create: bool = True) -> Path:
+        """A cell's artifact folder (`key`: the RunKey or its digest, as in the runs table)."""
+        digest = key.digest if isinstance(key, RunKey) else key
+        if not _is_digest(digest):
+            raise HarnessError(f"{digest!r} is not a run key")
+        path = self.artifacts_root / digest
+        if create and not self.read_only:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     # --- writes --------------------------------------------------------------------------
@@ -121,6 +139,26 @@ class ResultStore:
                               (key.digest,)).fetchall()
         return [Metric(r["metric"], r["value"], r["unit"] or "", json.loads(r["details"] or "{}")) for r in rows]
 
+    def runs(self) -> list[dict[str, Any]]:
+        """Every cell, one dict per run (JSON columns still as text), whatever its status."""
+        with closing(self._connect()) as db:
+            return [dict(r) for r in db.execute(
+                "SELECT * FROM runs ORDER BY model, method, ratio, recovery, suite").fetchall()]
+
+    def results(self, run_keys: Iterable[str], prefix: str = "") -> list[dict[str, Any]]:
+        """Metric rows of these cells (names starting with `prefix`), `details` parsed."""
+        keys = list(run_keys)
+        if not keys:
+            return []
+        sql = (f"SELECT run_key, metric, value, unit, details FROM results WHERE run_key IN ({','.join('?' * len(keys))})"
+               " AND metric LIKE ? ESCAPE '\\' ORDER BY run_key, metric")
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with closing(self._connect()) as db:
+            rows = [dict(r) for r in db.execute(sql, [*keys, pattern]).fetchall()]
+        for row in rows:
+            row["details"] = json.loads(row["details"] or "{}")
+        return rows
+
     def table(self, **where: Any) -> list[dict[str, Any]]:
         """Runs joined with their metrics, one dict per metric (runs without metrics too)."""
         clauses, args = [], []
@@ -136,3 +174,7 @@ class ResultStore:
         )
         with closing(self._connect()) as db:
             return [dict(r) for r in db.execute(sql, args).fetchall()]
+
+
+def _is_digest(text: str) -> bool:
+    return isinstance(text, str) and 8 <= len(text) <= 128 and all(c in "0123456789abcdef" for c in text)

@@ -62,3 +62,26 @@ def test_bad_store_paths(tmp_path):
         db.execute("UPDATE meta SET value='9' WHERE key='schema_version'")
     with pytest.raises(HarnessError, match="schema 9"):
         ResultStore(other)
+
+
+def test_read_only_store_reads_everything_and_writes_nothing(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with pytest.raises(HarnessError, match="no results store"):
+        ResultStore(path, read_only=True)
+    assert not path.exists() and not (tmp_path / "artifacts").exists()
+    writer = ResultStore(path)
+    k = key(method="per_cent%_x")
+    writer.begin(k)
+    writer.finish(k, [Metric("ppl", 3.0), Metric("u_final/L0H1", 0.5, "fraction", {"layer": 0, "head": 1}),
+                      Metric("u_final_mean", 0.4)], prov={}, duration_s=0.1)
+    reader = ResultStore(path, read_only=True)
+    assert [r["method"] for r in reader.runs()] == ["per_cent%_x"]
+    # the prefix is literal: "_" and "%" are not LIKE wildcards
+    rows = reader.results([k.digest], "u_final/")
+    assert [(r["metric"], r["details"]) for r in rows] == [("u_final/L0H1", {"layer": 0, "head": 1})]
+    assert [r["metric"] for r in reader.results([k.digest])] == ["ppl", "u_final/L0H1", "u_final_mean"]
+    assert reader.artifacts_dir(k.digest, create=False) == writer.artifacts_dir(k)
+    with pytest.raises(HarnessError, match="not a run key"):
+        reader.artifacts_dir("../../etc", create=False)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.begin(key(suite="other"))
