@@ -230,7 +230,7 @@ def leaderboard(
 @app.command("list")
 def list_(what: str = typer.Argument("all", help="methods, suites, models or all")) -> None:
     """Show registered methods and suites (plugins included, broken ones with their error) and zoo models."""
-    from harness import params, registry, zoo
+    from harness import registry, zoo
 
     with user_errors():
         if what not in ("all", "methods", "suites", "models"):
@@ -243,17 +243,12 @@ def list_(what: str = typer.Argument("all", help="methods, suites, models or all
         for column in ("name", "status", "families", "parameters", "reference", "package"):
             table.add_column(column)
         for entry in registry.entries(group):
+            card = registry.describe(entry)
+            listing = ", ".join(f"{n}={d!r}" for n, _t, d in card["parameters"])
             if entry.ok:
-                obj = entry.obj
-                families = ", ".join(getattr(obj, "families", ()))
-                try:
-                    listing = ", ".join(f"{n}={d!r}" for n, _t, d in params.describe(obj))
-                except Exception as exc:  # a plugin class that is not a dataclass
-                    listing = f"? ({type(exc).__name__})"
-                ref = getattr(obj, "paper", "") or getattr(obj, "description", "")
-                cells = (entry.name, "ok", families, listing, ref, entry.distribution)
+                cells = (entry.name, card["status"], ", ".join(card["families"]), listing, card["reference"], entry.distribution)
             else:
-                cells = (entry.name, f"broken: {entry.error}", "", "", entry.target, entry.distribution)
+                cells = (entry.name, card["status"], "", "", entry.target, entry.distribution)
             table.add_row(*(Text(str(c)) for c in cells), style=None if entry.ok else "red")
         out_console.print(table)
     if what in ("all", "models"):
@@ -283,7 +278,7 @@ def show(
     with user_errors():
         if not store.exists():
             raise HarnessError(f"no results store at {store}; run `harness run ...` first or pass --store")
-        rows = ResultStore(store).table(model=model, method=method, suite=suite)
+        rows = ResultStore(store, read_only=True).table(model=model, method=method, suite=suite)
     complete = [r for r in rows if r["status"] == COMPLETE]
     out_console.print(rich_table(complete, title=str(store), detail=detail))
     other = {r["run_key"]: r for r in rows if r["status"] != COMPLETE}

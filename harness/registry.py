@@ -7,6 +7,7 @@ a broken plugin shows up in `harness list` and fails only a command that asks fo
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
@@ -57,6 +58,30 @@ def names(group: str) -> list[str]:
 def entries(group: str) -> list[Entry]:
     """Every registered entry of a group, loaded; broken ones carry their error."""
     return [_entry(group, name) for name in names(group)]
+
+
+def describe(entry: Entry) -> dict[str, Any]:
+    """What `harness list` and the leaderboard's cards show of an entry: name, status, families,
+    parameters [(name, type, default)], reference (paper or description), summary, package."""
+    from harness import params
+
+    card: dict[str, Any] = {"name": entry.name, "kind": _kind(entry.group), "package": entry.distribution,
+                            "target": entry.target, "status": "ok" if entry.ok else f"broken: {entry.error}",
+                            "families": (), "parameters": [], "reference": "", "summary": ""}
+    if not entry.ok:
+        return card
+    obj = entry.obj
+    card["families"] = tuple(getattr(obj, "families", ()))
+    try:
+        card["parameters"] = params.describe(obj)
+    except Exception as exc:  # a plugin class that is not a dataclass
+        card["status"] = f"ok (parameters unreadable: {type(exc).__name__})"
+    card["reference"] = getattr(obj, "paper", "") or getattr(obj, "description", "")
+    doc = obj.__doc__ or ""
+    if doc.startswith(f"{getattr(obj, '__name__', '')}("):  # the signature a dataclass writes when none is given
+        doc = getattr(sys.modules.get(getattr(obj, "__module__", "")), "__doc__", None) or ""
+    card["summary"] = " ".join(doc.strip().split("\n\n")[0].split())
+    return card
 
 
 def get(group: str, name: str) -> Any:
