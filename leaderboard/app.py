@@ -1,74 +1,59 @@
-"""The leaderboard: a Streamlit app over the results store (read only).
+"""The leaderboard: a Streamlit app over the results store, read only.
 
 `harness leaderboard` starts it; the store path comes from the environment variable
-HARNESS_STORE (set by the command). Every string from the store is untrusted: it is shown
-through Streamlit's dataframe and text elements, never as HTML or markdown.
+HARNESS_STORE (set by the command). Tabs: the table, Pareto plots, state-rank views, run
+detail, method cards (one module each in `tabs/`). Every string from the store is untrusted: it
+is shown through dataframe, JSON and text elements, or escaped by `safe.plain`, never as HTML.
 """
 
 from __future__ import annotations
 
 import os
 
-import pandas as pd
 import streamlit as st
 
-from harness.leaderboard.data import with_deltas
+from harness.errors import HarnessError
+from harness.leaderboard import data
+from harness.leaderboard.safe import plain
+from harness.leaderboard.tabs import methods, pareto, run_detail, state_rank, table
 
 STORE = os.environ.get("HARNESS_STORE", "harness-results/results.sqlite")
 
 st.set_page_config(page_title="key-channel compression leaderboard", layout="wide")
 st.title("Key-channel compression leaderboard")
-st.caption(f"results store: {STORE}")
+st.caption("results store (read only): " + plain(STORE))
 
 try:
-    from harness.export import results_frame
+    board = data.load(STORE)
+except HarnessError as exc:
+    st.error(plain(exc))
+    board = None
+except Exception as exc:  # an unreadable store: say so on the page, do not crash
+    st.error(plain(f"cannot read the results store: {type(exc).__name__}: {exc}"))
+    board = None
 
-    table = results_frame(STORE)
-except Exception as exc:  # a missing or unreadable store: say so, do not crash
-    st.error(f"cannot read the results store: {exc}")
+tab_names = ["leaderboard", "pareto", "state rank", "run detail", "methods"]
+tab_table, tab_pareto, tab_rank, tab_detail, tab_methods = st.tabs(tab_names)
+with tab_methods:
+    methods.render()
+if board is None:
     st.stop()
 
-if table.empty:
-    st.info("the store has no complete cells yet: run `harness run ...` first")
-    st.stop()
-
-metrics = [c for c in table.columns if "." in c]
+chosen: dict[str, list] = {}
 with st.sidebar:
     st.header("filters")
-    models = st.multiselect("model", sorted(table["model"].unique()), key="model")
-    methods = st.multiselect("method", sorted(table["method"].unique()), key="method")
-    ratios = st.multiselect("ratio", sorted(table["ratio"].unique()), key="ratio")
-    suites = st.multiselect("suite", sorted({c.split(".", 1)[0] for c in metrics}), key="suite")
+    source = board.table if not board.table.empty else board.runs
+    for column in ("model", "family", "method", "ratio"):
+        options = sorted(source[column].unique()) if column in source else []
+        chosen[column] = st.multiselect(column, options, key=column)
+    suites = st.multiselect("suite", sorted({data.suite_of(c) for c in board.metrics}), key="suite")
 
-view = table
-for column, chosen in (("model", models), ("method", methods), ("ratio", ratios)):
-    if chosen:
-        view = view[view[column].isin(chosen)]
-shown = [c for c in metrics if not suites or c.split(".", 1)[0] in suites]
-
-tab_table, tab_pareto = st.tabs(["leaderboard", "pareto"])
+view, shown = data.filtered(board.table, board.metrics, suites=suites, **chosen) if not board.table.empty else (board.table, [])
 with tab_table:
-    st.subheader("one row per (model, method, ratio, recovery); dense is the reference row")
-    show_deltas = st.checkbox("deltas vs dense", value=False, key="deltas")
-    # deltas against the dense rows of the whole store, so that a filter hiding dense keeps them
-    frame = with_deltas(table, shown).loc[view.index] if show_deltas else view[["model", "method", "ratio", "recovery", *shown]]
-    st.dataframe(frame, hide_index=True, use_container_width=True)
-
+    table.render(board, view, shown)
 with tab_pareto:
-    numeric = [c for c in shown if pd.api.types.is_numeric_dtype(view[c])]
-    size_columns = [c for c in numeric if c.startswith("compression.") and ("bytes" in c or "kept" in c)]
-    quality_columns = [c for c in numeric if not c.startswith("compression.")]
-    if not size_columns or not quality_columns:
-        st.info("needs a compression metric and a quality metric among the shown suites")
-    else:
-        import altair as alt
-
-        x = st.selectbox("size (x)", size_columns, key="pareto_x")
-        y = st.selectbox("quality (y)", quality_columns, key="pareto_y")
-        points = view[["model", "method", "ratio", x, y]].dropna()
-        chart = alt.Chart(points).mark_line(point=True).encode(
-            x=alt.X(x, type="quantitative"), y=alt.Y(y, type="quantitative"),
-            color=alt.Color("method", type="nominal"), detail="model:N",
-            tooltip=["model", "method", "ratio", x, y],
-        )
-        st.altair_chart(chart, use_container_width=True)
+    pareto.render(view, shown)
+with tab_rank:
+    state_rank.render(board, chosen)
+with tab_detail:
+    run_detail.render(board)

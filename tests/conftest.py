@@ -38,3 +38,26 @@ def tiny_model(family: str, seed: int = 0, **over):
 @pytest.fixture(params=["deltanet", "gated_deltanet"])
 def family(request):
     return request.param
+
+
+EVIL = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="session")
+def leaderboard_store(tmp_path_factory):
+    """A store filled by real tiny runs (drrqr and random at 0.5 on ppl and state-rank, plus the
+    dense reference), and one hand-written cell whose method name is a script tag."""
+    from harness.pipeline import run
+    from harness.results import RunKey
+    from harness.store import ResultStore
+    from harness.suite import Metric
+
+    path = tmp_path_factory.mktemp("leaderboard") / "results.sqlite"
+    for method in ("drrqr", "random"):
+        run(method=method, ratios=[0.5], suites=["ppl", "state-rank"], store=path, progress=False,
+            suite_params={"ppl": {"limit": 600}, "state-rank": {"num_sequences": 2, "seq_len": 64, "batch_size": 2}})
+    key = RunKey(model="deltanet-tiny", model_digest="d", family="deltanet", method=EVIL, method_params={"note": EVIL},
+                 ratio=0.25, suite="ppl", suite_params={}, seed=0)
+    ResultStore(path).begin(key)
+    ResultStore(path).finish(key, [Metric("ppl", 99.0)], prov={"note": EVIL}, duration_s=0.0)
+    return path

@@ -111,3 +111,23 @@ def test_plugin_method_runs_and_broken_one_fails_cleanly(plugin_env):
     result = harness(env, "run", "--method", "random", "--suite", "all", "--suite-param", "ppl.limit=512",
                      "--store", str(store), "-q")
     assert result.returncode == 0, result.stderr
+
+
+def test_leaderboard_method_cards_include_plugins(plugin_env, tmp_path):
+    env, _ = plugin_env
+    script = textwrap.dedent("""
+        from streamlit.testing.v1 import AppTest
+        from harness.leaderboard import APP
+        at = AppTest.from_file(str(APP), default_timeout=120).run()
+        assert not at.exception, at.exception
+        cards = next(t for t in at.tabs if t.label == "methods")
+        print("\\n".join(s.value for s in cards.subheader))
+        print("\\n".join(t.value for t in cards.text))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**env, "HARNESS_STORE": str(tmp_path / "none.sqlite")}, cwd=env["PYTHONPATH"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert r"first\-k" in lines and "drrqr" in lines  # card titles (markdown-escaped names)
+    assert any(line.startswith("plugin from package toy-harness-plugin · toy_plugin:FirstK · ok") for line in lines)
+    assert any("broken: ModuleNotFoundError" in line for line in lines)
