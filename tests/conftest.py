@@ -44,6 +44,12 @@ EVIL = "<script>alert(1)</script>"
 
 
 @pytest.fixture(scope="session")
+def evil_name():
+    """The method name of the hand-written cell in `leaderboard_store` (a script tag)."""
+    return EVIL
+
+
+@pytest.fixture(scope="session")
 def leaderboard_store(tmp_path_factory):
     """A store filled by real tiny runs (drrqr and random at 0.5 on ppl and state-rank, plus the
     dense reference), and one hand-written cell whose method name is a script tag."""

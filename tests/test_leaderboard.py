@@ -9,7 +9,6 @@ import pytest
 
 from harness.leaderboard import APP, data
 from harness.leaderboard.safe import plain
-from tests.conftest import EVIL
 
 
 def app(store, monkeypatch):
@@ -37,14 +36,14 @@ def tab(at, label):
     return next(t for t in at.tabs if t.label == label)
 
 
-def test_table_has_one_row_per_cell_and_filters_change_it(leaderboard_store, monkeypatch):
+def test_table_has_one_row_per_cell_and_filters_change_it(leaderboard_store, evil_name, monkeypatch):
     at = app(leaderboard_store, monkeypatch)
     table = at.dataframe[0].value
-    assert list(table["method"]) == ["dense", EVIL, "drrqr", "random"]
+    assert list(table["method"]) == ["dense", evil_name, "drrqr", "random"]
     assert set(table["family"]) == {"deltanet"}
     by_method = table.set_index("method")
     assert by_method.loc["drrqr", "compression.kept_ratio"] == 0.5
-    assert by_method.loc[EVIL, "ppl.ppl"] == 99.0
+    assert by_method.loc[evil_name, "ppl.ppl"] == 99.0
     assert by_method.loc["dense", "ppl.ppl"] < by_method.loc["random", "ppl.ppl"]
     # the values are the store's: the same as `harness export` gives
     from harness.export import results_frame
@@ -130,17 +129,17 @@ def test_method_cards_list_the_registry(leaderboard_store, monkeypatch):
     assert any("Nazari" in t.value for t in cards.text)  # drrqr's paper
 
 
-def test_untrusted_strings_are_shown_as_text(leaderboard_store, monkeypatch):
+def test_untrusted_strings_are_shown_as_text(leaderboard_store, evil_name, monkeypatch):
     at = app(leaderboard_store, monkeypatch)
-    assert EVIL in list(at.dataframe[0].value["method"])  # a data cell, never markup
+    assert evil_name in list(at.dataframe[0].value["method"])  # a data cell, never markup
     for element in (*at.markdown, *at.caption, *at.error, *at.subheader):
-        assert EVIL not in element.value
-    assert plain(EVIL) == r"\<script\>alert\(1\)\<\/script\>"
+        assert evil_name not in element.value
+    assert plain(evil_name) == r"\<script\>alert\(1\)\<\/script\>"
     board = data.load(leaderboard_store)
-    evil = board.runs[board.runs["method"] == EVIL].iloc[0]
+    evil = board.runs[board.runs["method"] == evil_name].iloc[0]
     at.selectbox(key="detail_cell").set_value(evil["run_key"]).run()
     shown = json.loads(tab(at, "run detail").json[0].proto.body)
-    assert shown["method"] == EVIL and shown["provenance"] == {"note": EVIL}  # JSON data, not HTML
+    assert shown["method"] == evil_name and shown["provenance"] == {"note": evil_name}  # JSON data, not HTML
 
 
 def test_missing_or_foreign_store_is_an_error_on_the_page(tmp_path, monkeypatch):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EVIL
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -60,7 +59,7 @@ def server(leaderboard_store, tmp_path):
         log.close()
 
 
-def test_table_and_plot_render_in_chromium(server, tmp_path):
+def test_table_and_plot_render_in_chromium(server, evil_name, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     dialogs: list[str] = []
@@ -91,7 +90,7 @@ def test_table_and_plot_render_in_chromium(server, tmp_path):
 
             # a method named <script>...: shown as text in the run picker, never run
             page.get_by_role("tab", name="run detail").click()
-            expect(page.get_by_text(EVIL).first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text(evil_name).first).to_be_visible(timeout=30_000)
             assert page.evaluate("() => document.querySelectorAll('script').length") == page.evaluate(
                 "() => [...document.querySelectorAll('script')].filter(s => !s.textContent.includes('alert(1)')).length")
             page.screenshot(path=str(tmp_path / "run-detail.png"), full_page=True)
