@@ -57,9 +57,47 @@ class FamilyAdapter(ABC):
         ]
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder blocks of a causal LM (`model.model.layers`, or a multimodal model's language model's)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(inner, "language_model", None), "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def host(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU copy of a weight; a meta tensor (real geometry, no data: byte counts) stays as is."""
+    return weight.detach() if weight.is_meta else weight.detach().float().cpu()
+
+
 def stream_factor(previous: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
     """Triangular R with R^T R = previous^T previous + rows^T rows, per leading batch index:
     calibration activations are streamed into it, so memory stays heads * d^2 whatever the token count."""
     if previous is not None:
         rows = torch.cat([previous, rows], dim=-2)
     return torch.linalg.qr(rows, mode="r").R
+
+
+def projection_gradients(model, weights: list[torch.Tensor], batches, advance=None) -> dict[int, torch.Tensor]:
+    """dL/dW (L: the LM loss) of each of `weights`, summed over calibration batches, keyed by
+    id(weight); no other parameter gets a gradient and every requires_grad flag is restored."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    sums = {id(w): torch.zeros_like(w, dtype=torch.float32) for w in weights}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for input_ids in batches:
+                ids = input_ids.to(model.device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                for w, g in zip(weights, torch.autograd.grad(loss, weights)):
+                    sums[id(w)] += g.float()
+                if advance is not None:
+                    advance()
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return {k: v.cpu() for k, v in sums.items()}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.families.base import FamilyAdapter, stream_factor
+from harness.families.base import FamilyAdapter, projection_gradients, stream_factor
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
 from harness.selection import ChannelSelection
 
@@ -168,28 +168,10 @@ class FlaLinearAdapter(FamilyAdapter):
 
     @staticmethod
     def _gradients(model, layers, batches, advance) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """dL/dW of every q_proj/k_proj, summed over batches; no other parameter gets a gradient."""
+        """dL/dW of every q_proj/k_proj, summed over batches."""
         weights = [w for _, attn in layers for w in (attn.q_proj.weight, attn.k_proj.weight)]
-        saved = {p: p.requires_grad for p in model.parameters()}
-        sums = {id(w): torch.zeros_like(w, dtype=torch.float32) for w in weights}
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for w in weights:
-                w.requires_grad_(True)
-            with torch.enable_grad():
-                for input_ids in batches:
-                    ids = input_ids.to(model.device)
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    grads = torch.autograd.grad(loss, weights)
-                    for w, g in zip(weights, grads):
-                        sums[id(w)] += g.float()
-                    if advance is not None:
-                        advance()
-        finally:
-            for p, flag in saved.items():
-                p.requires_grad_(flag)
-        return {i: (sums[id(attn.q_proj.weight)].cpu(), sums[id(attn.k_proj.weight)].cpu()) for i, attn in layers}
+        sums = projection_gradients(model, weights, batches, advance)
+        return {i: (sums[id(attn.q_proj.weight)], sums[id(attn.k_proj.weight)]) for i, attn in layers}
 
     # --- realization -----------------------------------------------------------------------
     def _check(self, model, selection: ChannelSelection) -> None:
