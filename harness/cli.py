@@ -53,13 +53,18 @@ def _ratios(values: List[str]) -> list[float]:
     return ratios
 
 
-def _method_params(param: List[str], mask: Optional[Path]) -> dict[str, str]:
+def _method_params(param: List[str], mask: Optional[Path], attn_method: Optional[str] = None,
+                   attn_param: List[str] = ()) -> tuple[dict[str, str], dict[str, str]]:
+    """(--method's parameters, --attn-method's); --mask goes to whichever of the two is leank."""
     from harness.params import parse_pairs
 
     values = parse_pairs(param, flag="--param")
+    attn_values = parse_pairs(list(attn_param), flag="--attn-param")
+    if attn_values and attn_method is None:
+        raise HarnessError("--attn-param needs --attn-method")
     if mask is not None:
-        values["mask"] = str(mask)
-    return values
+        (attn_values if attn_method == "leank" else values)["mask"] = str(mask)
+    return values, attn_values
 
 
 # options shared by `run` and `prune` (typer reads them as metadata, so one object serves both)
@@ -67,6 +72,8 @@ METHOD = typer.Option(..., "--method", "-m", help="registered method (see `harne
 MODEL = typer.Option(None, "--model", help="zoo name, save_pretrained folder, or hub id [default: deltanet-tiny]")
 RATIO = typer.Option(["0.5"], "--ratio", "-r", help="fraction of key channels removed, in [0, 1); repeat or comma-separate")
 PARAM = typer.Option([], "--param", "-p", help="method parameter key=value (repeatable), e.g. -p f=2.0")
+ATTN_METHOD = typer.Option(None, "--attn-method", help="hybrid models: method for the attention layers (--method then compresses the linear layers)")
+ATTN_PARAM = typer.Option([], "--attn-param", help="--attn-method parameter key=value (repeatable)")
 MASK = typer.Option(None, "--mask", help="a published LeanK mask (.pth) for --method leank: loaded, not trained; its kept fraction sets the ratio")
 SEED = typer.Option(0, help="seed for calibration sampling and seeded methods")
 CALIB_SAMPLES = typer.Option(16, help="calibration sequences")
@@ -94,6 +101,8 @@ def run(
     ratio: List[str] = RATIO,
     suite: List[str] = typer.Option(["all"], "--suite", "-s", help="suites to run, comma-separated, or 'all' (those that apply to the model)"),
     param: List[str] = PARAM,
+    attn_method: Optional[str] = ATTN_METHOD,
+    attn_param: List[str] = ATTN_PARAM,
     mask: Optional[Path] = MASK,
     suite_param: List[str] = typer.Option([], "--suite-param", help="suite parameter suite.key=value, e.g. --suite-param ppl.limit=4096"),
     seed: int = SEED,
@@ -138,14 +147,17 @@ def run(
 
             lora = LoraSpec(steps=lora_steps, rank=lora_rank, lr=lora_lr, seed=seed,
                             targets=tuple(_csv([lora_targets])))
+        method_params, attn_params = _method_params(param, mask, attn_method, attn_param)
         report = run_pipeline(
             model=model, method=method, ratios=_ratios(ratio), suites=_csv(suite),
-            method_params=_method_params(param, mask), suite_params=suite_params, seed=seed,
+            method_params=method_params, suite_params=suite_params, seed=seed,
+            attn_method=attn_method, attn_method_params=attn_params,
             calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed, calib_dataset, calib_split, calib_column), store=store,
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, dense=dense, save=save,
             force=force, progress=not quiet, lora=lora,
         )
-    out_console.print(rich_table(report.rows, title=f"{method} on {model or 'deltanet-tiny'}"))
+    title = method if attn_method is None else f"{method} (linear) + {attn_method} (attention)"
+    out_console.print(rich_table(report.rows, title=f"{title} on {model or 'deltanet-tiny'}"))
     out_console.print(f"{report.computed} cells computed, {report.reused} reused from {store}")
     for folder in report.saved:
         out_console.print(Text(f"saved {folder}"))
@@ -158,6 +170,8 @@ def prune(
     model: Optional[str] = MODEL,
     ratio: List[str] = RATIO,
     param: List[str] = PARAM,
+    attn_method: Optional[str] = ATTN_METHOD,
+    attn_param: List[str] = ATTN_PARAM,
     mask: Optional[Path] = MASK,
     seed: int = SEED,
     calib_samples: int = CALIB_SAMPLES,
@@ -176,8 +190,10 @@ def prune(
     from harness.compress import prune as prune_model
 
     with user_errors():
+        method_params, attn_params = _method_params(param, mask, attn_method, attn_param)
         folders = prune_model(
-            model, method, _ratios(ratio), out, method_params=_method_params(param, mask), seed=seed,
+            model, method, _ratios(ratio), out, method_params=method_params, seed=seed,
+            attn_method=attn_method, attn_method_params=attn_params,
             calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed, calib_dataset, calib_split, calib_column), device=device,
             dtype=dtype, trust_remote_code=trust_remote_code, progress=not quiet,
         )

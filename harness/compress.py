@@ -37,68 +37,143 @@ def build_method(method: str, method_params: dict[str, Any] | None, seed: int) -
 
 
 @dataclass
+class Part:
+    """One method on one kind of layer: the whole model, or one part of a hybrid model."""
+
+    kind: str | None  # None: the whole model; "linear" / "softmax": that part of a hybrid model
+    adapter: Any  # the part's FamilyAdapter (methods see its family)
+    selector: Method
+
+    def ratio(self, ratio: float) -> float:
+        implied = self.selector.implied_ratio()  # a loaded mask fixes what is kept
+        return ratio if implied is None else implied
+
+
+@dataclass
 class Plan:
-    """A loaded model and a validated method, ready to compress at any of `ratios`."""
+    """A loaded model and its validated method(s), ready to compress at any of `ratios`.
+    A hybrid model has one part per method (`--method` and `--attn-method`), others one part."""
 
     loaded: Any  # harness.loader.LoadedModel
-    adapter: Any  # harness.families.FamilyAdapter
-    selector: Method
+    adapter: Any  # harness.families.FamilyAdapter of the whole model
+    parts: list[Part]
     ratios: list[float]
     calibration: CalibrationSpec
 
     @property
+    def selector(self) -> Method:
+        """The method of a single-part plan (a hybrid plan's first part)."""
+        return self.parts[0].selector
+
+    @property
     def calibrated(self) -> bool:
-        return bool(self.selector.needs & CALIBRATED)
+        return any(p.selector.needs & CALIBRATED for p in self.parts)
 
-    def capture(self, bar: Bars) -> list[LayerData]:
-        needs = self.selector.needs
-        if MODEL in needs:
-            self.selector.fit(self.loaded.model, self.loaded.tokenizer, bar.task)
-        if not self.calibrated:
-            return self.adapter.capture(self.loaded.model, [], needs)
-        batches = calibration_batches(self.loaded.tokenizer, self.calibration)
-        passes = bool(needs & {ACTIVATIONS, INPUTS}) + (GRADIENTS in needs)
-        return self.adapter.capture(self.loaded.model, batches, needs,
-                                    advance=bar.task("calibrate", passes * len(batches)))
+    @property
+    def method_name(self) -> str:
+        """As stored: the method, or "linear+attention" methods of a hybrid model ("drrqr+leank")."""
+        return "+".join(p.selector.name for p in self.parts)
 
-    def compress(self, layer_data: list[LayerData], ratio: float, bar: Bars):
+    def method_key(self) -> dict[str, Any]:
+        """The parameters a run key holds: the method's, or per part for a hybrid model."""
+        if len(self.parts) == 1 and self.parts[0].kind is None:
+            return params_mod.as_dict(self.selector)
+        return {p.kind: {"method": p.selector.name, **params_mod.as_dict(p.selector)} for p in self.parts}
+
+    def capture(self, bar: Bars) -> list[list[LayerData]]:
+        """Per part, what its method needs (calibration batches are drawn once)."""
+        batches = calibration_batches(self.loaded.tokenizer, self.calibration) if self.calibrated else []
+        out = []
+        for part in self.parts:
+            needs = part.selector.needs
+            if MODEL in needs:
+                part.selector.fit(self.loaded.model, self.loaded.tokenizer, bar.task)
+            if not needs & CALIBRATED:
+                out.append(part.adapter.capture(self.loaded.model, [], needs))
+                continue
+            passes = bool(needs & {ACTIVATIONS, INPUTS}) + (GRADIENTS in needs)
+            label = "calibrate" if part.kind is None else f"calibrate {part.kind}"
+            out.append(part.adapter.capture(self.loaded.model, batches, needs,
+                                            advance=bar.task(label, passes * len(batches))))
+        return out
+
+    def select(self, layer_data: list[list[LayerData]], ratio: float, bar: Bars) -> ChannelSelection:
+        chosen = {}
+        for part, data in zip(self.parts, layer_data):
+            family = self.loaded.family if part.kind is None else part.adapter.family
+            chosen[part.kind] = part.selector.select(
+                data, part.ratio(ratio), family,
+                progress=bar.task(f"select {part.selector.name} {part.ratio(ratio):g}", len(data)))
+        if None in chosen:
+            return chosen[None]
+        return self.adapter.combine(self.loaded.model, chosen.get("linear"), chosen.get("softmax"))
+
+    def compress(self, layer_data: list[list[LayerData]], ratio: float, bar: Bars):
         """A pruned deep copy of the model and the selection that made it."""
-        selection = self.selector.select(layer_data, ratio, self.loaded.family,
-                                         progress=bar.task(f"select {self.selector.name} {ratio:g}", len(layer_data)))
+        selection = self.select(layer_data, ratio, bar)
         pruned = copy.deepcopy(self.loaded.model)
         self.adapter.apply(pruned, selection)
         return pruned, selection
 
     def save(self, pruned, selection: ChannelSelection, out: str | Path, suffix: str = "") -> str:
-        folder = Path(out) / f"{Path(self.loaded.name).name}-{self.selector.name}-{selection.ratio:g}{suffix}"
+        folder = Path(out) / f"{Path(self.loaded.name).name}-{self.method_name}-{selection.ratio:g}{suffix}"
         pruned.save_pretrained(folder)
         self.loaded.tokenizer.save_pretrained(folder)
         selection.save(folder / "selection.json")
         return str(folder)
 
 
+def _parts(loaded, adapter, method: str, selector: Method, attn_method: str | None, attn_selector: Method | None) -> list[Part]:
+    """Which method compresses which layers. On a hybrid model `--method` goes to the linear
+    layers when it supports them (family gated_deltanet), else to the attention layers;
+    `--attn-method` always goes to the attention layers."""
+    from harness.families.hybrid import HybridAdapter
+
+    if not isinstance(adapter, HybridAdapter):
+        if attn_method is not None:
+            raise HarnessError(f"--attn-method applies to hybrid models (linear and attention layers); {loaded.name} is {loaded.family}")
+        if loaded.family not in selector.families:
+            raise HarnessError(
+                f"method {method!r} supports {', '.join(selector.families)} models; {loaded.name} is {loaded.family}")
+        return [Part(None, adapter, selector)]
+    linear, softmax = adapter.part("linear"), adapter.part("softmax")
+    if attn_method is not None and linear.family not in selector.families:
+        raise HarnessError(f"--method {method} goes to the linear layers of {loaded.name} (gated_deltanet) and supports "
+                           f"{', '.join(selector.families)}; give a linear method, or only --method {method}")
+    first = "linear" if linear.family in selector.families else "softmax"
+    if adapter.part(first).family not in selector.families:
+        raise HarnessError(f"method {method!r} supports {', '.join(selector.families)}; {loaded.name} is a hybrid "
+                           f"of gated_deltanet and attention layers")
+    parts = [Part(first, adapter.part(first), selector)]
+    if attn_selector is not None:
+        if softmax.family not in attn_selector.families:
+            raise HarnessError(f"--attn-method {attn_method} supports {', '.join(attn_selector.families)}, "
+                               "not attention layers; pick a softmax-family method (see `harness list methods`)")
+        parts.append(Part("softmax", softmax, attn_selector))
+    return parts
+
+
 def plan(model: str | None, method: str, ratios: Sequence[float], *, method_params=None, seed: int = 0,
          calibration: CalibrationSpec | None = None, device: str = "auto", dtype: str = "float32",
-         trust_remote_code: bool = False) -> Plan:
+         trust_remote_code: bool = False, attn_method: str | None = None, attn_method_params=None) -> Plan:
     """Validate the inputs (cheap checks first), load the model, check family and ratios."""
     from harness.families import adapter_for
     from harness.loader import load_model
 
     selector = build_method(method, method_params, seed)
+    attn_selector = build_method(attn_method, attn_method_params, seed) if attn_method is not None else None
     ratios = check_ratios(ratios)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    if loaded.family not in selector.families:
-        raise HarnessError(
-            f"method {method!r} supports {', '.join(selector.families)} models; {loaded.name} is {loaded.family}"
-        )
     adapter = adapter_for(loaded.model)
-    implied = selector.implied_ratio()
-    if implied is not None:  # a loaded mask fixes what is kept
-        ratios = [implied]
+    parts = _parts(loaded, adapter, method, selector, attn_method, attn_selector)
+    implied = {p.selector.implied_ratio() for p in parts}
+    if None not in implied:  # every part's kept fraction is fixed by a loaded mask
+        ratios = [max(implied)]
     for ratio in ratios:
-        for _heads, head_dim, _dv in adapter.geometry(loaded.model).values():
-            keep_count(head_dim, ratio)
-    return Plan(loaded, adapter, selector, ratios, calibration or CalibrationSpec(seed=seed))
+        for part in parts:
+            for _heads, head_dim, _dv in part.adapter.geometry(loaded.model).values():
+                keep_count(head_dim, part.ratio(ratio))
+    return Plan(loaded, adapter, parts, ratios, calibration or CalibrationSpec(seed=seed))
 
 
 def prune(model: str | None, method: str, ratios: Sequence[float], out: str | Path, *, progress: bool = True,

@@ -192,14 +192,24 @@ class PrunedKLayer(CacheLayerMixin):
 
 
 class PrunedKCache(Cache):
-    """One PrunedKLayer per attention layer, built from the plans a softmax adapter installed."""
+    """One PrunedKLayer per attention layer, built from the plans a softmax adapter installed.
 
-    def __init__(self, plans: list[KeyChannelPlan]):
-        super().__init__(layers=[PrunedKLayer(p) for p in plans])
+    In a hybrid model (`layer_ids`: the model layer index of each plan, `num_layers`: all layers)
+    the other layers get transformers' own linear-attention cache layers (conv and recurrent state).
+    """
+
+    def __init__(self, plans: list[KeyChannelPlan], layer_ids: list[int] | None = None, num_layers: int | None = None):
+        layers = [PrunedKLayer(p) for p in plans]
+        if layer_ids is not None and num_layers is not None and num_layers != len(plans):
+            from transformers.cache_utils import LinearAttentionLayer
+
+            by_id = dict(zip(layer_ids, layers))
+            layers = [by_id[i] if i in by_id else LinearAttentionLayer() for i in range(num_layers)]
+        super().__init__(layers=layers)
 
     def nbytes(self) -> dict[str, int]:
         total = {"keys": 0, "values": 0}
-        for layer in self.layers:
+        for layer in (x for x in self.layers if isinstance(x, PrunedKLayer)):
             for k, v in layer.nbytes().items():
                 total[k] += v
         return total

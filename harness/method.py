@@ -28,7 +28,11 @@ MODEL = "model"  # the model itself: the method trains on it (LeanK); `fit` is c
 CALIBRATED = frozenset({ACTIVATIONS, INPUTS, GRADIENTS})  # needs that require running the model
 
 LINEAR_FAMILIES = ("deltanet", "gated_deltanet")  # a recurrent state of d_k x d_v per head
-SOFTMAX_FAMILIES = ("llama", "qwen2")  # a K cache of tokens x d per KV head
+# a K cache of tokens x d per KV head; "attention": the attention layers of a hybrid model
+SOFTMAX_FAMILIES = ("llama", "qwen2", "attention")
+# transformers models with both kinds of layer: each kind is compressed by a method of its family
+# (the linear layers are Gated DeltaNet, methods see them as "gated_deltanet")
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid")
 
 
 @dataclass

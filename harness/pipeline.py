@@ -73,26 +73,33 @@ def run(
     force: bool = False,
     progress: bool = True,
     lora=None,
+    attn_method: str | None = None,
+    attn_method_params: dict[str, Any] | None = None,
 ) -> RunReport:
     """Compress `model` with `method` at each ratio and evaluate `suites`; see `harness run --help`.
 
     `lora` (a `harness.recovery.LoraSpec`) adds LoRA recovery after pruning: the recovered model is
-    evaluated too, as its own cells (recovery="lora"), beside the pruned ones.
+    evaluated too, as its own cells (recovery="lora"), beside the pruned ones. On a hybrid model,
+    `attn_method` compresses the attention layers while `method` compresses the linear ones; the
+    cells are stored under method "<method>+<attn_method>" with the parameters of both.
     """
     # everything that needs no model is checked first: bad input fails in milliseconds
     build_method(method, method_params, seed)
+    if attn_method is not None:
+        build_method(attn_method, attn_method_params, seed)
     check_ratios(ratios)
     suite_objs = _suites_for(suites, suite_params or {})
     results = ResultStore(store)
     p = plan(model, method, ratios, method_params=method_params, seed=seed, calibration=calibration,
-             device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    loaded, adapter, selector, calibration = p.loaded, p.adapter, p.selector, p.calibration
+             device=device, dtype=dtype, trust_remote_code=trust_remote_code, attn_method=attn_method,
+             attn_method_params=attn_method_params)
+    loaded, adapter, calibration = p.loaded, p.adapter, p.calibration
     suite_objs = [s for s in suite_objs if s.applies_to(loaded.family)]
     if not suite_objs:
         raise HarnessError(f"none of the suites {', '.join(suites)} applies to {loaded.family} models")
 
     report = RunReport()
-    method_key = params_mod.as_dict(selector)
+    method_name, method_key = p.method_name, p.method_key()
     prov = provenance.collect(loaded.device)
 
     # what happens after pruning: nothing, then (optionally) LoRA recovery; each stage has its own cells
@@ -101,7 +108,7 @@ def run(
     def key(suite: str, suite_args: dict, ratio: float, dense_cell: bool, recovery: str) -> RunKey:
         return RunKey(
             model=loaded.name, model_digest=loaded.digest, family=loaded.family,
-            method="dense" if dense_cell else method, method_params={} if dense_cell else method_key,
+            method="dense" if dense_cell else method_name, method_params={} if dense_cell else method_key,
             ratio=0.0 if dense_cell else float(ratio), suite=suite, suite_params=suite_args,
             seed=seed, calibration=calibration.key() if p.calibrated and not dense_cell else {},
             recovery=recovery, recovery_params=lora.key() if recovery == "lora" else {},

@@ -111,7 +111,7 @@ def heldout_distillation_loss(model, tokenizer, selection: ChannelSelection, *, 
     from harness.calibration import load_text
     from harness.families import adapter_for
 
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, kind="softmax")
     window = selection.meta.get("cache", {})
     mask = selection_mask(selection)
     corpus = tokenizer(load_text(None, split="heldout"), add_special_tokens=False)["input_ids"]
@@ -168,7 +168,7 @@ class LeanK(CacheWindow, Method):
 
         if self.mask:
             return
-        adapter = adapter_for(model)
+        adapter = adapter_for(model, kind="softmax")
         geometry = adapter.geometry(model)
         rng = np.random.default_rng(self.seed)
         corpus = tokenizer(load_text(None, split="train"), add_special_tokens=False)["input_ids"]

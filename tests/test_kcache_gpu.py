@@ -45,5 +45,5 @@ def test_leank_trains_on_cuda():
 
     p = plan("llama-tiny", "leank", [0.75], device="cuda", method_params={"steps": 10, "steps2": 4, "pool": 2})
     with bars(False) as bar:
-        selection = p.selector.select(p.capture(bar), 0.75, "llama")
+        selection = p.select(p.capture(bar), 0.75, bar)
     assert selection.kept_ratio == 0.25

@@ -37,8 +37,7 @@ def planted_plan(method: str, **params):
 
 def select(p, ratio=0.5):
     with bars(False) as bar:
-        data = p.capture(bar)
-        return p.selector.select(data, ratio, p.loaded.family)
+        return p.select(p.capture(bar), ratio, bar)
 
 
 LIVE = tuple(c for c in range(D) if c not in DEAD)

@@ -22,7 +22,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from harness.families.base import FamilyAdapter, stream_factor
+from harness.families.base import FamilyAdapter, decoder_layers, host, stream_factor
 from harness.kcache import KeyChannelPlan, PrunedKCache, PrunedKLayer
 from harness.kernels.pruned_attention import masked_attention, pads_from_mask, pruned_cache_attention
 from harness.method import ACTIVATIONS, LayerData, prefill_chooser
@@ -90,17 +90,15 @@ def _generate_with_pruned_cache(self, *args, **kwargs):
     """`generate` of a model realized with a pruned K cache: supplies a PrunedKCache unless the
     caller passes a cache or disables caching."""
     if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) and self.harness_pruned_cache:
-        kwargs["past_key_values"] = PrunedKCache([m.key_plan for m in attention_modules(self)])
+        modules = attention_modules(self)
+        kwargs["past_key_values"] = PrunedKCache([m.key_plan for m in modules], [m.layer_idx for m in modules],
+                                                 len(decoder_layers(self)))
     return type(self).generate(self, *args, **kwargs)
 
 
-def _host(weight: torch.Tensor) -> torch.Tensor:
-    # a model on the meta device (real geometry, no memory: masks, bytes) has no data to copy
-    return weight.detach() if weight.is_meta else weight.detach().float().cpu()
-
-
 def attention_modules(model) -> list[torch.nn.Module]:
-    return [layer.self_attn for layer in model.model.layers]
+    """The softmax-attention modules, in layer order (in a hybrid model: only its attention layers)."""
+    return [b.self_attn for b in decoder_layers(model) if getattr(b, "self_attn", None) is not None]
 
 
 class SoftmaxAdapter(FamilyAdapter):
@@ -150,7 +148,7 @@ class SoftmaxAdapter(FamilyAdapter):
         for i, m in enumerate(modules):
             hkv, d, dv = geometry[i]
             data = LayerData(index=i, num_heads=hkv, head_dim=d, value_dim=dv,
-                             q_weight=_host(m.q_proj.weight), k_weight=_host(m.k_proj.weight))
+                             q_weight=host(m.q_proj.weight), k_weight=host(m.k_proj.weight))
             if ACTIVATIONS in needs:
                 data.q = store.pop((i, "q")).transpose(0, 1).float()
                 data.k = store.pop((i, "k")).transpose(0, 1).float()
@@ -266,3 +264,12 @@ class SoftmaxAdapter(FamilyAdapter):
 class Qwen2Adapter(SoftmaxAdapter):
     family = "qwen2"
     model_types = ("qwen2",)
+
+
+class HybridAttentionAdapter(SoftmaxAdapter):
+    """The softmax-attention layers of a transformers hybrid model (Qwen3.5, Qwen3-Next,
+    OLMo-hybrid): the same K-cache realization, on the layers that have `self_attn`. Layer
+    indices are positions among the attention layers; `HybridAdapter` maps them to the model's."""
+
+    family = "attention"
+    model_types = ()  # never picked on its own: part of `harness.families.hybrid.HybridAdapter`
