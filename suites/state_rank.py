@@ -15,6 +15,13 @@ are what the recurrence really consumed, whatever the layer did before (activati
 fla's forward is duplicated here and nothing can silently drift from it. The recorder replaces the
 op's name in the layer's own module only while this suite's forwards run (wrapping whatever is
 there, fla's function or the CPU switch's wrapper), calls through unchanged, and restores it.
+The Gated DeltaNet layers of transformers' hybrids (Qwen3.5, Qwen3-Next, OLMo-hybrid) call their
+modeling module's own `torch_chunk_gated_delta_rule` / `torch_recurrent_gated_delta_rule`: the
+same recurrence with q, k, v named query, key, value, the log decay `g` and `beta` already
+activated, and each key head serving `Hv / Hk` consecutive value heads; they are recorded and
+replayed the same way (the reference repeats q and k per value head as transformers does, so a
+head is a value head, its state `d_k x d_v`, `d_k` the pruned `linear_key_head_dim` of a
+compressed model).
 
 Softmax attention (Llama, Qwen2). The model runs with an explicit `DynamicCache`; the post-RoPE
 keys `(B, kv_heads, T, head_dim)` are read from it. An attention module's `key_channel_mask`
@@ -22,15 +29,22 @@ keys `(B, kv_heads, T, head_dim)` are read from it. An attention module's `key_c
 the keys first, and a masked head's utilization is relative to its kept channels (the key matrix
 its cache holds for middle tokens is `T' x kept`), as a pruned linear head's is to its smaller
 `d_k`. Per KV head: the rank metrics of the key matrix of each prefix (`T' x head_dim`), and the
-channel-energy spectrum over all tokens.
+channel-energy spectrum over all tokens. The cache is read at each module's `layer_idx`: in a
+hybrid model the other positions hold linear-attention cache layers.
 
-Rows. Per head: `<quantity>/L<layer>H<head>`, with `details` = {scope: "head", quantity, layer,
-head, ...}, so a leaderboard pivots on `details.quantity` x (layer, head) or splits the name at
-"/". Quantities: linear `u_final` (rank utilization of the state after the last token) and
-`erank_final` (its effective rank); softmax `key_u`, `key_erank`, `key_energy_channels` (fewest
-channels holding `energy_fraction` of the key energy) and, for masked models, `kept_channels`.
-Summary rows (scope "summary", names ending in `_mean`) average over layers and heads; the first
-lists the plots (PNG files in the run's artifact folder) in `details["plots"]`.
+Hybrid models (both kinds of layer): the linear profile of their Gated DeltaNet layers and the
+key profile of their attention layers in one run: the linear rows first, then the attention
+layers', each set with its own summary rows and plots.
+
+Rows. Per head: `<quantity>/L<layer>H<head>` (`<layer>`: the model's layer index, also in a
+hybrid), with `details` = {scope: "head", quantity, layer, head, ...}, so a leaderboard pivots on
+`details.quantity` x (layer, head) or splits the name at "/". Quantities: linear `u_final` (rank
+utilization of the state after the last token) and `erank_final` (its effective rank); softmax
+`key_u`, `key_erank`, `key_energy_channels` (fewest channels holding `energy_fraction` of the key
+energy) and, for masked models, `kept_channels`. Summary rows (scope "summary", names ending in
+`_mean`) average over layers and heads; the first lists the plots (PNG files in the run's artifact
+folder) in `details["plots"]` and the model layer index of each `per_layer` entry in
+`details["layers"]`.
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ import torch
 
 from harness.calibration import load_text
 from harness.errors import HarnessError
-from harness.method import LINEAR_FAMILIES, SOFTMAX_FAMILIES
+from harness.method import HYBRID_FAMILIES, LINEAR_FAMILIES, SOFTMAX_FAMILIES
 from harness.kernels import delta_rule
 from harness.suite import Metric, Suite, SuiteContext
 from harness.suites import rank_metrics as rm
@@ -60,7 +74,11 @@ REPLAY = {
     "fused_recurrent_delta_rule": delta_rule.delta_rule_recurrent,
     "chunk_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,
     "fused_recurrent_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,
+    # transformers' hybrids: the gated rule with g and beta already activated (the reference's defaults)
+    "torch_chunk_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,
+    "torch_recurrent_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,
 }
+FLA_NAMES = {"query": "q", "key": "k", "value": "v"}  # transformers' op argument names -> fla's
 PER_TOKEN = ("q", "k", "v", "beta", "g")  # the arguments that run along the sequence (dim 1)
 
 
@@ -82,6 +100,10 @@ def _named_arguments(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
             named.update(value)
         else:
             named[name] = value
+    # a cache updates its state in place after the call (transformers' does): keep the one passed in
+    state = named.get("initial_state")
+    if torch.is_tensor(state):
+        named["initial_state"] = state.detach().clone()
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in named.items()}
 
 
@@ -129,7 +151,8 @@ def replay_states(call: DeltaRuleCall, positions: list[int]) -> torch.Tensor:
     """The recurrent state after each of `positions` tokens, `[P, B, heads, d_k, d_v]` float32."""
     reference = REPLAY[call.op]
     accepted = inspect.signature(reference).parameters
-    args = {k: v for k, v in call.arguments.items() if k in accepted}
+    args = {FLA_NAMES.get(k, k): v for k, v in call.arguments.items()}
+    args = {k: v for k, v in args.items() if k in accepted}
     if args.get("cu_seqlens") is not None:
         raise ValueError("a packed (cu_seqlens) call has no per-position states; run unpadded batches")
     v_first = bool(args.get("state_v_first") or call.arguments.get("transpose_state_layout"))
@@ -163,6 +186,7 @@ class RankProfile:
     effective_rank: torch.Tensor
     dims: list[tuple[int, int]]  # per layer: the measured matrix at the last position is d x d'
     capacity: torch.Tensor  # [L, H] the most rank a head can have at the last position: min(d, d')
+    layers: list[int]  # the model's layer index of each profiled layer (a hybrid profiles some of them)
 
 
 def _rank_stats(singular: torch.Tensor, capacity: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -173,11 +197,11 @@ def _rank_stats(singular: torch.Tensor, capacity: torch.Tensor) -> tuple[torch.T
 
 
 def _profile(kind: str, positions: list[int], per_layer: list[list[tuple[torch.Tensor, ...]]],
-             dims: list[tuple[int, int]], capacity: torch.Tensor) -> RankProfile:
+             dims: list[tuple[int, int]], capacity: torch.Tensor, layers: list[int]) -> RankProfile:
     # per_layer[l] = one (u, sr, erank) triple of [P, B, H] per batch -> mean over all sequences
     means = [[torch.cat([b[j] for b in batches], 1).mean(1) for j in range(3)] for batches in per_layer]
     u, sr, er = (torch.stack([m[j] for m in means]).float() for j in range(3))
-    return RankProfile(kind, positions, u, sr, er, dims, capacity.float().cpu())
+    return RankProfile(kind, positions, u, sr, er, dims, capacity.float().cpu(), list(layers))
 
 
 def linear_profile(model, layers, batches: list[torch.Tensor], positions: list[int], advance,
@@ -200,7 +224,7 @@ def linear_profile(model, layers, batches: list[torch.Tensor], positions: list[i
             per_layer[slot].append(_rank_stats(rm.singular_values(states), torch.tensor(float(min(dims[slot])))))
         advance()
     capacity = torch.tensor([float(min(d)) for d in dims])[:, None].expand(-1, heads)
-    return _profile("state", positions, per_layer, dims, capacity)
+    return _profile("state", positions, per_layer, dims, capacity, [index for index, _ in layers])
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,8 +254,9 @@ def softmax_profile(model, batches: list[torch.Tensor], positions: list[int],
         # explicit: a compressed model's own default cache may not be a DynamicCache
         cache = DynamicCache(config=model.config)
         model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True)
-        for i, mask in enumerate(masks):
-            keys = cache.layers[i].keys.double()  # (B, kv_heads, T, head_dim), post-RoPE
+        for i, (module, mask) in enumerate(zip(modules, masks)):
+            # at the model's layer index: a hybrid's cache holds linear-attention layers at the others
+            keys = cache.layers[module.layer_idx].keys.double()  # (B, kv_heads, T, head_dim), post-RoPE
             if mask is not None:
                 keys = keys * mask.to(keys)[None, :, None, :]
             # prefix Grams are running sums of segment Grams: one eigvalsh for all positions
@@ -247,7 +272,9 @@ def softmax_profile(model, batches: list[torch.Tensor], positions: list[int],
         advance()
     kept = torch.stack([(m != 0).sum(-1).float().cpu() for m in masks]) if all(m is not None for m in masks) else None
     spectra = KeySpectra(torch.stack([rm.normalized_spectrum(e) for e in energy]).float(), kept)
-    return _profile("key", positions, per_layer, dims, torch.stack([c[-1] for c in capacity])), spectra
+    profile = _profile("key", positions, per_layer, dims, torch.stack([c[-1] for c in capacity]),
+                       [m.layer_idx for m in modules])
+    return profile, spectra
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +295,7 @@ def plot_profile(profile: RankProfile, folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()
-    for layer, u in enumerate(profile.utilization):  # u: [P, H]
+    for layer, u in zip(profile.layers, profile.utilization):  # u: [P, H]
         line, = ax.plot(profile.positions, u.mean(-1), marker=".", label=f"layer {layer}")
         ax.fill_between(profile.positions, u.amin(-1), u.amax(-1), color=line.get_color(), alpha=0.15)
     ax.set(xlabel="tokens seen", ylabel="rank utilization sr / min(d, d')", ylim=(0, None),
@@ -283,7 +310,7 @@ def plot_profile(profile: RankProfile, folder: Path) -> list[str]:
         ax = fig.add_subplot(1, 2, n + 1)
         image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
         ax.set(xlabel="head", ylabel="layer", title=f"{label} at token {profile.positions[-1]}",
-               xticks=range(grid.shape[1]), yticks=range(grid.shape[0]))
+               xticks=range(grid.shape[1]), yticks=range(grid.shape[0]), yticklabels=profile.layers)
         fig.colorbar(image, ax=ax)
         if grid.numel() <= 256:
             middle = (grid.min() + grid.max()).item() / 2  # dark text on the bright half of viridis
@@ -298,10 +325,10 @@ def plot_profile(profile: RankProfile, folder: Path) -> list[str]:
     return [position_png, heatmap_png]
 
 
-def plot_spectra(spectra: KeySpectra, folder: Path) -> list[str]:
+def plot_spectra(spectra: KeySpectra, folder: Path, layers: list[int] | None = None) -> list[str]:
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()
-    for layer, spectrum in enumerate(spectra.energy):  # [H, d]
+    for layer, spectrum in zip(layers or range(len(spectra.energy)), spectra.energy):  # [H, d]
         ax.plot(range(1, spectrum.shape[-1] + 1), spectrum.mean(0), marker=".", label=f"layer {layer}")
     ax.set(yscale="log", xlabel="channel (sorted by energy)", ylabel="share of key energy (head mean)",
            title="key channel-energy spectrum")
@@ -318,8 +345,9 @@ def plot_spectra(spectra: KeySpectra, folder: Path) -> list[str]:
 @dataclass
 class StateRankSuite(Suite):
     name = "state-rank"
-    families = LINEAR_FAMILIES + SOFTMAX_FAMILIES
-    description = "rank utilization / effective rank of each head's state (linear) or keys (softmax)"
+    families = LINEAR_FAMILIES + SOFTMAX_FAMILIES + HYBRID_FAMILIES
+    description = ("rank utilization / effective rank of each head's state (linear) or keys (softmax); "
+                   "hybrids: both")
 
     num_sequences: int = 8  # held-out windows analysed (the quick-run limit)
     seq_len: int = 256
@@ -355,24 +383,35 @@ class StateRankSuite(Suite):
 
     @torch.no_grad()
     def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
+        from harness.families import adapter_for
+        from harness.families.hf_softmax import attention_modules
+
+        if ctx.family not in self.families:
+            raise HarnessError(f"state-rank supports {', '.join(self.families)} models, not {ctx.family}")
+        hybrid = ctx.family in HYBRID_FAMILIES
+        # a hybrid model: both its Gated DeltaNet layers and its attention layers (if it has them)
+        linear_layers = adapter_for(model, "linear").layers(model) if hybrid or ctx.family in LINEAR_FAMILIES else []
+        linear = ctx.family in LINEAR_FAMILIES or bool(linear_layers)
+        softmax = ctx.family in SOFTMAX_FAMILIES or (hybrid and bool(attention_modules(model)))
         tokens = self.sequences(tokenizer, ctx.seed)
         batches = list(tokens.split(self.batch_size))
         positions = positions_for(self.seq_len, self.every)
-        advance = ctx.progress("state-rank", len(batches))
-        spectra = None
-        if ctx.family in LINEAR_FAMILIES:
-            from harness.families import adapter_for
-
-            profile = linear_profile(model, adapter_for(model).layers(model), batches, positions, advance,
-                                     self.replay_threads or None)
-        elif ctx.family in SOFTMAX_FAMILIES:
-            profile, spectra = softmax_profile(model, batches, positions, advance)
-        else:
-            raise HarnessError(f"state-rank supports {', '.join(self.families)} models, not {ctx.family}")
-        plots = []
-        if self.plots:
-            plots = plot_profile(profile, ctx.artifacts) + (plot_spectra(spectra, ctx.artifacts) if spectra else [])
-        return self.rows(profile, spectra, plots)
+        advance = ctx.progress("state-rank", len(batches) * (linear + softmax))
+        profiles: list[tuple[RankProfile, KeySpectra | None]] = []
+        if linear:
+            profiles.append((linear_profile(model, linear_layers, batches, positions, advance,
+                                            self.replay_threads or None), None))
+        if softmax:
+            profiles.append(softmax_profile(model, batches, positions, advance))
+        rows: list[Metric] = []
+        for profile, spectra in profiles:  # linear rows first, then the attention layers'
+            plots = []
+            if self.plots:
+                plots = plot_profile(profile, ctx.artifacts)
+                if spectra is not None:
+                    plots += plot_spectra(spectra, ctx.artifacts, profile.layers)
+            rows += self.rows(profile, spectra, plots)
+        return rows
 
     def rows(self, profile: RankProfile, spectra: KeySpectra | None, plots: list[str]) -> list[Metric]:
         state = profile.kind == "state"
@@ -383,20 +422,21 @@ class StateRankSuite(Suite):
         rows: list[Metric] = []
         if self.per_head:
             for layer, head in itertools.product(range(u.shape[0]), range(u.shape[1])):
-                where = {"scope": "head", "layer": layer, "head": head, **dict(zip(dim_keys, profile.dims[layer])),
+                index = profile.layers[layer]  # the model's layer index (a hybrid profiles some layers)
+                where = {"scope": "head", "layer": index, "head": head, **dict(zip(dim_keys, profile.dims[layer])),
                          "capacity": profile.capacity[layer, head].item()}
-                rows.append(Metric(f"{u_name}/L{layer}H{head}", u[layer, head].item(), "fraction",
+                rows.append(Metric(f"{u_name}/L{index}H{head}", u[layer, head].item(), "fraction",
                                    {**where, "quantity": u_name, "stable_rank": sr[layer, head].item(),
                                     "u_mean_over_positions": profile.utilization[layer, :, head].mean().item()}))
-                rows.append(Metric(f"{er_name}/L{layer}H{head}", er[layer, head].item(), "dims",
+                rows.append(Metric(f"{er_name}/L{index}H{head}", er[layer, head].item(), "dims",
                                    {**where, "quantity": er_name}))
                 if spectra is not None:
                     spectrum = [round(x, 6) for x in spectra.energy[layer, head].tolist()]
-                    rows.append(Metric(f"key_energy_channels/L{layer}H{head}", needed[layer, head].item(), "channels",
+                    rows.append(Metric(f"key_energy_channels/L{index}H{head}", needed[layer, head].item(), "channels",
                                        {**where, "quantity": "key_energy_channels",
                                         "fraction": self.energy_fraction, "spectrum": spectrum}))
                     if spectra.kept is not None:
-                        rows.append(Metric(f"kept_channels/L{layer}H{head}", spectra.kept[layer, head].item(),
+                        rows.append(Metric(f"kept_channels/L{index}H{head}", spectra.kept[layer, head].item(),
                                            "channels", {**where, "quantity": "kept_channels"}))
         summary = {"scope": "summary", "sequences": self.num_sequences, "seq_len": self.seq_len}
         curve = profile.utilization.mean((0, 2))
@@ -405,7 +445,7 @@ class StateRankSuite(Suite):
                 **summary, "plots": plots, "min": u.min().item(), "max": u.max().item(),
                 "per_layer": [round(x, 6) for x in u.mean(1).tolist()], "positions": profile.positions,
                 "utilization_vs_position": [round(x, 6) for x in curve.tolist()],
-                "dims": [list(d) for d in profile.dims]}),
+                "dims": [list(d) for d in profile.dims], "layers": profile.layers}),
             Metric(f"{u_name}_position_mean", curve.mean().item(), "fraction",
                    {**summary, "note": "mean over recorded positions, layers and heads"}),
             Metric(f"{er_name}_mean", er.mean().item(), "dims", summary),
