@@ -67,3 +67,27 @@ def leaderboard_store(tmp_path_factory):
     ResultStore(path).begin(key)
     ResultStore(path).finish(key, [Metric("ppl", 99.0)], prov={"note": EVIL}, duration_s=0.0)
     return path
+
+
+class CharTokenizer:
+    """A tokenizer for suites that only need token ids: one id per character."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 97 for c in text]}
+
+
+@pytest.fixture
+def char_tokenizer():
+    return CharTokenizer()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small text of random words (a suite's `text_file`)."""
+    g = torch.Generator().manual_seed(0)
+    words = ["state", "rank", "key", "delta", "rule", "head", "layer", "token", "value", "gate"]
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (600,), generator=g).tolist()))
+    return str(path)

@@ -132,23 +132,6 @@ def test_replayed_states_equal_the_layers_cache(family, over):
 # the suite
 
 
-class CharTokenizer:
-    pad_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + ord(c) % 97 for c in text]}
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    words = ["state", "rank", "key", "delta", "rule", "head", "layer", "token", "value", "gate"]
-    text = " ".join(words[i] for i in torch.randint(0, len(words), (600,), generator=g).tolist())
-    path = tmp_path / "text.txt"
-    path.write_text(text)
-    return str(path)
-
-
 def context(family, tmp_path, seed=3):
     return SuiteContext(family, "cpu", seed, tmp_path / "artifacts", lambda _d, _t: (lambda n=1: None))
 
@@ -172,14 +155,14 @@ def check_png(folder, names):
 
 
 @pytest.mark.parametrize("family", ["deltanet", "gated_deltanet"])
-def test_suite_rows_are_the_rank_of_the_pruned_models_own_states(family, tmp_path, text_file):
+def test_suite_rows_are_the_rank_of_the_pruned_models_own_states(family, tmp_path, text_file, char_tokenizer):
     model = tiny_model(family)
     adapter = DeltaNetAdapter() if family == "deltanet" else GatedDeltaNetAdapter()
     adapter.apply(model, halve(adapter, model))  # real surgery: head_k_dim 32 -> 16
     suite = StateRankSuite(num_sequences=3, seq_len=40, every=16, batch_size=2, text_file=text_file)
     ctx = context(family, tmp_path)
-    rows = by_name(suite.run(model, CharTokenizer(), ctx))
-    states = cache_states(model, suite.sequences(CharTokenizer(), ctx.seed))  # independent: fla's cache
+    rows = by_name(suite.run(model, char_tokenizer, ctx))
+    states = cache_states(model, suite.sequences(char_tokenizer, ctx.seed))  # independent: fla's cache
     heads = states[0].shape[1]
     for layer, state in enumerate(states):
         u, er = rm.rank_utilization(state).mean(0), rm.effective_rank(state).mean(0)  # over sequences
@@ -196,7 +179,7 @@ def test_suite_rows_are_the_rank_of_the_pruned_models_own_states(family, tmp_pat
     assert len(summary.details["plots"]) == 2
 
 
-def test_softmax_suite_reads_masked_post_rope_keys(tmp_path, text_file):
+def test_softmax_suite_reads_masked_post_rope_keys(tmp_path, text_file, char_tokenizer):
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -208,10 +191,10 @@ def test_softmax_suite_reads_masked_post_rope_keys(tmp_path, text_file):
     adapter.apply(model, selection)  # a compressed model: key_channel_mask on every attention module
     suite = StateRankSuite(num_sequences=3, seq_len=40, every=16, batch_size=3, text_file=text_file)
     ctx = context("llama", tmp_path)
-    rows = by_name(suite.run(model, CharTokenizer(), ctx))
+    rows = by_name(suite.run(model, char_tokenizer, ctx))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=suite.sequences(CharTokenizer(), ctx.seed), past_key_values=cache, use_cache=True)
+        model(input_ids=suite.sequences(char_tokenizer, ctx.seed), past_key_values=cache, use_cache=True)
     for layer, sel in selection.layers.items():
         mask = torch.zeros(2, 16, dtype=torch.float64)
         for head, kept in enumerate(sel.kept):
@@ -233,10 +216,10 @@ def test_softmax_suite_reads_masked_post_rope_keys(tmp_path, text_file):
     assert len(rows["key_u_mean"].details["plots"]) == 3
 
 
-def test_summary_only_and_no_plots(tmp_path, text_file):
+def test_summary_only_and_no_plots(tmp_path, text_file, char_tokenizer):
     suite = StateRankSuite(num_sequences=2, seq_len=20, every=20, per_head=False, plots=False, text_file=text_file)
     ctx = context("deltanet", tmp_path)
-    rows = suite.run(tiny_model("deltanet"), CharTokenizer(), ctx)
+    rows = suite.run(tiny_model("deltanet"), char_tokenizer, ctx)
     assert all(r.details["scope"] == "summary" for r in rows)
     assert rows[0].details["plots"] == [] and not ctx.artifacts.exists()
 

@@ -48,22 +48,6 @@ def tiny_hybrid(seed: int = 0):
     return model
 
 
-class CharTokenizer:
-    pad_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + ord(c) % 97 for c in text]}
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    words = ["state", "rank", "key", "delta", "rule", "head", "layer", "token", "value", "gate"]
-    path = tmp_path / "text.txt"
-    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (400,), generator=g).tolist()))
-    return str(path)
-
-
 def context(tmp_path):
     return SuiteContext("qwen3_5", "cpu", 3, tmp_path / "artifacts", lambda _d, _t: (lambda n=1: None))
 
@@ -120,11 +104,11 @@ def test_replay_equals_the_state_transformers_leaves_in_its_cache():
         close(replay_states(calls[i][0], [1])[0], after[i])
 
 
-def test_suite_reports_both_kinds_of_layer_with_model_indices(tmp_path, text_file):
+def test_suite_reports_both_kinds_of_layer_with_model_indices(tmp_path, text_file, char_tokenizer):
     model = tiny_hybrid()
     suite = StateRankSuite(num_sequences=3, seq_len=40, every=16, batch_size=2, text_file=text_file)
     ctx = context(tmp_path)
-    result = suite.run(model, CharTokenizer(), ctx)
+    result = suite.run(model, char_tokenizer, ctx)
     rows = {r.name: r for r in result}
     assert len(rows) == len(result)
     heads = {r.name.split("/")[1] for r in result if "/" in r.name}
@@ -158,7 +142,7 @@ def test_suite_reports_both_kinds_of_layer_with_model_indices(tmp_path, text_fil
         assert rows[name].details["scope"] == "summary"
 
     # independent: the model's own cache, layer 3's keys (the cache's other layers are linear)
-    ids = suite.sequences(CharTokenizer(), ctx.seed)
+    ids = suite.sequences(char_tokenizer, ctx.seed)
     cache = cache_after(model, ids)
     states, keys = linear_states(cache), cache.layers[3].keys.double()  # keys: (3, 2, 40, 16)
     for h in range(KV_HEADS):
@@ -170,7 +154,7 @@ def test_suite_reports_both_kinds_of_layer_with_model_indices(tmp_path, text_fil
             assert rows[f"u_final/L{i}H{h}"].value == pytest.approx(u[h].item(), rel=1e-4)
 
 
-def test_pruned_linear_layers_report_capacity_of_the_kept_channels(tmp_path, text_file):
+def test_pruned_linear_layers_report_capacity_of_the_kept_channels(tmp_path, text_file, char_tokenizer):
     model = tiny_hybrid(seed=1)
     adapter = HybridAdapter.for_model(model)
     linear = adapter.part("linear")
@@ -179,8 +163,8 @@ def test_pruned_linear_layers_report_capacity_of_the_kept_channels(tmp_path, tex
     assert model.config.linear_key_head_dim == 4
     suite = StateRankSuite(num_sequences=2, seq_len=32, every=16, batch_size=2, plots=False, text_file=text_file)
     ctx = context(tmp_path)
-    rows = {r.name: r for r in suite.run(model, CharTokenizer(), ctx)}
-    states = linear_states(cache_after(model, suite.sequences(CharTokenizer(), ctx.seed)))
+    rows = {r.name: r for r in suite.run(model, char_tokenizer, ctx)}
+    states = linear_states(cache_after(model, suite.sequences(char_tokenizer, ctx.seed)))
     for i in LINEAR:
         assert states[i].shape[-2:] == (4, 8)
         u = rm.rank_utilization(states[i].double()).mean(0)

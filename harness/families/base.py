@@ -42,6 +42,15 @@ class FamilyAdapter(ABC):
     def zero(self, model, selection: ChannelSelection) -> None:
         """Zero the dropped channels in place (same function as `apply`, full-size tensors)."""
 
+    def check(self, model, selection: ChannelSelection) -> None:
+        """The selection covers exactly this model's prunable layers, with their head geometry."""
+        geometry = self.geometry(model)
+        if set(selection.layers) != set(geometry):
+            raise ValueError(f"selection covers layers {sorted(selection.layers)}, model has {sorted(geometry)}")
+        for i, sel in selection.layers.items():
+            if (sel.num_heads, sel.head_dim) != geometry[i][:2]:
+                raise ValueError(f"layer {i}: selection is for {sel.num_heads}x{sel.head_dim}, model has {geometry[i][:2]}")
+
     def full_selection(self, model) -> ChannelSelection:
         return ChannelSelection.full(self.family, self.geometry(model))
 
@@ -64,6 +73,25 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     if layers is None:
         layers = getattr(getattr(inner, "language_model", None), "layers", None)
     return list(layers) if layers is not None else []
+
+
+def uniform_keep_count(selection: ChannelSelection, config_field: str) -> int:
+    """The one key head dim a sliced model's config can hold (every layer and head must keep it)."""
+    counts = {sel.uniform_count for sel in selection.layers.values()}
+    if len(counts) != 1:
+        raise ValueError(f"the config's {config_field} is one value for all layers; selection keeps {sorted(counts)}")
+    return counts.pop()
+
+
+@torch.no_grad()
+def zero_rows(module: torch.nn.Module, keep: torch.Tensor) -> None:
+    """Zero every output row (channel) of a Linear or depthwise conv except `keep`, in place."""
+    drop = torch.ones(module.weight.shape[0], dtype=torch.bool)
+    drop[keep.cpu()] = False
+    drop = drop.to(module.weight.device)
+    module.weight[drop] = 0
+    if module.bias is not None:
+        module.bias[drop] = 0
 
 
 def host(weight: torch.Tensor) -> torch.Tensor:

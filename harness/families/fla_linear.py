@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.families.base import FamilyAdapter, projection_gradients, stream_factor
+from harness.families.base import FamilyAdapter, projection_gradients, stream_factor, uniform_keep_count, zero_rows
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
 from harness.selection import ChannelSelection
 
@@ -174,35 +174,20 @@ class FlaLinearAdapter(FamilyAdapter):
         return {i: (sums[id(attn.q_proj.weight)], sums[id(attn.k_proj.weight)]) for i, attn in layers}
 
     # --- realization -----------------------------------------------------------------------
-    def _check(self, model, selection: ChannelSelection) -> None:
-        geometry = self.geometry(model)
-        if set(selection.layers) != set(geometry):
-            raise ValueError(f"selection covers layers {sorted(selection.layers)}, model has {sorted(geometry)}")
-        for i, sel in selection.layers.items():
-            if (sel.num_heads, sel.head_dim) != geometry[i][:2]:
-                raise ValueError(f"layer {i}: selection is for {sel.num_heads}x{sel.head_dim}, model has {geometry[i][:2]}")
-
     @torch.no_grad()
     def zero(self, model, selection: ChannelSelection) -> None:
-        self._check(model, selection)
+        self.check(model, selection)
         if any(sel.projection is not None for sel in selection.layers.values()):
             raise ValueError("a projection mixes channels: it has no zero-masked twin")
         for i, attn in self.layers(model):
-            keep = torch.zeros(attn.key_dim, dtype=torch.bool)
-            keep[torch.from_numpy(selection.layers[i].flat_indices())] = True
-            drop = (~keep).to(attn.q_proj.weight.device)
+            keep = torch.from_numpy(selection.layers[i].flat_indices())
             for module in (attn.q_proj, attn.k_proj, *((attn.q_conv1d, attn.k_conv1d) if attn.use_short_conv else ())):
-                module.weight[drop] = 0
-                if module.bias is not None:
-                    module.bias[drop] = 0
+                zero_rows(module, keep)
 
     @torch.no_grad()
     def apply(self, model, selection: ChannelSelection) -> None:
-        self._check(model, selection)
-        counts = {sel.uniform_count for sel in selection.layers.values()}
-        if len(counts) != 1:
-            raise ValueError(f"fla configs hold one key head dim for all layers; selection keeps {sorted(counts)}")
-        n_keep = counts.pop()
+        self.check(model, selection)
+        n_keep = uniform_keep_count(selection, "key head dim")
         for i, attn in self.layers(model):
             sel = selection.layers[i]
             if sel.projection is not None:

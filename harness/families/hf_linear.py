@@ -28,7 +28,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from harness.families.base import FamilyAdapter, decoder_layers, host, projection_gradients, stream_factor
+from harness.families.base import (FamilyAdapter, decoder_layers, host, projection_gradients, stream_factor,
+                                   uniform_keep_count, zero_rows)
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
 from harness.selection import ChannelSelection
 
@@ -207,37 +208,24 @@ class HFGatedDeltaNetAdapter(FamilyAdapter):
         return out
 
     # --- realization -----------------------------------------------------------------------
-    def _check(self, model, selection: ChannelSelection) -> None:
-        geometry = self.geometry(model)
-        if set(selection.layers) != set(geometry):
-            raise ValueError(f"selection covers layers {sorted(selection.layers)}, model has {sorted(geometry)}")
-        for i, sel in selection.layers.items():
-            if (sel.num_heads, sel.head_dim) != geometry[i][:2]:
-                raise ValueError(f"layer {i}: selection is for {sel.num_heads}x{sel.head_dim}, model has {geometry[i][:2]}")
+    def check(self, model, selection: ChannelSelection) -> None:
+        super().check(model, selection)
+        for sel in selection.layers.values():
             if sel.projection is not None:
                 raise ValueError("a projection (PCA) mixes channels, which the fused q|k|v conv cannot; "
                                  "choose a channel-selecting method for transformers' Gated DeltaNet layers")
 
     @torch.no_grad()
     def zero(self, model, selection: ChannelSelection) -> None:
-        self._check(model, selection)
+        self.check(model, selection)
         for i, attn in self.layers(model):
             for name, rows in rows_to_keep(attn, selection.layers[i].kept).items():
-                module = getattr(attn, name)
-                drop = torch.ones(module.weight.shape[0], dtype=torch.bool)
-                drop[rows] = False
-                drop = drop.to(module.weight.device)
-                module.weight[drop] = 0
-                if module.bias is not None:
-                    module.bias[drop] = 0
+                zero_rows(getattr(attn, name), rows)
 
     @torch.no_grad()
     def apply(self, model, selection: ChannelSelection) -> None:
-        self._check(model, selection)
-        counts = {sel.uniform_count for sel in selection.layers.values()}
-        if len(counts) != 1:
-            raise ValueError(f"the config holds one linear_key_head_dim for all layers; selection keeps {sorted(counts)}")
-        n_keep = counts.pop()
+        self.check(model, selection)
+        n_keep = uniform_keep_count(selection, "linear_key_head_dim")
         for i, attn in self.layers(model):
             for name, rows in rows_to_keep(attn, selection.layers[i].kept).items():
                 _slice(getattr(attn, name), rows)
