@@ -75,6 +75,16 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers) if layers is not None else []
 
 
+@torch.no_grad()
+def forward_batches(model, batches: Iterable[torch.Tensor], advance: Callable[[], None] | None = None,
+                    use_cache: bool = False) -> None:
+    """Run calibration batches through the model (hooks installed by the caller record what they need)."""
+    for input_ids in batches:
+        model(input_ids=input_ids.to(model.device), use_cache=use_cache)
+        if advance is not None:
+            advance()
+
+
 def uniform_keep_count(selection: ChannelSelection, config_field: str) -> int:
     """The one key head dim a sliced model's config can hold (every layer and head must keep it)."""
     counts = {sel.uniform_count for sel in selection.layers.values()}

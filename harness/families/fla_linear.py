@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.families.base import FamilyAdapter, projection_gradients, stream_factor, uniform_keep_count, zero_rows
+from harness.families.base import (FamilyAdapter, forward_batches, projection_gradients, stream_factor,
+                                   uniform_keep_count, zero_rows)
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
 from harness.selection import ChannelSelection
 
@@ -136,13 +137,9 @@ class FlaLinearAdapter(FamilyAdapter):
                 handles.append(attn.q_proj.register_forward_pre_hook(pre_hook))
         try:
             if needs & {ACTIVATIONS, INPUTS}:
-                with torch.no_grad():
-                    for input_ids in batches:
-                        # use_cache=True: without a cache, GatedDeltaNet fuses q/k/v into one conv call
-                        # that bypasses the q_conv1d/k_conv1d modules (and so these hooks)
-                        model(input_ids=input_ids.to(model.device), use_cache=True)
-                        if advance is not None:
-                            advance()
+                # use_cache=True: without a cache, GatedDeltaNet fuses q/k/v into one conv call
+                # that bypasses the q_conv1d/k_conv1d modules (and so these hooks)
+                forward_batches(model, batches, advance, use_cache=True)
         finally:
             for h in handles:
                 h.remove()

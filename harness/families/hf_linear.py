@@ -28,8 +28,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from harness.families.base import (FamilyAdapter, decoder_layers, host, projection_gradients, stream_factor,
-                                   uniform_keep_count, zero_rows)
+from harness.families.base import (FamilyAdapter, decoder_layers, forward_batches, host, projection_gradients,
+                                   stream_factor, uniform_keep_count, zero_rows)
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
 from harness.selection import ChannelSelection
 
@@ -176,11 +176,8 @@ class HFGatedDeltaNetAdapter(FamilyAdapter):
         try:
             if needs & {ACTIVATIONS, INPUTS}:
                 context = recording_ops(layers, on_call) if ACTIVATIONS in needs else contextlib.nullcontext()
-                with context, torch.no_grad():
-                    for input_ids in batches:
-                        model(input_ids=input_ids.to(model.device), use_cache=False)
-                        if advance is not None:
-                            advance()
+                with context:
+                    forward_batches(model, batches, advance)
         finally:
             for h in handles:
                 h.remove()

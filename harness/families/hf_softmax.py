@@ -22,7 +22,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from harness.families.base import FamilyAdapter, decoder_layers, host, stream_factor
+from harness.families.base import FamilyAdapter, decoder_layers, forward_batches, host, stream_factor
 from harness.kcache import KeyChannelPlan, PrunedKCache, PrunedKLayer
 from harness.kernels.pruned_attention import masked_attention, pads_from_mask, pruned_cache_attention
 from harness.method import ACTIVATIONS, LayerData, prefill_chooser
@@ -135,11 +135,7 @@ class SoftmaxAdapter(FamilyAdapter):
                 for i, m in enumerate(modules):
                     m.harness_capture = functools.partial(hook, i=i)
                 try:
-                    with torch.no_grad():
-                        for input_ids in batches:
-                            model(input_ids=input_ids.to(model.device), use_cache=False)
-                            if advance is not None:
-                                advance()
+                    forward_batches(model, batches, advance)
                 finally:
                     for m in modules:
                         del m.harness_capture
