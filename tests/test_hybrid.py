@@ -219,3 +219,48 @@ def test_method_routing_and_clear_errors(tmp_path):
         plan(str(folder), "think", [0.5], attn_method="leank")
     with pytest.raises(HarnessError, match="--attn-method applies to hybrid models"):
         plan("llama-tiny", "drrqr", [0.5], attn_method="leank")
+
+
+SMALL_SUITES = ["ppl.limit=1024", "lm-eval.limit=8", "mqar.kv_pairs=4", "mqar.seq_lens=128", "mqar.limit=8",
+                "ruler.lengths=256", "ruler.limit=1", "ruler.tasks=niah_single,vt", "state-rank.num_sequences=2",
+                "state-rank.seq_len=64", "state-rank.batch_size=2"]
+
+
+@pytest.mark.slow
+def test_every_suite_runs_on_the_zoo_hybrid_and_the_leaderboard_shows_both_parts(tmp_path, monkeypatch):
+    import json
+
+    from streamlit.testing.v1 import AppTest
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+    from harness.leaderboard import APP, data
+
+    store = tmp_path / "r.sqlite"
+    args = ["run", "--model", "qwen35-hybrid-tiny", "--method", "drrqr", "--attn-method", "leank",
+            "--attn-param", "steps=20", "--attn-param", "steps2=10", "--attn-param", "pool=2", "--ratio", "0.5",
+            "--suite", "all", "--store", str(store), "-q"]
+    for pair in SMALL_SUITES:
+        args += ["--suite-param", pair]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    monkeypatch.setenv("HARNESS_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("method")
+    assert list(table.index) == ["dense", "drrqr+leank"] and set(table["family"]) == {"qwen3_5"}
+    row = table.loc["drrqr+leank"]
+    assert row["compression.linear_kept_ratio"] == 0.5 and row["compression.attention_kept_ratio"] == 0.5
+    assert row["compression.state_bytes"] == table.loc["dense", "compression.state_bytes"] / 2
+    assert row["compression.kv_bytes"] < table.loc["dense", "compression.kv_bytes"]
+    for suite in ("ppl.ppl", "lm-eval.avg_acc", "mqar.acc", "ruler.avg", "state-rank.u_final_mean", "state-rank.key_u_mean"):
+        assert suite in table.columns and table[suite].notna().all(), suite
+    rank = next(t for t in at.tabs if t.label == "state rank")
+    assert {"u_final", "key_u"} <= set(rank.selectbox(key="rank_quantity").options)
+    runs = data.load(store).runs
+    key = runs[(runs["method"] == "drrqr+leank") & (runs["suite"] == "compression")]["run_key"].iloc[0]
+    at.selectbox(key="detail_cell").set_value(key).run()
+    shown = json.loads(next(t for t in at.tabs if t.label == "run detail").json[0].proto.body)
+    assert shown["method"] == "drrqr+leank"
+    assert shown["method_params"]["linear"]["method"] == "drrqr" and shown["method_params"]["softmax"]["method"] == "leank"

@@ -1,4 +1,4 @@
-"""The zoo registry: three tiny but real causal LMs, one per supported family.
+"""The zoo registry: tiny but real causal LMs, one per supported family (and a hybrid).
 
 All share the shape that makes key-channel pruning readable: hidden 128, 4 layers, 4 heads
 with a key (head) dimension of 32, so pruning at ratios 0.25 / 0.5 / 0.75 keeps 24 / 16 / 8
@@ -46,6 +46,18 @@ def _llama_config():
                        hidden_act="silu", rms_norm_eps=1e-6, **COMMON)
 
 
+def _qwen35_hybrid_config():
+    from transformers.models.qwen3_5 import Qwen3_5TextConfig
+
+    # Qwen3.5's layout at zoo size: three Gated DeltaNet layers then one gated softmax-attention
+    # layer (full_attention_interval 4), GQA with 2 KV heads, q/k RMSNorm, partial RoPE (0.25)
+    return Qwen3_5TextConfig(
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        linear_num_key_heads=HEADS, linear_num_value_heads=HEADS, linear_key_head_dim=HEAD_DIM,
+        linear_value_head_dim=HEAD_DIM, linear_conv_kernel_dim=4,
+        num_attention_heads=HEADS, num_key_value_heads=2, head_dim=HEAD_DIM, rms_norm_eps=1e-6, **COMMON)
+
+
 def _deltanet_mqar_config():
     config = _deltanet_config()
     config.num_hidden_layers = 2  # as Zoology's MQAR models
@@ -75,7 +87,8 @@ class ZooEntry:
 
     @property
     def needs_fla(self) -> bool:
-        return self.family in ("deltanet", "gated_deltanet")
+        # transformers' Gated DeltaNet layers call fla's kernels when fla is installed
+        return self.family in ("deltanet", "gated_deltanet", "qwen3_5")
 
     def config(self):
         return self.make_config()
@@ -90,6 +103,9 @@ ZOO: dict[str, ZooEntry] = {
                  "fla Gated DeltaNet, 4 layers x 4 heads, d_k = 32, d_v = 64"),
         ZooEntry("llama-tiny", "llama", _llama_config, TrainRecipe(steps=1000),
                  "transformers Llama (softmax attention, RoPE), 4 layers x 4 heads, head_dim 32"),
+        ZooEntry("qwen35-hybrid-tiny", "qwen3_5", _qwen35_hybrid_config, TrainRecipe(steps=600),
+                 "transformers Qwen3.5 hybrid: 3 Gated DeltaNet layers (4 heads, d_k = d_v = 32) + 1 attention "
+                 "layer (4 query / 2 KV heads, head_dim 32)"),
         ZooEntry("deltanet-mqar-tiny", "deltanet", _deltanet_mqar_config,
                  TrainRecipe(steps=450, batch_size=64, lr=1e-2, warmup_steps=20, weight_decay=0.0),
                  "fla DeltaNet, 2 layers x 4 heads, d_k = 32, trained on MQAR (the mqar suite's capacity probe)",
