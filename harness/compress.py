@@ -144,6 +144,9 @@ def _parts(loaded, adapter, method: str, selector: Method, attn_method: str | No
     if adapter.part(first).family not in selector.families:
         raise HarnessError(f"method {method!r} supports {', '.join(selector.families)}; {loaded.name} is a hybrid "
                            f"of gated_deltanet and attention layers")
+    if selector.projects and not adapter.part(first).projections:
+        raise HarnessError(f"{method} projects key channels, which transformers' fused q|k|v conv cannot realize; "
+                           "choose a channel-selecting method for the Gated DeltaNet layers of hybrid models")
     parts = [Part(first, adapter.part(first), selector)]
     if attn_selector is not None:
         if softmax.family not in attn_selector.families:

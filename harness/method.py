@@ -121,6 +121,7 @@ class Method:
     families: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset({WEIGHTS})
+    projects: ClassVar[bool] = False  # selections are projections (new channels mixing old ones), not subsets
 
     seed: int = 0
     _meta: dict = field(default_factory=dict, init=False, repr=False)

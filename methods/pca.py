@@ -24,6 +24,7 @@ class PCA(Method):
     families = ("deltanet", "gated_deltanet")
     paper = "PCA projection baseline (Nazari & Rusch 2026, arXiv 2602.04852)"
     needs = frozenset({ACTIVATIONS, WEIGHTS})
+    projects = True
 
     use_queries: bool = True  # stack Q with K (False: keys only)
 

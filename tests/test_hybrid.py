@@ -217,6 +217,8 @@ def test_method_routing_and_clear_errors(tmp_path):
         plan(str(folder), "drrqr", [0.5], attn_method="l1")
     with pytest.raises(HarnessError, match="goes to the linear layers"):
         plan(str(folder), "think", [0.5], attn_method="leank")
+    with pytest.raises(HarnessError, match="pca projects key channels"):
+        plan(str(folder), "pca", [0.5])
     with pytest.raises(HarnessError, match="--attn-method applies to hybrid models"):
         plan("llama-tiny", "drrqr", [0.5], attn_method="leank")
 
@@ -264,3 +266,16 @@ def test_every_suite_runs_on_the_zoo_hybrid_and_the_leaderboard_shows_both_parts
     shown = json.loads(next(t for t in at.tabs if t.label == "run detail").json[0].proto.body)
     assert shown["method"] == "drrqr+leank"
     assert shown["method_params"]["linear"]["method"] == "drrqr" and shown["method_params"]["softmax"]["method"] == "leank"
+
+
+@pytest.mark.parametrize("method", ["drrqr", "qrcp", "l1", "wanda", "grad", "random", "magnitude"])
+def test_every_linear_method_compresses_the_hybrid_linear_layers(method):
+    from harness.compress import build_method
+
+    model = tiny_hybrid("qwen3_5_text")
+    selector = build_method(method, {}, seed=0)
+    selection = linear_selection(model, 0.25, selector)
+    assert selection.kept_ratio == 0.75
+    HFGatedDeltaNetAdapter().apply(model, selection)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert model.config.linear_key_head_dim == 12 and torch.isfinite(model(ids).logits).all()

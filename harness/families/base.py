@@ -20,6 +20,7 @@ from harness.suite import Metric
 class FamilyAdapter(ABC):
     family: str = ""
     kind: str = ""  # "linear" (recurrent state) or "softmax" (K cache)
+    projections: bool = False  # can realize a projection (PCA), not only a channel subset
 
     @classmethod
     @abstractmethod

@@ -89,6 +89,7 @@ class FlaLinearAdapter(FamilyAdapter):
     """Shared surgery for fla's DeltaNet and GatedDeltaNet layers."""
 
     kind = "linear"
+    projections = True
     layer_class_index = 0  # which of _layer_classes() this adapter handles
 
     @classmethod
