@@ -15,7 +15,8 @@ from harness import params as params_mod
 from harness import registry
 from harness.calibration import CalibrationSpec, calibration_batches
 from harness.errors import HarnessError
-from harness.method import ACTIVATIONS, CALIBRATED, GRADIENTS, INPUTS, MODEL, LayerData, Method, keep_count
+from harness.method import (ACTIVATIONS, ATTENTION_PART, CALIBRATED, GRADIENTS, HYBRID_FAMILIES, INPUTS, LINEAR_PART,
+                            MODEL, LayerData, Method, keep_count)
 from harness.progress import Bars, bars
 from harness.selection import ChannelSelection
 
@@ -72,13 +73,11 @@ class Plan:
     @property
     def method_name(self) -> str:
         """As stored: the method, or "linear+attention" methods of a hybrid model ("drrqr+leank")."""
-        return "+".join(p.selector.name for p in self.parts)
+        return identity([(p.kind, p.selector) for p in self.parts])[0]
 
     def method_key(self) -> dict[str, Any]:
         """The parameters a run key holds: the method's, or per part for a hybrid model."""
-        if len(self.parts) == 1 and self.parts[0].kind is None:
-            return params_mod.as_dict(self.selector)
-        return {p.kind: {"method": p.selector.name, **params_mod.as_dict(p.selector)} for p in self.parts}
+        return identity([(p.kind, p.selector) for p in self.parts])[1]
 
     def capture(self, bar: Bars) -> list[list[LayerData]]:
         """Per part, what its method needs (calibration batches are drawn once)."""
@@ -123,37 +122,50 @@ class Plan:
         return str(folder)
 
 
-def _parts(loaded, adapter, method: str, selector: Method, attn_method: str | None, attn_selector: Method | None) -> list[Part]:
-    """Which method compresses which layers. On a hybrid model `--method` goes to the linear
-    layers when it supports them (family gated_deltanet), else to the attention layers;
-    `--attn-method` always goes to the attention layers."""
-    from harness.families.hybrid import HybridAdapter
-
-    if not isinstance(adapter, HybridAdapter):
+def assign(name: str, family: str, method: str, selector: Method, attn_method: str | None = None,
+           attn_selector: Method | None = None) -> list[tuple[str | None, Method]]:
+    """Which method compresses which layers, from families alone (no model needed):
+    [(None, method)] for a single-kind model; on a hybrid model `method` goes to the linear layers
+    when it supports them (family gated_deltanet), else to the attention layers (family
+    attention), and `attn_method` always to the attention layers."""
+    if family not in HYBRID_FAMILIES:
         if attn_method is not None:
-            raise HarnessError(f"--attn-method applies to hybrid models (linear and attention layers); {loaded.name} is {loaded.family}")
-        if loaded.family not in selector.families:
-            raise HarnessError(
-                f"method {method!r} supports {', '.join(selector.families)} models; {loaded.name} is {loaded.family}")
-        return [Part(None, adapter, selector)]
-    linear, softmax = adapter.part("linear"), adapter.part("softmax")
-    if attn_method is not None and linear.family not in selector.families:
-        raise HarnessError(f"--method {method} goes to the linear layers of {loaded.name} (gated_deltanet) and supports "
+            raise HarnessError(f"--attn-method applies to hybrid models (linear and attention layers); {name} is {family}")
+        if family not in selector.families:
+            raise HarnessError(f"method {method!r} supports {', '.join(selector.families)} models; {name} is {family}")
+        return [(None, selector)]
+    if attn_method is not None and LINEAR_PART not in selector.families:
+        raise HarnessError(f"--method {method} goes to the linear layers of {name} ({LINEAR_PART}) and supports "
                            f"{', '.join(selector.families)}; give a linear method, or only --method {method}")
-    first = "linear" if linear.family in selector.families else "softmax"
-    if adapter.part(first).family not in selector.families:
-        raise HarnessError(f"method {method!r} supports {', '.join(selector.families)}; {loaded.name} is a hybrid "
-                           f"of gated_deltanet and attention layers")
-    if selector.projects and not adapter.part(first).projections:
+    first = "linear" if LINEAR_PART in selector.families else "softmax"
+    if first == "softmax" and ATTENTION_PART not in selector.families:
+        raise HarnessError(f"method {method!r} supports {', '.join(selector.families)}; {name} is a hybrid "
+                           f"of {LINEAR_PART} and {ATTENTION_PART} layers")
+    if first == "linear" and selector.projects:
         raise HarnessError(f"{method} projects key channels, which transformers' fused q|k|v conv cannot realize; "
                            "choose a channel-selecting method for the Gated DeltaNet layers of hybrid models")
-    parts = [Part(first, adapter.part(first), selector)]
+    out: list[tuple[str | None, Method]] = [(first, selector)]
     if attn_selector is not None:
-        if softmax.family not in attn_selector.families:
+        if ATTENTION_PART not in attn_selector.families:
             raise HarnessError(f"--attn-method {attn_method} supports {', '.join(attn_selector.families)}, "
                                "not attention layers; pick a softmax-family method (see `harness list methods`)")
-        parts.append(Part("softmax", softmax, attn_selector))
-    return parts
+        out.append(("softmax", attn_selector))
+    return out
+
+
+def identity(assigned: list[tuple[str | None, Method]]) -> tuple[str, dict[str, Any]]:
+    """(method name, method parameters) as a run key holds them: the method's own, or for a hybrid
+    "<linear>+<attention>" with the parameters per part."""
+    if len(assigned) == 1 and assigned[0][0] is None:
+        return assigned[0][1].name, params_mod.as_dict(assigned[0][1])
+    return ("+".join(sel.name for _, sel in assigned),
+            {kind: {"method": sel.name, **params_mod.as_dict(sel)} for kind, sel in assigned})
+
+
+def run_ratios(assigned: list[tuple[str | None, Method]], ratios: Sequence[float]) -> list[float]:
+    """The ratios a run evaluates: a loaded mask on every part fixes the one ratio it keeps."""
+    implied = {sel.implied_ratio() for _, sel in assigned}
+    return list(ratios) if None in implied else [max(implied)]
 
 
 def plan(model: str | None, method: str, ratios: Sequence[float], *, method_params=None, seed: int = 0,
@@ -168,10 +180,9 @@ def plan(model: str | None, method: str, ratios: Sequence[float], *, method_para
     ratios = check_ratios(ratios)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     adapter = adapter_for(loaded.model)
-    parts = _parts(loaded, adapter, method, selector, attn_method, attn_selector)
-    implied = {p.selector.implied_ratio() for p in parts}
-    if None not in implied:  # every part's kept fraction is fixed by a loaded mask
-        ratios = [max(implied)]
+    assigned = assign(loaded.name, loaded.family, method, selector, attn_method, attn_selector)
+    parts = [Part(kind, adapter if kind is None else adapter.part(kind), sel) for kind, sel in assigned]
+    ratios = run_ratios(assigned, ratios)
     for ratio in ratios:
         for part in parts:
             for _heads, head_dim, _dv in part.adapter.geometry(loaded.model).values():

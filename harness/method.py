@@ -33,6 +33,7 @@ SOFTMAX_FAMILIES = ("llama", "qwen2", "attention")
 # transformers models with both kinds of layer: each kind is compressed by a method of its family
 # (the linear layers are Gated DeltaNet, methods see them as "gated_deltanet")
 HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid")
+LINEAR_PART, ATTENTION_PART = "gated_deltanet", "attention"  # the families methods see in a hybrid
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import nn
 
 from harness.families.base import (FamilyAdapter, decoder_layers, forward_batches, host, projection_gradients,
                                    stream_factor, uniform_keep_count, zero_rows)
-from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
+from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LINEAR_PART, LayerData
 from harness.selection import ChannelSelection
 
 # layer class name -> where q/k rows sit ("qkv": one fused projection q|k|v; "qkvz": fused and
@@ -139,7 +139,7 @@ def recording_ops(layers: list[tuple[int, nn.Module]], on_call: Callable[[int, d
 class HFGatedDeltaNetAdapter(FamilyAdapter):
     """The linear-attention layers of a transformers hybrid (methods see family gated_deltanet)."""
 
-    family = "gated_deltanet"
+    family = LINEAR_PART
     kind = "linear"
 
     @classmethod

@@ -25,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from harness.families.base import FamilyAdapter, decoder_layers, forward_batches, host, stream_factor
 from harness.kcache import KeyChannelPlan, PrunedKCache, PrunedKLayer
 from harness.kernels.pruned_attention import masked_attention, pads_from_mask, pruned_cache_attention
-from harness.method import ACTIVATIONS, LayerData, prefill_chooser
+from harness.method import ACTIVATIONS, ATTENTION_PART, LayerData, prefill_chooser
 from harness.selection import ChannelSelection
 from harness.suite import Metric
 
@@ -267,5 +267,5 @@ class HybridAttentionAdapter(SoftmaxAdapter):
     OLMo-hybrid): the same K-cache realization, on the layers that have `self_attn`. Layer
     indices are positions among the attention layers; `HybridAdapter` maps them to the model's."""
 
-    family = "attention"
+    family = ATTENTION_PART
     model_types = ()  # never picked on its own: part of `harness.families.hybrid.HybridAdapter`

@@ -19,7 +19,7 @@ from harness.families.base import FamilyAdapter
 from harness.families.hf_linear import HFGatedDeltaNetAdapter
 from harness.families.hf_softmax import HybridAttentionAdapter, attention_modules
 from harness.loader import FAMILY_OF_MODEL_TYPE
-from harness.method import HYBRID_FAMILIES, LayerData
+from harness.method import ATTENTION_PART, HYBRID_FAMILIES, LINEAR_PART, LayerData
 from harness.selection import ChannelSelection
 from harness.suite import Metric
 
@@ -87,10 +87,10 @@ class HybridAdapter(FamilyAdapter):
         position = {layer: j for j, layer in enumerate(self.attention_ids(model))}
         meta = {k: v for k, v in selection.meta.items() if k not in ("parts", "linear_meta")}
         return {
-            "linear": ChannelSelection("gated_deltanet", {i: selection.layers[i] for i in parts["linear"]["layers"]},
+            "linear": ChannelSelection(LINEAR_PART, {i: selection.layers[i] for i in parts["linear"]["layers"]},
                                        parts["linear"]["method"], parts["linear"]["ratio"],
                                        dict(selection.meta.get("linear_meta", {}))),
-            "softmax": ChannelSelection("attention", {position[i]: selection.layers[i] for i in parts["softmax"]["layers"]},
+            "softmax": ChannelSelection(ATTENTION_PART, {position[i]: selection.layers[i] for i in parts["softmax"]["layers"]},
                                         parts["softmax"]["method"], parts["softmax"]["ratio"], meta),
         }
 
