@@ -53,6 +53,19 @@ def _ratios(values: List[str]) -> list[float]:
     return ratios
 
 
+def _dotted(pairs: List[str], flag: str, what: str) -> dict[str, dict[str, str]]:
+    """["ppl.limit=512"] -> {"ppl": {"limit": "512"}}."""
+    from harness.params import parse_pairs
+
+    out: dict[str, dict[str, str]] = {}
+    for key, value in parse_pairs(pairs, flag=flag).items():
+        name, dot, field = key.partition(".")
+        if not dot or not field:
+            raise HarnessError(f"{flag} expects {what}.key=value, got {key}={value}")
+        out.setdefault(name, {})[field] = value
+    return out
+
+
 def _method_params(param: List[str], mask: Optional[Path], attn_method: Optional[str] = None,
                    attn_param: List[str] = ()) -> tuple[dict[str, str], dict[str, str]]:
     """(--method's parameters, --attn-method's); --mask goes to whichever of the two is leank."""
@@ -133,12 +146,7 @@ def run(
     from harness.report import rich_table
 
     with user_errors():
-        suite_params: dict[str, dict[str, str]] = {}
-        for key, value in parse_pairs(suite_param, flag="--suite-param").items():
-            name, dot, field = key.partition(".")
-            if not dot or not field:
-                raise HarnessError(f"--suite-param expects suite.key=value, got {key}={value}")
-            suite_params.setdefault(name, {})[field] = value
+        suite_params = _dotted(suite_param, "--suite-param", "suite")
         if finetune not in ("none", "lora"):
             raise HarnessError(f"--finetune must be none or lora, got {finetune!r}")
         lora = None
@@ -199,6 +207,63 @@ def prune(
         )
     for folder in folders:
         out_console.print(Text(f"saved {folder}"))
+
+
+@app.command()
+def sweep(
+    spec: Optional[Path] = typer.Argument(None, help="sweep file (.yaml, .yml or .toml); the flags below replace its keys"),
+    models: List[str] = typer.Option([], "--models", help="models, comma-separated [default: deltanet-tiny]"),
+    methods: List[str] = typer.Option([], "--methods", help="methods, comma-separated; on hybrids a+b = a on the linear, b on the attention layers"),
+    ratios: List[str] = typer.Option([], "--ratios", "-r", help="fractions of key channels removed, comma-separated [default: 0.5]"),
+    suite: List[str] = typer.Option([], "--suite", "-s", help="suites, comma-separated, or all [default: all]"),
+    suite_param: List[str] = typer.Option([], "--suite-param", help="suite parameter suite.key=value (repeatable)"),
+    param: List[str] = typer.Option([], "--param", "-p", help="method parameter method.key=value (repeatable), e.g. -p drrqr.f=2.0"),
+    seeds: List[str] = typer.Option([], "--seeds", help="seeds, comma-separated [default: 0]"),
+    finetune: List[str] = typer.Option([], "--finetune", help="none, lora, or none,lora (LoRA-recovered cells too)"),
+    executor: str = typer.Option("local", help="local (this process, a task at a time) or ray"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (auto, ray://head:10001) [default: start a local Ray]"),
+    max_retries: int = typer.Option(2, help="ray: how often a task whose worker died is retried"),
+    store: Path = STORE,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the grid's cells as done, failed or missing; run nothing"),
+    quiet: bool = QUIET,
+) -> None:
+    """Run a grid of models x methods x ratios x suites x seeds; skip cells already in the store."""
+    from harness import sweeps
+
+    with user_errors():
+        overrides: dict = {"models": _csv(models) or None, "ratios": _ratios(ratios) if ratios else None,
+                           "suites": _csv(suite) or None, "seeds": [int(x) for x in _csv(seeds)] or None,
+                           "recovery": _csv(finetune) or None, "device": device if device != "auto" else None,
+                           "dtype": dtype if dtype != "float32" else None}
+        if suite_param:
+            overrides["suite_params"] = _dotted(suite_param, "--suite-param", "suite")
+        params = _dotted(param, "--param", "method")
+        if methods:
+            overrides["methods"] = [{"name": m, "params": params.get(m.partition("+")[0], {}),
+                                     "attn_params": params.get(m.partition("+")[2], {})} for m in _csv(methods)]
+        elif params:
+            raise HarnessError("--param needs --methods (in a sweep file, give params in the method's table)")
+        grid = sweeps.Grid.load(spec, **overrides) if spec else sweeps.Grid(**{k: v for k, v in overrides.items() if v is not None})
+        if dry_run:
+            report = sweeps.status(grid, store)
+        else:
+            report = sweeps.sweep(grid, store=store, executor=executor, address=address, max_retries=max_retries,
+                                  progress=not quiet)
+    counts = sweeps.describe(report)
+    if dry_run:
+        table = Table(title=f"sweep cells in {store}")
+        table.add_column("cell")
+        table.add_column("state")
+        for key, state in report.status.items():
+            table.add_row(Text(report.labels[key]), Text(state), style={"failed": "red", "missing": "yellow"}.get(state))
+        out_console.print(table)
+    else:
+        out_console.print(f"{report.computed} cells computed, {report.done_before} already in {store}")
+        for cell, error in report.failed:
+            out_console.print(Text(f"failed: {cell}: {error}"), style="red")
+    out_console.print(f"{report.total} cells: {counts['done']} done, {counts['failed']} failed, {counts['missing']} missing")
 
 
 @app.command()

@@ -118,6 +118,22 @@ def weights_digest(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
+def identify(name: str | None = None) -> tuple[str, str, str]:
+    """(local folder, weights digest, harness family) of a model, from its files alone: what a run
+    key needs, without loading the weights (a sweep driver keys cells of models it never loads)."""
+    import json
+
+    source, _from_hub = resolve_source(name or DEFAULT_MODEL)
+    try:
+        model_type = json.loads((Path(source) / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise HarnessError(f"cannot read the model type of {name} from its config.json ({exc})") from None
+    family = FAMILY_OF_MODEL_TYPE.get(model_type)
+    if family is None:
+        raise HarnessError(f"unsupported architecture {model_type!r} in {name}; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}")
+    return source, weights_digest(source), family
+
+
 def _register_fla() -> None:
     with warnings.catch_warnings():
         # fla warns on import that Triton has no GPU; the CPU references below are the answer

@@ -29,6 +29,42 @@ DEFAULT_STORE = "harness-results/results.sqlite"
 COMPRESSION = "compression"  # the built-in cell that records what a selection keeps (bytes, ratio)
 
 
+@dataclass(frozen=True)
+class RunCells:
+    """Everything a run key holds but the suite, ratio and stage: the cells of one run of one
+    method on one model. `harness run` and `harness sweep` both make their keys here, so a sweep
+    finds (and skips) exactly the cells a run stored."""
+
+    model: str  # as the user named it
+    digest: str  # the weights
+    family: str
+    method: str
+    method_params: dict[str, Any]
+    seed: int
+    calibration: dict[str, Any]  # {} for a method that needs no calibration data
+    lora: dict[str, Any] | None = None  # LoRA's key when recovery is on
+
+    def key(self, suite: str, suite_args: dict, ratio: float, dense: bool = False, recovery: str = "none") -> RunKey:
+        return RunKey(
+            model=self.model, model_digest=self.digest, family=self.family,
+            method="dense" if dense else self.method, method_params={} if dense else self.method_params,
+            ratio=0.0 if dense else float(ratio), suite=suite, suite_params=suite_args, seed=self.seed,
+            calibration={} if dense else self.calibration, recovery=recovery,
+            recovery_params=self.lora if recovery == "lora" and self.lora is not None else {},
+        )
+
+    def cells(self, suites: Sequence[Suite], ratio: float, dense: bool = False,
+              recovery: str = "none") -> list[tuple[RunKey, Suite | None]]:
+        """The compression cell (suite None) and one cell per suite."""
+        return [(self.key(COMPRESSION, {}, ratio, dense, recovery), None),
+                *((self.key(s.name, params_mod.as_dict(s), ratio, dense, recovery), s) for s in suites)]
+
+    @property
+    def stages(self) -> list[str]:
+        """What happens after pruning: nothing, then (with LoRA) recovery; each stage has its own cells."""
+        return ["none"] + (["lora"] if self.lora is not None else [])
+
+
 @dataclass
 class RunReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -37,7 +73,7 @@ class RunReport:
     saved: list[str] = field(default_factory=list)  # folders written by save
 
 
-def _suites_for(names: Sequence[str], suite_params: dict[str, dict[str, Any]]) -> list[Suite]:
+def suites_for(names: Sequence[str], suite_params: dict[str, dict[str, Any]]) -> list[Suite]:
     wanted: list[str] = []
     for name in names:
         if name == "all":
@@ -88,7 +124,7 @@ def run(
     if attn_method is not None:
         build_method(attn_method, attn_method_params, seed)
     check_ratios(ratios)
-    suite_objs = _suites_for(suites, suite_params or {})
+    suite_objs = suites_for(suites, suite_params or {})
     results = ResultStore(store)
     p = plan(model, method, ratios, method_params=method_params, seed=seed, calibration=calibration,
              device=device, dtype=dtype, trust_remote_code=trust_remote_code, attn_method=attn_method,
@@ -99,24 +135,13 @@ def run(
         raise HarnessError(f"none of the suites {', '.join(suites)} applies to {loaded.family} models")
 
     report = RunReport()
-    method_name, method_key = p.method_name, p.method_key()
     prov = provenance.collect(loaded.device)
-
-    # what happens after pruning: nothing, then (optionally) LoRA recovery; each stage has its own cells
-    stages = ["none"] + (["lora"] if lora is not None else [])
-
-    def key(suite: str, suite_args: dict, ratio: float, dense_cell: bool, recovery: str) -> RunKey:
-        return RunKey(
-            model=loaded.name, model_digest=loaded.digest, family=loaded.family,
-            method="dense" if dense_cell else method_name, method_params={} if dense_cell else method_key,
-            ratio=0.0 if dense_cell else float(ratio), suite=suite, suite_params=suite_args,
-            seed=seed, calibration=calibration.key() if p.calibrated and not dense_cell else {},
-            recovery=recovery, recovery_params=lora.key() if recovery == "lora" else {},
-        )
+    run_cells = RunCells(loaded.name, loaded.digest, loaded.family, p.method_name, p.method_key(), seed,
+                         calibration.key() if p.calibrated else {}, lora.key() if lora is not None else None)
+    stages = run_cells.stages
 
     def cells(ratio: float, dense_cell: bool, recovery: str = "none") -> list[tuple[RunKey, Suite | None]]:
-        out = [(key(COMPRESSION, {}, ratio, dense_cell, recovery), None)]
-        return out + [(key(s.name, params_mod.as_dict(s), ratio, dense_cell, recovery), s) for s in suite_objs]
+        return run_cells.cells(suite_objs, ratio, dense_cell, recovery)
 
     def record(k: RunKey, metrics: list[Metric], cached: bool) -> None:
         for m in metrics:

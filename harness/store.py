@@ -122,6 +122,48 @@ class ResultStore:
                 (COMPLETE, json.dumps(prov, sort_keys=True), provenance.now(), duration_s, key.digest),
             )
 
+    def put(self, records: Iterable[dict[str, Any]]) -> None:
+        """Write cell records taken from another store (`records`), each in one transaction, its
+        artifact files into this store's artifact folder: how a sweep's workers' cells reach the
+        store of the driver, its single writer."""
+        for record in records:
+            run = {**record["run"]}
+            folder = self.artifacts_root / run["run_key"]
+            if not _is_digest(run["run_key"]):
+                raise HarnessError(f"{run['run_key']!r} is not a run key")
+            for name, data in record.get("artifacts", {}).items():
+                target = (folder / name).resolve()
+                if folder.resolve() not in target.parents:
+                    raise HarnessError(f"artifact {name!r} of cell {run['run_key']} leaves its folder")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            run["artifacts"] = str(folder)
+            columns = list(run)
+            with closing(self._connect()) as db, db:
+                db.execute("DELETE FROM runs WHERE run_key=?", (run["run_key"],))
+                db.execute(f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                           [run[c] for c in columns])
+                db.executemany("INSERT INTO results VALUES (?,?,?,?,?)",
+                               [(run["run_key"], r["metric"], r["value"], r["unit"], r["details"]) for r in record["results"]])
+
+    def records(self, run_keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Cells (all, or these) as self-contained records for `put`: the run row, its metric rows
+        and its artifact files' bytes."""
+        wanted = None if run_keys is None else set(run_keys)
+        out = []
+        with closing(self._connect()) as db:
+            for run in db.execute("SELECT * FROM runs ORDER BY run_key").fetchall():
+                run = dict(run)
+                if wanted is not None and run["run_key"] not in wanted:
+                    continue
+                results = [dict(r) for r in db.execute(
+                    "SELECT metric, value, unit, details FROM results WHERE run_key=? ORDER BY metric", (run["run_key"],))]
+                folder = self.artifacts_root / run["run_key"]
+                files = {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
+                         if f.is_file() and not f.is_symlink()} if folder.is_dir() else {}
+                out.append({"run": run, "results": results, "artifacts": files})
+        return out
+
     def fail(self, key: RunKey, error: str) -> None:
         with closing(self._connect()) as db, db:
             db.execute("UPDATE runs SET status=?, error=?, finished=? WHERE run_key=?",
