@@ -164,7 +164,8 @@ def run(
                 if suite is None:
                     metrics = adapter.bytes_metrics(model, selection)
                 else:
-                    ctx = SuiteContext(loaded.family, loaded.device, seed, art, bar.task)
+                    ctx = SuiteContext(loaded.family, loaded.device, seed, art, bar.task,
+                                       reference=None if dense_cell else loaded.model)
                     metrics = suite.run(model, loaded.tokenizer, ctx)
             except BaseException as exc:  # Ctrl-C too: the cell is marked, finished cells stay
                 results.fail(k, f"{type(exc).__name__}: {exc}")

@@ -28,6 +28,9 @@ class SuiteContext:
     seed: int
     artifacts: Path  # this run's artifact folder
     progress: Callable[[str, int], Any]  # progress(description, total) -> advance(n=1) callable
+    # the uncompressed model, in a compressed cell (None in the dense cell): for suites that measure
+    # both side by side (speed); a suite still never learns which method compressed the model
+    reference: Any = None
 
 
 @dataclass

@@ -225,7 +225,8 @@ def test_method_routing_and_clear_errors(tmp_path):
 
 SMALL_SUITES = ["ppl.limit=1024", "lm-eval.limit=8", "mqar.kv_pairs=4", "mqar.seq_lens=128", "mqar.limit=8",
                 "ruler.lengths=256", "ruler.limit=1", "ruler.tasks=niah_single,vt", "state-rank.num_sequences=2",
-                "state-rank.seq_len=64", "state-rank.batch_size=2"]
+                "state-rank.seq_len=64", "state-rank.batch_size=2", "speed.contexts=32", "speed.batches=1",
+                "speed.new_tokens=3", "speed.repeats=1", "speed.warmup=0"]
 
 
 @pytest.mark.slow
@@ -256,8 +257,10 @@ def test_every_suite_runs_on_the_zoo_hybrid_and_the_leaderboard_shows_both_parts
     assert row["compression.linear_kept_ratio"] == 0.5 and row["compression.attention_kept_ratio"] == 0.5
     assert row["compression.state_bytes"] == table.loc["dense", "compression.state_bytes"] / 2
     assert row["compression.kv_bytes"] < table.loc["dense", "compression.kv_bytes"]
-    for suite in ("ppl.ppl", "lm-eval.avg_acc", "mqar.acc", "ruler.avg", "state-rank.u_final_mean", "state-rank.key_u_mean"):
+    for suite in ("ppl.ppl", "lm-eval.avg_acc", "mqar.acc", "ruler.avg", "state-rank.u_final_mean", "state-rank.key_u_mean",
+                  "speed.decode_ms_per_token"):
         assert suite in table.columns and table[suite].notna().all(), suite
+    assert row["speed.decode_speedup"] > 0  # measured against the dense model inside the compressed cell
     rank = next(t for t in at.tabs if t.label == "state rank")
     assert {"u_final", "key_u"} <= set(rank.selectbox(key="rank_quantity").options)
     runs = data.load(store).runs

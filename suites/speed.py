@@ -1,0 +1,196 @@
+"""speed: prefill throughput, decode latency per token at several context lengths and batch sizes,
+cache bytes and (on CUDA) peak memory, for the model and, in a compressed cell, its uncompressed
+reference (`SuiteContext.reference`) measured interleaved in the same cell, so that every ratio is
+taken side by side on the same machine at the same time.
+
+End to end through each model's own `generate` (a compressed softmax model decodes with its pruned
+K cache, a pruned linear model with its smaller state): a streamer stamps the time at every token
+`generate` emits (after a device synchronize on CUDA), and decode time per token is the interval
+between consecutive new tokens (the first, which includes the prefill, excluded); prefill
+throughput is batch x context / time of one forward over the prompt (CUDA events on CUDA,
+`time.perf_counter` on CPU). All after warm-up; rows report the median over `repeats` generations,
+with min and the interquartile range in `details` (pytest-benchmark's statistics), and the device.
+
+Rows: per (context, batch) `<quantity>/c<context>b<batch>` for quantity in prefill_tokens_per_s,
+decode_ms_per_token, cache_bytes, peak_memory_bytes (CUDA), and with a reference the same with a
+`dense_` prefix plus decode_speedup and prefill_speedup (dense time / this model's time). Summary
+rows (no "/") repeat those of the largest context and batch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from harness.calibration import load_text
+from harness.suite import Metric, Suite, SuiteContext
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of `fn` takes (CUDA events on a GPU, perf_counter on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    """Median, min and interquartile range of a list of timings."""
+    ordered = sorted(samples)
+    quartiles = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "min": ordered[0], "iqr": quartiles[2] - quartiles[0],
+            "rounds": len(ordered)}
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the tensors a generation cache holds (its own count when it keeps one)."""
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        return sum(cache.nbytes().values())
+    seen: set[int] = set()
+
+    def walk(x, depth: int) -> int:
+        if torch.is_tensor(x):
+            if x.data_ptr() in seen or x.numel() == 0:
+                return 0
+            seen.add(x.data_ptr())
+            return x.numel() * x.element_size()
+        if isinstance(x, (list, tuple)):
+            return sum(walk(y, depth) for y in x)
+        if isinstance(x, dict):
+            return sum(walk(y, depth) for y in x.values())
+        if depth < 4 and hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module):
+            return sum(walk(y, depth + 1) for y in vars(x).values())
+        return 0
+
+    return walk(cache, 0)
+
+
+class StepClock:
+    """A `generate` streamer that only records when each token arrives."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
+
+    def put(self, _tokens) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def steps(self) -> list[float]:
+        """Seconds per decode step: between consecutive new tokens (stamps: prompt, token 1, 2, ...)."""
+        return [b - a for a, b in zip(self.stamps[1:-1], self.stamps[2:])]
+
+
+@dataclass
+class SpeedSuite(Suite):
+    name = "speed"
+    description = "prefill tokens/s, decode ms/token at context x batch, cache bytes, peak memory; vs the uncompressed model in the same cell"
+
+    contexts: str = "128,512"  # prompt lengths, comma-separated
+    batches: str = "1,4"
+    new_tokens: int = 8  # decode steps timed per generate call
+    warmup: int = 1
+    repeats: int = 3
+
+    def validate(self) -> None:
+        _ints(self.contexts, "contexts")
+        _ints(self.batches, "batches")
+        if self.new_tokens < 2 or self.warmup < 0 or self.repeats < 1:
+            raise ValueError("need new_tokens >= 2, warmup >= 0 and repeats >= 1")
+
+    def prompts(self, tokenizer, context: int, batch: int) -> torch.Tensor:
+        ids = tokenizer(load_text(None, split="heldout"), add_special_tokens=False)["input_ids"]
+        rows = [(ids * (1 + (context * (b + 1)) // max(len(ids), 1)))[b * context: (b + 1) * context] for b in range(batch)]
+        return torch.tensor(rows, dtype=torch.long)
+
+    @torch.no_grad()
+    def measure(self, model, prompt: torch.Tensor) -> dict[str, Any]:
+        device = next(model.parameters()).device
+        prompt = prompt.to(device)
+        pad = getattr(model.generation_config, "pad_token_id", None) or getattr(model.config, "pad_token_id", None) or 0
+
+        def generate(clock=None):
+            return model.generate(prompt, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
+                                  do_sample=False, pad_token_id=pad, return_dict_in_generate=True, streamer=clock)
+
+        def prefill():
+            model(input_ids=prompt, use_cache=False)
+
+        for _ in range(self.warmup):
+            prefill()
+            generate()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        prefills, decodes = [], []
+        for _ in range(self.repeats):
+            prefills.append(timed(prefill, device))
+            clock = StepClock(device)
+            out = generate(clock)
+            decodes += clock.steps()
+        result = {"prefill": stats(prefills), "decode": stats(decodes), "cache_bytes": cache_bytes(out.past_key_values)}
+        if device.type == "cuda":
+            result["peak_memory"] = torch.cuda.max_memory_allocated(device)
+        return result
+
+    def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
+        from harness.provenance import device_name
+
+        contexts, batches = _ints(self.contexts, "contexts"), _ints(self.batches, "batches")
+        models = {"": model, **({"dense_": ctx.reference} if ctx.reference is not None else {})}
+        device = device_name(ctx.device)
+        advance = ctx.progress("speed", len(contexts) * len(batches) * len(models))
+        rows: list[Metric] = []
+        for context in contexts:
+            for batch in batches:
+                prompt = self.prompts(tokenizer, context, batch)
+                where = f"c{context}b{batch}"
+                found = {}
+                for prefix, m in models.items():  # interleaved per (context, batch): side by side
+                    found[prefix] = self.measure(m, prompt)
+                    advance()
+                for prefix, r in found.items():
+                    info = {"device": device, "context": context, "batch": batch, "new_tokens": self.new_tokens}
+                    rows += [
+                        Metric(f"{prefix}prefill_tokens_per_s/{where}", batch * context / r["prefill"]["median"], "tokens/s",
+                               {**info, **r["prefill"]}),
+                        Metric(f"{prefix}decode_ms_per_token/{where}", 1e3 * r["decode"]["median"], "ms",
+                               {**info, **{k: v * 1e3 if k != "rounds" else v for k, v in r["decode"].items()}}),
+                        Metric(f"{prefix}cache_bytes/{where}", r["cache_bytes"], "bytes", info),
+                    ]
+                    if "peak_memory" in r:
+                        rows.append(Metric(f"{prefix}peak_memory_bytes/{where}", r["peak_memory"], "bytes", info))
+                if "dense_" in found:
+                    ours, dense = found[""], found["dense_"]
+                    rows += [
+                        Metric(f"decode_speedup/{where}", dense["decode"]["median"] / max(ours["decode"]["median"], 1e-12),
+                               "x", {"device": device}),
+                        Metric(f"prefill_speedup/{where}", dense["prefill"]["median"] / ours["prefill"]["median"], "x",
+                               {"device": device}),
+                    ]
+        last = f"/c{contexts[-1]}b{batches[-1]}"
+        summary = [Metric(m.name.removesuffix(last), m.value, m.unit, {**m.details, "at": last[1:]})
+                   for m in rows if m.name.endswith(last)]
+        return rows + summary
