@@ -91,5 +91,16 @@ def parse_pairs(pairs: list[str] | None, *, flag: str) -> dict[str, str]:
     return out
 
 
+def parse_ints(text: str, what: str) -> list[int]:
+    """'4,8,16' -> [4, 8, 16] (sorted, unique): a suite parameter listing sizes; ValueError naming `what` otherwise."""
+    try:
+        values = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} must list positive integers, got {text!r}")
+    return sorted(set(values))
+
+
 def as_dict(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}

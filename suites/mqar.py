@@ -26,19 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harness.params import parse_ints
 from harness.suite import Metric, Suite, SuiteContext
 from harness.suites.ruler import model_device
-
-
-def parse_ints(text: str, what: str) -> list[int]:
-    """'4,8,16' -> [4, 8, 16]; ValueError naming `what` otherwise."""
-    try:
-        values = [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{what} must list positive integers, got {text!r}")
-    return sorted(set(values))
 
 
 @dataclass(frozen=True)

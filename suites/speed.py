@@ -27,17 +27,8 @@ from typing import Any, Callable
 import torch
 
 from harness.calibration import load_text
+from harness.params import parse_ints
 from harness.suite import Metric, Suite, SuiteContext
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{what} must be positive integers, got {text!r}")
-    return values
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -116,8 +107,8 @@ class SpeedSuite(Suite):
     repeats: int = 3
 
     def validate(self) -> None:
-        _ints(self.contexts, "contexts")
-        _ints(self.batches, "batches")
+        parse_ints(self.contexts, "contexts")
+        parse_ints(self.batches, "batches")
         if self.new_tokens < 2 or self.warmup < 0 or self.repeats < 1:
             raise ValueError("need new_tokens >= 2, warmup >= 0 and repeats >= 1")
 
@@ -158,7 +149,7 @@ class SpeedSuite(Suite):
     def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
         from harness.provenance import device_name
 
-        contexts, batches = _ints(self.contexts, "contexts"), _ints(self.batches, "batches")
+        contexts, batches = parse_ints(self.contexts, "contexts"), parse_ints(self.batches, "batches")
         models = {"": model, **({"dense_": ctx.reference} if ctx.reference is not None else {})}
         device = device_name(ctx.device)
         advance = ctx.progress("speed", len(contexts) * len(batches) * len(models))
