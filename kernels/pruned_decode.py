@@ -235,6 +235,23 @@ def pruned_decode_attention_torch(query, layer, mask, *, scaling: float, split: 
 if triton is not None:
 
     @triton.jit
+    def _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32: tl.constexpr):
+        """Fold one block of scores `s` (rows x tokens) and values `v` (tokens x dv) into the running
+        max, sum and accumulator of an online softmax (fp32)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DOT_F32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:  # p split into two 16-bit halves: ~16 mantissa bits of the fp32 weights
+            p_hi = p.to(v.dtype)
+            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+            pv = tl.dot(p_hi, v) + tl.dot(p_lo, v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+
+    @triton.jit
     def _mid_partial_kernel(
         q_ptr, ch_ptr, heads_ptr, k_ptr, v_ptr, m_ptr, a_ptr,
         hg, n_mid, per_split, n_slots, scaling,
@@ -279,19 +296,9 @@ if triton is not None:
             else:  # 16-bit q and k: exact products, fp32 accumulation
                 s = tl.dot(q, tl.trans(k))
             s = tl.where(nmask[None, :], s * scaling, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds a real token
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            # every block holds a real token, so the running max stays finite
             v = tl.load(v_base + offs[:, None] * DV + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-            if DOT_F32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:  # p split into two 16-bit halves: ~16 mantissa bits of the fp32 weights
-                p_hi = p.to(v.dtype)
-                p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
-                pv = tl.dot(p_hi, v) + tl.dot(p_lo, v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32)
 
         slot = (pid_b * HKV + head) * N_REP + rows  # (row, KV head, query head) of the buffers
         tl.store(m_ptr + slot * n_slots + pid_s, m_i, mask=rmask)
@@ -367,20 +374,9 @@ if triton is not None:
                 else:
                     s = s + mvals.to(tl.float32)
             s = tl.where((j < n_hw)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(hv_base + j[:, None] * DV + dd[None, :], mask=in_head[:, None] & dmask[None, :], other=0.0)
             v += tl.load(wv_base + w[:, None] * DV + dd[None, :], mask=in_win[:, None] & dmask[None, :], other=0.0)
-            if DOT_F32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:  # p split into two 16-bit halves: ~16 mantissa bits of the fp32 weights
-                p_hi = p.to(v.dtype)
-                p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
-                pv = tl.dot(p_hi, v) + tl.dot(p_lo, v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32)
         slot_row = bh * N_REP + rows  # (row, KV head, query head) of the buffers
         last = n_slots - 1
         tl.store(m_ptr + slot_row * n_slots + last, m_i, mask=rmask)
