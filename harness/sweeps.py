@@ -270,11 +270,12 @@ class _Driver:
             self.report.failed.append((task.labels[key.digest], error))
 
 
-def status(grid: Grid, store: str | Path) -> SweepReport:
-    """Which cells of the grid are done, failed or missing in the store (nothing runs)."""
+def status(grid: Grid, store: str | Path, tasks: list[Task] | None = None) -> SweepReport:
+    """Which cells of the grid are done, failed or missing in the store (nothing runs);
+    `tasks`: the grid already expanded (expanding hashes every model's weight files)."""
     from harness.store import COMPLETE, ResultStore
 
-    tasks = expand(grid)
+    tasks = expand(grid) if tasks is None else tasks
     report = SweepReport()
     reader = ResultStore(store, read_only=True) if Path(store).is_file() else None
     for task in tasks:
@@ -303,7 +304,7 @@ def sweep(grid: Grid | str | Path | None = None, *, store: str | Path = "harness
         grid = Grid.load(grid, **grid_fields)
     tasks = expand(grid)
     results = ResultStore(store)
-    report = status(grid, store)
+    report = status(grid, store, tasks)
     todo = []
     with bars(progress) as display:
         driver = _Driver(results, report, display.task("sweep", sum(len(t.keys) for t in tasks)))
@@ -320,7 +321,7 @@ def sweep(grid: Grid | str | Path | None = None, *, store: str | Path = "harness
             _run_local(todo, grid, driver, display if progress else None)
         else:
             _run_ray(todo, grid, driver, address, max_retries)
-    report.status = status(grid, store).status
+    report.status = status(grid, store, tasks).status
     return report
 
 
