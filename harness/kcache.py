@@ -56,19 +56,49 @@ class KeyChannelPlan:
         return out
 
 
+# Middle storage grows in place: a decode step appends one slot instead of copying the whole
+# middle (which would move the cache through memory at every step). The first fill (the prompt)
+# is allocated exactly; a later append that does not fit regrows with this much room to spare.
+GROWTH_MIN_SLOTS = 256
+GROWTH_FRACTION = 1 / 8
+
+
+def _append(store: torch.Tensor | None, used: int, new: torch.Tensor) -> torch.Tensor:
+    """Write `new` (B, H, n, w) after the first `used` slots of `store` (B, H, capacity, w),
+    regrowing it when full; returns the store (possibly a new tensor)."""
+    need = used + new.shape[-2]
+    if store is None or store.shape[-2] < need:
+        spare = 0 if store is None else max(GROWTH_MIN_SLOTS, int(used * GROWTH_FRACTION))
+        grown = new.new_empty(*new.shape[:-2], need + spare, new.shape[-1])
+        if used:
+            grown[:, :, :used].copy_(store[:, :, :used])
+        store = grown
+    store[:, :, used:need].copy_(new)
+    return store
+
+
 @dataclass
 class HeadGroup:
     """KV heads that keep the same number of channels, and their middle storage."""
 
     heads: torch.Tensor  # (Hg,)
     channels: torch.Tensor  # (B, Hg, count)
-    mid_keys: torch.Tensor | None = None  # (B, Hg, n_mid, count)
-    mid_values: torch.Tensor | None = None  # (B, Hg, n_mid, dv)
+    mid_keys: torch.Tensor | None = None  # (B, Hg, n_mid, count): a view of keys_store
+    mid_values: torch.Tensor | None = None  # (B, Hg, n_mid, dv): a view of values_store
     value_sum: torch.Tensor | None = None  # (B, Hg, dv) float32, heads keeping 0 channels
+    keys_store: torch.Tensor | None = None  # (B, Hg, capacity, count)
+    values_store: torch.Tensor | None = None  # (B, Hg, capacity, dv)
 
     @property
     def count(self) -> int:
         return self.channels.shape[-1]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
+        """Append middle slots: kept-channel keys (B, Hg, n, count) and values (B, Hg, n, dv)."""
+        self.keys_store = _append(self.keys_store, used, keys)
+        self.values_store = _append(self.values_store, used, values)
+        n = used + keys.shape[-2]
+        self.mid_keys, self.mid_values = self.keys_store[:, :, :n], self.values_store[:, :, :n]
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor, dim: int = -2) -> torch.Tensor:
@@ -173,8 +203,7 @@ class PrunedKLayer(CacheLayerMixin):
             keys = old_k.index_select(1, g.heads)
             if g.count or not self.plan.value_sum:
                 idx = g.channels[:, :, None, :].expand(-1, -1, excess, -1)
-                g.mid_keys = _cat(g.mid_keys, keys.gather(-1, idx))
-                g.mid_values = _cat(g.mid_values, old_v.index_select(1, g.heads))
+                g.append(keys.gather(-1, idx), old_v.index_select(1, g.heads), self.n_mid)
             else:
                 part = old_v.index_select(1, g.heads).float().sum(-2)
                 g.value_sum = part if g.value_sum is None else g.value_sum + part
@@ -183,11 +212,12 @@ class PrunedKLayer(CacheLayerMixin):
         self.win_k, self.win_v = self.win_k[:, :, excess:].clone(), self.win_v[:, :, excess:].clone()
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes this layer's storage allocates, split into keys and values."""
+        """Bytes this layer's storage allocates, split into keys and values (the middle's spare
+        room for decoded tokens included: at most GROWTH_FRACTION of it, or GROWTH_MIN_SLOTS)."""
         def size(t):
             return 0 if t is None else t.numel() * t.element_size()
-        keys = size(self.head_k) + size(self.win_k) + sum(size(g.mid_keys) for g in self.groups)
-        values = size(self.head_v) + size(self.win_v) + sum(size(g.mid_values) + size(g.value_sum) for g in self.groups)
+        keys = size(self.head_k) + size(self.win_k) + sum(size(g.keys_store) for g in self.groups)
+        values = size(self.head_v) + size(self.win_v) + sum(size(g.values_store) + size(g.value_sum) for g in self.groups)
         return {"keys": keys, "values": values}
 
 

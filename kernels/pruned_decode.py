@@ -3,39 +3,40 @@
 `pruned_decode_attention(query, layer, mask, scaling=...)` computes what
 `harness.kernels.pruned_attention.pruned_cache_attention` computes for a single query slot
 (L == 1), reading a `harness.kcache.PrunedKLayer`. Nearly all of a long context's bytes sit in the
-middle segment, so that is what the main kernel streams:
+middle segment, so the plan is built around streaming it once, evenly over the whole GPU:
 
-- middle, heads keeping c > 0 channels (or all heads when `value_sum` is off): one Triton launch
-  per group, grid (split, KV head of the group, batch). A program gathers the n_rep query heads
-  that share its KV head to the (row, head)'s kept channels once, streams its slice of `mid_keys`
-  (c channels) and `mid_values` in blocks of BLOCK_N tokens, and keeps the online-softmax state
-  (running max, sum, dv accumulator) in fp32 for each query head; it writes one partial per split.
-- middle, heads keeping 0 channels with a value sum: no key or value is read; their n_mid scores
-  are exactly 0, so the partial is (max 0, sum n_mid, acc value_sum): the reference's one column
-  of weight n_mid.
-- head and window segments (sink + max left pad + recent + 1 slots at most), all KV heads. The
-  LeanK full-channel rule is applied as in the reference: a slot is scored with all channels when
-  it is one of its row's first `sink` real tokens or one of the last `recent` slots, with the kept
-  channels otherwise (in decode the oldest window slot, and in less padded rows the head's extra
-  slots, are such slots). The mask applies here only (middle slots are never pads).
-- every partial is merged by a log-sum-exp combine.
+- The middle of every head that keeps c > 0 channels (or of every head, with `value_sum` off) is
+  cut into S splits of whole token blocks (S the same for all heads of the call, chosen so that
+  there are a few work items per SM). A work item (row, KV head, split) gathers the n_rep query
+  heads sharing its KV head to that (row, head)'s kept channels once, streams its token range of
+  the group's `mid_keys` (c channels) and `mid_values` in blocks of BLOCK_N tokens, keeps an online
+  softmax (running max, sum, dv accumulator) in fp32 per query head, and writes one partial.
+- Heads keeping 0 channels with a value sum read no middle key or value: their n_mid scores are
+  exactly 0, so their middle partial is (max 0, sum n_mid, acc value_sum).
+- The head and window segments (sink + max left pad + recent + 1 slots at most) give one more
+  partial per (row, KV head). The LeanK full-channel rule is applied as in the reference: a slot is
+  scored with all channels when it is one of its row's first `sink` real tokens or one of the last
+  `recent` slots, with the kept channels otherwise. The mask applies here only (middle slots are
+  never pads).
+- A log-sum-exp merge of each query head's partials gives the output.
 
-Partials live in two fp32 buffers: max (B, Hkv, n_rep, S + 1) and acc (B, Hkv, n_rep, S + 1, dv + 1)
-whose last column is the softmax sum; slots 0..S-1 are the middle's splits, slot S the head/window.
+Partials live in two fp32 buffers: max (B, Hkv, n_rep, P) and acc (B, Hkv, n_rep, P, dv + 1) whose
+last column is the softmax sum; slots 0..S-1 hold the middle's splits (slot 0 alone for value-sum
+heads), slot P - 1 the head and window.
 
 Two implementations of that plan:
-- `pruned_decode_attention_torch`, plain torch throughout (head/window and merge in batched torch
-  ops, the middle's splits in a torch loop), so the split/merge logic runs and is tested without
-  Triton or a GPU;
-- the Triton path (`_pruned_decode_triton`): the middle kernel, plus a small kernel for the
-  head/window partial (which also writes the value-sum heads' middle partial) and one for the
-  merge. Doing those two in torch, as first planned, cost more than it saved on an H100 at
-  Llama-3.1-8B shapes (batch 52 x 4k, bf16): about 80 to 140 us of GPU time in some 40 small
-  kernels (next to about 200 us for the middle) and about 1 ms of CPU launch time per call.
+- `pruned_decode_attention_torch`, plain torch throughout, so the split/merge logic runs and is
+  tested without Triton or a GPU;
+- the Triton path (`_pruned_decode_triton`): ONE launch computes every partial (work items of all
+  kept-count groups, up to GROUPS_PER_LAUNCH groups each compiled for its own c, and the
+  head/window items, scheduled first), and one small launch merges them. An earlier version
+  launched once per group plus once for the head/window; each launch ended in a partly idle GPU
+  (1.21x over SDPA at batch 52 x 4k on an H100 instead of the 1.45x aimed at).
 The public function takes the Triton path for CUDA tensors and the torch twin otherwise.
 Accumulation is fp32; inputs may be fp16, bf16 or fp32 (16-bit q.k products are exact, and the
 softmax weights enter p @ v as two 16-bit halves); any c, d and dv (padded to powers of two with
-masks); n_mid may be 0.
+masks); n_mid may be 0. Middle tensors may be views of a larger store (the cache's spare room):
+only their last two dimensions must be contiguous.
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 __all__ = ["pruned_decode_attention", "pruned_decode_attention_torch"]
 
 # launch settings (module attributes, read at each call, so a benchmark can tune them)
-# (tuned on an H100 at Llama-3.1-8B shapes, bf16: docs/scripts/bench_pruned_decode.py; fp32 inputs
+# (tuned on an H100 at Llama-3.1-8B shapes, bf16: harness/bench/pruned_decode.py; fp32 inputs
 # use blocks of at most 64 tokens and 2 stages, to fit shared memory)
 BLOCK_N = 128  # middle tokens per kernel iteration
 MIN_BLOCKS_PER_SPLIT = 4  # a split streams at least this many blocks (when there are that many)
-PROGRAMS_PER_SM = 2  # default split count: about this many programs per SM in each launch
+ITEMS_PER_SM = 8  # middle work items per SM the split count aims at
 NUM_WARPS, NUM_STAGES = 4, 2
+GROUPS_PER_LAUNCH = 4  # kept-count groups one launch handles (more groups: more launches)
 
 
 # --- per-layer constants, cached on device so a decode step copies nothing from the host --------
@@ -125,7 +127,31 @@ def _check(query, layer):
         raise ValueError(f"{query.shape[1]} query heads do not share {layer.num_heads} KV heads evenly")
 
 
-# --- the torch twin: head/window partial, value-sum partial, merge, driver, middle ---------------
+def _split_groups(layer):
+    """(groups whose middle the kernel streams, the value-sum group or None); none without a middle."""
+    if not layer.n_mid:
+        return [], None
+    kernel = [g for g in layer.groups if g.mid_values is not None]
+    sums = [g for g in layer.groups if g.mid_values is None]
+    if len(sums) > 1:  # groups are by channel count: only the 0-channel one keeps a value sum
+        raise NotImplementedError("more than one group of heads with a value sum")
+    return kernel, (sums[0] if sums else None)
+
+
+def _split_plan(n_mid: int, rows: int, block: int, split: int | None, sms: int) -> tuple[int, int]:
+    """(S, tokens per split): S splits of whole blocks of the middle for each of `rows` (row, KV
+    head) pairs; by default about ITEMS_PER_SM work items per SM, each at least
+    MIN_BLOCKS_PER_SPLIT blocks long. No split is empty."""
+    if not n_mid or not rows:
+        return 0, 0
+    blocks = -(-n_mid // block)
+    if split is None:
+        split = min(-(-ITEMS_PER_SM * sms // rows), max(1, blocks // MIN_BLOCKS_PER_SPLIT))
+    per_blocks = -(-blocks // max(1, int(split)))
+    return -(-blocks // per_blocks), per_blocks * block
+
+
+# --- the torch twin: head/window partial, value-sum partial, middle splits, merge -----------------
 
 def _head_window(q, layer, mask, consts, scaling: float, out_m, out_acc):
     """Partial softmax state over the head and window segments, all KV heads, written to
@@ -159,62 +185,14 @@ def _head_window(q, layer, mask, consts, scaling: float, out_m, out_acc):
     out_acc[..., -1] = p.sum(-1)
 
 
-def _value_sum_partial(group, heads, n_mid: int, m_buf, acc_buf):
-    """Heads keeping 0 channels: n_mid scores of exactly 0 whose values sum to value_sum (slot 0).
-    index_fill_/index_copy_ on slot views: no host scalar goes to the device (CUDA-graph safe)."""
+def _middle_torch(query, group, heads, splits: int, per: int, n_mid: int, m_buf, acc_buf, scaling: float):
+    """The middle partials of one group's heads: slots 0..splits-1 (token ranges of `per`)."""
+    b, hq, _, d = query.shape
     n_rep = m_buf.shape[2]
-    m_buf[..., 0].index_fill_(1, heads, 0.0)
-    acc_buf[..., 0, -1].index_fill_(1, heads, float(n_mid))
-    acc_buf[..., 0, :-1].index_copy_(1, heads, group.value_sum.float()[:, :, None, :].expand(-1, -1, n_rep, -1))
-
-
-def _combine(m_buf, acc_buf):
-    """Log-sum-exp merge over the slot axis; empty splits hold max -inf and weigh exp(-inf) = 0."""
-    w = torch.exp(m_buf - m_buf.amax(-1, keepdim=True))
-    merged = (w[..., None, :] @ acc_buf).squeeze(-2)  # (B, Hkv, n_rep, dv + 1)
-    return merged[..., :-1] / merged[..., -1:]
-
-
-def _decode(query, layer, mask, scaling: float, splits_for, middle):
-    """Driver of the torch twin. `splits_for(n_mid, kernel_groups)`: the number of split slots S and each
-    kernel group's split count; `middle(query, group, heads, splits, n_mid, m_buf, acc_buf, scaling)`
-    writes that group's partials to slots 0..S-1 (all of them; unused ones as (-inf, 0))."""
-    _check(query, layer)
-    b, hq, _, d = query.shape
-    hkv, dv = layer.num_heads, layer.value_dim
-    n_rep = hq // hkv
-    n_mid = layer.n_mid
-    consts = _layer_consts(layer, b, query.device)
-    kernel_groups = [g for g in layer.groups if g.mid_values is not None] if n_mid else []
-    sum_groups = [g for g in layer.groups if g.mid_values is None] if n_mid else []
-    n_slots, splits = splits_for(n_mid, kernel_groups) if kernel_groups else (1 if sum_groups else 0, [])
-    if sum_groups:  # slots they leave unset must read as empty
-        m_buf = torch.full((b, hkv, n_rep, n_slots + 1), float("-inf"), dtype=torch.float32, device=query.device)
-        acc_buf = torch.zeros(b, hkv, n_rep, n_slots + 1, dv + 1, dtype=torch.float32, device=query.device)
-    else:  # the kernel groups cover every head and write every slot
-        m_buf = torch.empty(b, hkv, n_rep, n_slots + 1, dtype=torch.float32, device=query.device)
-        acc_buf = torch.empty(b, hkv, n_rep, n_slots + 1, dv + 1, dtype=torch.float32, device=query.device)
-    q = query.reshape(b, hkv, n_rep, d).float()
-    _head_window(q, layer, mask, consts, scaling, m_buf[..., n_slots], acc_buf[..., n_slots, :])
-    for g in sum_groups:
-        _value_sum_partial(g, consts.heads[id(g)], n_mid, m_buf, acc_buf)
-    for g, s in zip(kernel_groups, splits):
-        middle(query, g, consts.heads[id(g)], s, n_mid, m_buf, acc_buf, scaling)
-    return _combine(m_buf, acc_buf).reshape(b, 1, hq, dv).to(query.dtype)
-
-
-def _middle_torch(query, group, heads, splits: int, n_mid: int, m_buf, acc_buf, scaling: float):
-    b, hq, _, d = query.shape
-    hg, n_rep, n_slots = len(heads), m_buf.shape[2], m_buf.shape[-1] - 1
     q = query.reshape(b, hq // n_rep, n_rep, d).index_select(1, heads).float()
     q = q.gather(-1, group.channels.to(query.device)[:, :, None, :].expand(-1, -1, n_rep, -1))  # (B, Hg, n_rep, c)
-    per = -(-n_mid // splits)
-    for s in range(n_slots):
+    for s in range(splits):
         lo, hi = s * per, min(n_mid, (s + 1) * per)
-        if lo >= hi:  # an empty split, as the kernel writes it
-            m_buf[:, heads, :, s] = float("-inf")
-            acc_buf[:, heads, :, s] = 0.0
-            continue
         scores = (q @ group.mid_keys[:, :, lo:hi].float().transpose(-1, -2)) * scaling
         m = scores.amax(-1)
         p = torch.exp(scores - m[..., None])
@@ -224,10 +202,30 @@ def _middle_torch(query, group, heads, splits: int, n_mid: int, m_buf, acc_buf, 
 
 
 def pruned_decode_attention_torch(query, layer, mask, *, scaling: float, split: int | None = None):
-    """Plain-torch twin of the Triton path: same segments, same split partials, same merge.
-    `split`: number of splits of the middle (default 1). Returns (B, 1, Hq, dv) in query's dtype."""
-    splits = max(1, int(split or 1))
-    return _decode(query, layer, mask, scaling, lambda n_mid, groups: (splits, [splits] * len(groups)), _middle_torch)
+    """Plain-torch twin of the Triton path: same partials (S = `split` splits of the middle,
+    default 1; the value sum; the head and window), same merge. Slots a head does not use hold
+    the empty partial (max -inf, sum 0). Returns (B, 1, Hq, dv) in query's dtype."""
+    _check(query, layer)
+    b, hq, _, d = query.shape
+    hkv, dv, n_rep, n_mid = layer.num_heads, layer.value_dim, hq // layer.num_heads, layer.n_mid
+    consts = _layer_consts(layer, b, query.device)
+    kernel_groups, sum_group = _split_groups(layer)
+    splits, per = _split_plan(n_mid, b * sum(len(g.heads) for g in kernel_groups), 1, split or 1, 1)
+    n_slots = max(splits, sum_group is not None) + 1
+    m_buf = torch.full((b, hkv, n_rep, n_slots), float("-inf"), dtype=torch.float32, device=query.device)
+    acc_buf = torch.zeros(b, hkv, n_rep, n_slots, dv + 1, dtype=torch.float32, device=query.device)
+    q = query.reshape(b, hkv, n_rep, d).float()
+    _head_window(q, layer, mask, consts, scaling, m_buf[..., -1], acc_buf[..., -1, :])
+    if sum_group is not None:  # n_mid scores of exactly 0 whose values sum to value_sum, in slot 0
+        heads = consts.heads[id(sum_group)]
+        m_buf[:, heads, :, 0] = 0.0
+        acc_buf[:, heads, :, 0, :-1] = sum_group.value_sum.float()[:, :, None, :]
+        acc_buf[:, heads, :, 0, -1] = float(n_mid)
+    for g in kernel_groups:
+        _middle_torch(query, g, consts.heads[id(g)], splits, per, n_mid, m_buf, acc_buf, scaling)
+    w = torch.exp(m_buf - m_buf.amax(-1, keepdim=True))  # empty slots: exp(-inf) = 0
+    merged = (w[..., None, :] @ acc_buf).squeeze(-2)  # (B, Hkv, n_rep, dv + 1)
+    return (merged[..., :-1] / merged[..., -1:]).reshape(b, 1, hq, dv).to(query.dtype)
 
 
 # --- the Triton path ---------------------------------------------------------------------------
@@ -250,20 +248,29 @@ if triton is not None:
             pv = tl.dot(p_hi, v) + tl.dot(p_lo, v)
         return m_new, l_i, acc * alpha[:, None] + pv
 
+    @triton.jit
+    def _store_partial(m_ptr, a_ptr, slot_row, slot, n_slots, m_i, l_i, acc, rmask, dd, dmask, DV: tl.constexpr):
+        """Write one partial (max, acc, sum) of the query-head rows `slot_row` at `slot`."""
+        tl.store(m_ptr + slot_row * n_slots + slot, m_i, mask=rmask)
+        a_row = a_ptr + (slot_row * n_slots + slot) * (DV + 1)
+        tl.store(a_row[:, None] + dd[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+        tl.store(a_row + DV, l_i, mask=rmask)
 
     @triton.jit
-    def _mid_partial_kernel(
-        q_ptr, ch_ptr, heads_ptr, k_ptr, v_ptr, m_ptr, a_ptr,
-        hg, n_mid, per_split, n_slots, scaling,
+    def _middle_item(
+        item, q_ptr, m_ptr, a_ptr, ch_ptr, heads_ptr, k_ptr, v_ptr, hg, k_hs, v_hs,
+        n_mid, per_split, n_split, n_slots, scaling,
         HQ: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
         C: tl.constexpr, C_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
         BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        """All tensors contiguous: query (B, HQ, 1, D); channels (B, hg, C); keys (B, hg, n_mid, C);
-        values (B, hg, n_mid, DV); max (B, HKV, N_REP, n_slots); acc (B, HKV, N_REP, n_slots, DV + 1)."""
-        pid_s = tl.program_id(0)
-        pid_h = tl.program_id(1).to(tl.int64)
-        pid_b = tl.program_id(2).to(tl.int64)
+        """Work item (row, head of the group, split) -> its middle partial. Channels (B, hg, C)
+        contiguous; keys / values: (row, head) at `k_hs` / `v_hs` element strides (row stride
+        hg x that), tokens contiguous rows of C / DV."""
+        pid_s = item % n_split
+        rest = item // n_split
+        pid_h = (rest % hg).to(tl.int64)
+        pid_b = (rest // hg).to(tl.int64)
         bh = pid_b * hg + pid_h  # (row, head of the group)
         head = tl.load(heads_ptr + pid_h).to(tl.int64)  # the KV head's index in the layer
         rows = tl.arange(0, REP_P)
@@ -280,8 +287,8 @@ if triton is not None:
         if DOT_F32:
             q = q.to(tl.float32)
 
-        k_base = k_ptr + bh * n_mid * C
-        v_base = v_ptr + bh * n_mid * DV
+        k_base = k_ptr + bh * k_hs
+        v_base = v_ptr + bh * v_hs
         start = pid_s * per_split
         end = tl.minimum(start + per_split, n_mid)
         m_i = tl.full([REP_P], float("-inf"), tl.float32)
@@ -296,34 +303,29 @@ if triton is not None:
             else:  # 16-bit q and k: exact products, fp32 accumulation
                 s = tl.dot(q, tl.trans(k))
             s = tl.where(nmask[None, :], s * scaling, float("-inf"))
-            # every block holds a real token, so the running max stays finite
+            # every block holds a real token (no split is empty), so the running max stays finite
             v = tl.load(v_base + offs[:, None] * DV + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32)
-
-        slot = (pid_b * HKV + head) * N_REP + rows  # (row, KV head, query head) of the buffers
-        tl.store(m_ptr + slot * n_slots + pid_s, m_i, mask=rmask)
-        a_row = a_ptr + (slot * n_slots + pid_s) * (DV + 1)
-        tl.store(a_row[:, None] + dd[None, :], acc, mask=rmask[:, None] & dmask[None, :])
-        tl.store(a_row + DV, l_i, mask=rmask)
-
+        slot_row = (pid_b * HKV + head) * N_REP + rows  # (row, KV head, query head) of the buffers
+        _store_partial(m_ptr, a_ptr, slot_row, pid_s, n_slots, m_i, l_i, acc, rmask, dd, dmask, DV)
 
     @triton.jit
-    def _head_window_kernel(
-        q_ptr, keep_ptr, sink_end_ptr, hk_ptr, hv_ptr, wk_ptr, wv_ptr, mask_ptr, smask_b, smask_h, smask_t,
-        sum_index_ptr, sum_ptr, sum_hg, m_ptr, a_ptr,
+    def _head_window_item(
+        item, q_ptr, m_ptr, a_ptr, keep_ptr, sink_end_ptr, hk_ptr, hv_ptr, wk_ptr, wv_ptr,
+        mask_ptr, smask_b, smask_h, smask_t, sum_index_ptr, sum_ptr, sum_hg,
         n_head, n_mid, n_win, recent, n_slots, scaling,
         HQ: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
         D: tl.constexpr, D_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
         BLOCK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        """One program per (row, KV head): the partial over the head and window segments (slot
-        n_slots - 1 of the buffers), with the full-channel rule and the mask; for a value-sum head
-        also the middle's partial (slot 0: max 0, sum n_mid, acc value_sum; other splits empty).
-        Contiguous: query (B, HQ, 1, D); keep (B, HKV, D) fp32; head K/V (B, HKV, n_head, D|DV);
-        window K/V (B, HKV, n_win, D|DV); value sums (B, sum_hg, DV) fp32. MASK_KIND: 0 none,
-        1 bool (False: the most negative fp32 is added), 2 additive; the mask row is read at slot t."""
-        pid_h = tl.program_id(0).to(tl.int64)
-        pid_b = tl.program_id(1).to(tl.int64)
+        """Work item (row, KV head) -> the partial over the head and window segments (slot
+        n_slots - 1), with the full-channel rule and the mask; for a value-sum head also the
+        middle's partial (slot 0: max 0, sum n_mid, acc value_sum). Contiguous: query (B, HQ, 1, D);
+        keep (B, HKV, D) fp32; head K/V (B, HKV, n_head, D|DV); window K/V (B, HKV, n_win, D|DV);
+        value sums (B, sum_hg, DV) fp32. MASK_KIND: 0 none, 1 bool (False: the most negative fp32
+        is added), 2 additive; the mask row is read at slot t."""
+        pid_h = (item % HKV).to(tl.int64)
+        pid_b = (item // HKV).to(tl.int64)
         bh = pid_b * HKV + pid_h
         rows = tl.arange(0, REP_P)
         rmask = rows < N_REP
@@ -378,47 +380,94 @@ if triton is not None:
             v += tl.load(wv_base + w[:, None] * DV + dd[None, :], mask=in_win[:, None] & dmask[None, :], other=0.0)
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32)
         slot_row = bh * N_REP + rows  # (row, KV head, query head) of the buffers
-        last = n_slots - 1
-        tl.store(m_ptr + slot_row * n_slots + last, m_i, mask=rmask)
-        a_row = a_ptr + (slot_row * n_slots + last) * (DV + 1)
-        tl.store(a_row[:, None] + dd[None, :], acc, mask=rmask[:, None] & dmask[None, :])
-        tl.store(a_row + DV, l_i, mask=rmask)
+        _store_partial(m_ptr, a_ptr, slot_row, n_slots - 1, n_slots, m_i, l_i, acc, rmask, dd, dmask, DV)
 
         vi = tl.load(sum_index_ptr + pid_h)
         if vi >= 0:  # a head keeping 0 channels: n_mid scores of exactly 0 whose values sum to value_sum
             vsum = tl.load(sum_ptr + (pid_b * sum_hg + vi) * DV + dd, mask=dmask, other=0.0)
             zeros = tl.zeros([REP_P], tl.float32)
-            tl.store(m_ptr + slot_row * n_slots, zeros, mask=rmask)
-            a0 = a_ptr + slot_row * n_slots * (DV + 1)
-            tl.store(a0[:, None] + dd[None, :], zeros[:, None] + vsum[None, :], mask=rmask[:, None] & dmask[None, :])
-            tl.store(a0 + DV, zeros + n_mid, mask=rmask)
-            for sp in range(1, last):  # the other split slots: empty
-                tl.store(m_ptr + slot_row * n_slots + sp, zeros + float("-inf"), mask=rmask)
-                a_s = a_ptr + (slot_row * n_slots + sp) * (DV + 1)
-                tl.store(a_s[:, None] + dd[None, :], tl.zeros([REP_P, DV_P], tl.float32),
-                         mask=rmask[:, None] & dmask[None, :])
-                tl.store(a_s + DV, zeros, mask=rmask)
+            _store_partial(m_ptr, a_ptr, slot_row, 0, n_slots, zeros, zeros + n_mid, zeros[:, None] + vsum[None, :],
+                           rmask, dd, dmask, DV)
 
     @triton.jit
-    def _combine_kernel(m_ptr, a_ptr, out_ptr, n_slots, DV: tl.constexpr, DV_P: tl.constexpr, SB: tl.constexpr):
-        """Log-sum-exp merge of the n_slots partials of one query head (program = (row, query head));
-        out (B, 1, HQ, DV) is laid out as the buffers' (row, KV head, query head) order."""
+    def _partials_kernel(
+        q_ptr, m_ptr, a_ptr, n_rows, n_mid, per_split, n_split, n_slots, scaling,
+        keep_ptr, sink_end_ptr, hk_ptr, hv_ptr, wk_ptr, wv_ptr, mask_ptr, smask_b, smask_h, smask_t,
+        sum_index_ptr, sum_ptr, sum_hg, n_head, n_win, recent,
+        ch0, hd0, k0, v0, hg0, khs0, vhs0, ch1, hd1, k1, v1, hg1, khs1, vhs1,
+        ch2, hd2, k2, v2, hg2, khs2, vhs2, ch3, hd3, k3, v3, hg3, khs3, vhs3,
+        HQ: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
+        D: tl.constexpr, D_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
+        HAS_HW: tl.constexpr, HW_BLOCK: tl.constexpr, MASK_KIND: tl.constexpr, HW_DOT_F32: tl.constexpr,
+        NG: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+        CP0: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr, CP3: tl.constexpr,
+        BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        """Every partial of one decode step in one launch: programs 0..n_rows*HKV-1 the head/window
+        items (when HAS_HW; first, so the long middle items do not wait behind them), then the
+        middle items of group 0, 1, ... (NG groups, each compiled for its channel count)."""
+        pid = tl.program_id(0)
+        n_hw = n_rows * HKV if HAS_HW else 0
+        if pid < n_hw:
+            _head_window_item(pid, q_ptr, m_ptr, a_ptr, keep_ptr, sink_end_ptr, hk_ptr, hv_ptr, wk_ptr, wv_ptr,
+                              mask_ptr, smask_b, smask_h, smask_t, sum_index_ptr, sum_ptr, sum_hg,
+                              n_head, n_mid, n_win, recent, n_slots, scaling,
+                              HQ, HKV, N_REP, REP_P, D, D_P, DV, DV_P, HW_BLOCK, MASK_KIND, HW_DOT_F32)
+        item = pid - n_hw
+        e0 = n_rows * hg0 * n_split
+        if (item >= 0) & (item < e0):
+            _middle_item(item, q_ptr, m_ptr, a_ptr, ch0, hd0, k0, v0, hg0, khs0, vhs0,
+                         n_mid, per_split, n_split, n_slots, scaling,
+                         HQ, D, HKV, N_REP, REP_P, C0, CP0, DV, DV_P, BLOCK, DOT_F32)
+        if NG > 1:
+            e1 = e0 + n_rows * hg1 * n_split
+            if (item >= e0) & (item < e1):
+                _middle_item(item - e0, q_ptr, m_ptr, a_ptr, ch1, hd1, k1, v1, hg1, khs1, vhs1,
+                             n_mid, per_split, n_split, n_slots, scaling,
+                             HQ, D, HKV, N_REP, REP_P, C1, CP1, DV, DV_P, BLOCK, DOT_F32)
+            if NG > 2:
+                e2 = e1 + n_rows * hg2 * n_split
+                if (item >= e1) & (item < e2):
+                    _middle_item(item - e1, q_ptr, m_ptr, a_ptr, ch2, hd2, k2, v2, hg2, khs2, vhs2,
+                                 n_mid, per_split, n_split, n_slots, scaling,
+                                 HQ, D, HKV, N_REP, REP_P, C2, CP2, DV, DV_P, BLOCK, DOT_F32)
+                if NG > 3:
+                    if item >= e2:
+                        _middle_item(item - e2, q_ptr, m_ptr, a_ptr, ch3, hd3, k3, v3, hg3, khs3, vhs3,
+                                     n_mid, per_split, n_split, n_slots, scaling,
+                                     HQ, D, HKV, N_REP, REP_P, C3, CP3, DV, DV_P, BLOCK, DOT_F32)
+
+    @triton.jit
+    def _merge_kernel(m_ptr, a_ptr, out_ptr, sum_index_ptr, n_split, has_mid, n_slots,
+                      HKV: tl.constexpr, N_REP: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
+                      SB: tl.constexpr):
+        """Log-sum-exp merge of one query head's partials (program = (row, query head)): its middle
+        slots (S splits, 1 for a value-sum head, none without a middle) and the last slot (head and
+        window); the buffers are not initialized, so other slots are never read. out (B, 1, HQ, DV)
+        is laid out as the buffers' (row, KV head, query head) order."""
         r = tl.program_id(0).to(tl.int64)
+        head = (r // N_REP) % HKV
+        is_sum = (tl.load(sum_index_ptr + head) >= 0).to(tl.int32)
+        n_used = (is_sum + (1 - is_sum) * n_split) * has_mid  # int32 arithmetic: the ints may be constexprs
+        last = n_slots - 1
         dd = tl.arange(0, DV_P)
         dmask = dd < DV
         sb = tl.arange(0, SB)
         m = tl.full([SB], float("-inf"), tl.float32)
         for s0 in range(0, n_slots, SB):
-            m = tl.maximum(m, tl.load(m_ptr + r * n_slots + s0 + sb, mask=s0 + sb < n_slots, other=float("-inf")))
+            s = s0 + sb
+            valid = (s < n_used) | (s == last)
+            m = tl.maximum(m, tl.load(m_ptr + r * n_slots + s, mask=valid, other=float("-inf")))
         m_all = tl.max(m, 0)
         l_sum = tl.zeros([SB], tl.float32)
         acc = tl.zeros([SB, DV_P], tl.float32)
         for s0 in range(0, n_slots, SB):
-            smask = s0 + sb < n_slots
-            w = tl.exp(tl.load(m_ptr + r * n_slots + s0 + sb, mask=smask, other=float("-inf")) - m_all)  # empty: 0
-            a_rows = a_ptr + (r * n_slots + s0 + sb) * (DV + 1)
-            acc += w[:, None] * tl.load(a_rows[:, None] + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-            l_sum += w * tl.load(a_rows + DV, mask=smask, other=0.0)
+            s = s0 + sb
+            valid = (s < n_used) | (s == last)
+            w = tl.exp(tl.load(m_ptr + r * n_slots + s, mask=valid, other=float("-inf")) - m_all)  # unused: 0
+            a_rows = a_ptr + (r * n_slots + s) * (DV + 1)
+            acc += w[:, None] * tl.load(a_rows[:, None] + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+            l_sum += w * tl.load(a_rows + DV, mask=valid, other=0.0)
         out = tl.sum(acc, 0) / tl.sum(l_sum, 0)
         tl.store(out_ptr + r * DV + dd, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -437,20 +486,8 @@ def _sm_count(device) -> int:
 
 
 def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(n)) if n > 0 else least
-
-
-def _triton_splits(query, split):
-    def splits_for(n_mid, groups):
-        if split is not None:
-            s = max(1, int(split))
-            return s, [s] * len(groups)
-        blocks = -(-n_mid // BLOCK_N)
-        most = max(1, blocks // MIN_BLOCKS_PER_SPLIT)
-        target = PROGRAMS_PER_SM * _sm_count(query.device)  # programs per launch: fill the GPU, hide latency
-        per_group = [max(1, min(most, -(-target // (query.shape[0] * len(g.heads))))) for g in groups]
-        return max(per_group), per_group
-    return splits_for
+    """The next power of two >= n, at least `least` (plain Python: this runs at every decode step)."""
+    return max(least, 1 << (n - 1).bit_length()) if n > 0 else least
 
 
 def _dot_f32(query, keys, values) -> bool:
@@ -460,30 +497,23 @@ def _dot_f32(query, keys, values) -> bool:
     return not half or (keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _middle_triton(query, group, heads, splits: int, n_mid: int, m_buf, acc_buf, scaling: float):
-    keys, values, channels = group.mid_keys.contiguous(), group.mid_values.contiguous(), group.channels.contiguous()
-    b, hg, _, c = keys.shape
-    hq, d = query.shape[1], query.shape[3]
-    hkv, n_rep, n_slots = m_buf.shape[1], m_buf.shape[2], m_buf.shape[-1] - 1
-    dv = values.shape[-1]
-    query = query.contiguous()
-    dot_f32 = _dot_f32(query, keys, values)
-    block, stages = (min(BLOCK_N, 64), min(NUM_STAGES, 2)) if dot_f32 else (BLOCK_N, NUM_STAGES)
-    per = -(-n_mid // splits)
-    per = -(-per // block) * block  # whole blocks per split
-    # programs past this group's `splits` get empty ranges and write (-inf, 0, 0)
-    _mid_partial_kernel[(n_slots, hg, b)](
-        query, channels, heads, keys, values, m_buf, acc_buf,
-        hg, n_mid, per, n_slots + 1, float(scaling),
-        HQ=hq, D=d, HKV=hkv, N_REP=n_rep, REP_P=_pow2(n_rep), C=c, C_P=_pow2(c), DV=dv, DV_P=_pow2(dv),
-        BLOCK=block, DOT_F32=dot_f32, num_warps=NUM_WARPS, num_stages=stages,
-    )
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """`t` (B, H, n, w) as the kernel reads it: last two dims contiguous, row stride = H x head
+    stride (a view of the cache's store is; anything else is copied)."""
+    b, h, n, w = t.shape
+    if t.stride(3) == 1 and (t.stride(2) == w or n <= 1) and (b == 1 or t.stride(0) == h * t.stride(1)):
+        return t
+    return t.contiguous()
+
+
+def _group_args(query, group, heads):
+    keys, values = _strided(group.mid_keys), _strided(group.mid_values)
+    return [group.channels.contiguous(), heads, keys, values, keys.shape[1], keys.stride(1), values.stride(1)]
 
 
 def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | None = None):
     """The Triton path on any tensors Triton can launch on (CUDA; CPU under TRITON_INTERPRET=1):
-    one launch for the head/window partial (and the value-sum heads' middle), one per group of
-    heads that keep channels (the middle), one for the merge."""
+    one launch for every partial (more only past GROUPS_PER_LAUNCH kept-count groups), one merge."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     _check(query, layer)
@@ -493,13 +523,11 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
     n_head, n_mid, n_win = layer.segment_lengths()
     dev = query.device
     consts = _layer_consts(layer, b, dev)
-    kernel_groups = [g for g in layer.groups if g.mid_values is not None] if n_mid else []
-    sum_groups = [g for g in layer.groups if g.mid_values is None] if n_mid else []
-    if len(sum_groups) > 1:  # groups are by channel count: only the 0-channel one keeps a value sum
-        raise NotImplementedError("more than one group of heads with a value sum")
-    sum_group = sum_groups[0] if sum_groups else None
-    n_split, splits = _triton_splits(query, split)(n_mid, kernel_groups) if kernel_groups else (1 if sum_group else 0, [])
-    n_slots = n_split + 1  # the middle's splits, then the head/window
+    kernel_groups, sum_group = _split_groups(layer)
+    dot_f32 = bool(kernel_groups) and _dot_f32(query, kernel_groups[0].mid_keys, kernel_groups[0].mid_values)
+    block, stages = (min(BLOCK_N, 64), min(NUM_STAGES, 2)) if dot_f32 else (BLOCK_N, NUM_STAGES)
+    n_split, per = _split_plan(n_mid, b * sum(len(g.heads) for g in kernel_groups), block, split, _sm_count(dev))
+    n_slots = max(n_split, sum_group is not None) + 1  # the middle's slots, then the head/window
     m_buf = torch.empty(b, hkv, n_rep, n_slots, dtype=torch.float32, device=dev)
     acc_buf = torch.empty(b, hkv, n_rep, n_slots, dv + 1, dtype=torch.float32, device=dev)
     query = query.contiguous()
@@ -512,19 +540,32 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
         row = mask[:, :, -1, :]
         kind = 1 if row.dtype == torch.bool else 2
         strides = (row.stride(0), row.stride(1) if row.shape[1] > 1 else 0, row.stride(2))
+    sum_index = consts.value_sum_index(layer, sum_group, dev)
     sums = sum_group.value_sum.float().contiguous() if sum_group is not None else acc_buf
     hw_f32 = _dot_f32(query, head_k, head_v)
-    _head_window_kernel[(hkv, b)](
-        query, consts.keep, consts.sink_end, head_k, head_v, win_k, win_v, row, *strides,
-        consts.value_sum_index(layer, sum_group, dev), sums, len(sum_group.heads) if sum_group is not None else 1,
-        m_buf, acc_buf, n_head, n_mid, n_win, layer.recent, n_slots, float(scaling),
-        HQ=hq, HKV=hkv, N_REP=n_rep, REP_P=_pow2(n_rep), D=d, D_P=_pow2(d), DV=dv, DV_P=_pow2(dv),
-        BLOCK=32 if hw_f32 else 64, MASK_KIND=kind, DOT_F32=hw_f32, num_warps=4, num_stages=1,
-    )
-    for g, s in zip(kernel_groups, splits):
-        _middle_triton(query, g, consts.heads[id(g)], s, n_mid, m_buf, acc_buf, scaling)
+    common = [query, m_buf, acc_buf, b, n_mid, per, max(n_split, 1), n_slots, float(scaling),
+              consts.keep, consts.sink_end, head_k, head_v, win_k, win_v, row, *strides,
+              sum_index, sums, len(sum_group.heads) if sum_group is not None else 1, n_head, n_win, layer.recent]
+    shapes = dict(HQ=hq, HKV=hkv, N_REP=n_rep, REP_P=_pow2(n_rep), D=d, D_P=_pow2(d), DV=dv, DV_P=_pow2(dv),
+                  HW_BLOCK=32 if hw_f32 else 64, MASK_KIND=kind, HW_DOT_F32=hw_f32, BLOCK=block, DOT_F32=dot_f32)
+    launches = [kernel_groups[i:i + GROUPS_PER_LAUNCH] for i in range(0, len(kernel_groups), GROUPS_PER_LAUNCH)] or [[]]
+    for first, groups in enumerate(launches):
+        args, counts = [], []
+        for g in groups:
+            args += _group_args(query, g, consts.heads[id(g)])
+            counts.append(g.count)
+        items = b * hkv * (first == 0) + b * sum(len(g.heads) for g in groups) * n_split
+        pad = GROUPS_PER_LAUNCH - len(groups)  # unused group slots: never read (NG stops them)
+        args += [query, sum_index, query, query, 1, 0, 0] * pad
+        counts += [0] * pad
+        _partials_kernel[(items,)](
+            *common, *args, **shapes, HAS_HW=first == 0, NG=len(groups),
+            **{f"C{i}": c for i, c in enumerate(counts)}, **{f"CP{i}": _pow2(c) for i, c in enumerate(counts)},
+            num_warps=NUM_WARPS, num_stages=stages,
+        )
     out = torch.empty(b, 1, hq, dv, dtype=query.dtype, device=dev)
-    _combine_kernel[(b * hq,)](m_buf, acc_buf, out, n_slots, DV=dv, DV_P=_pow2(dv, 2), SB=16, num_warps=4)
+    _merge_kernel[(b * hq,)](m_buf, acc_buf, out, sum_index, max(n_split, 1), int(n_mid > 0), n_slots,
+                             HKV=hkv, N_REP=n_rep, DV=dv, DV_P=_pow2(dv, 2), SB=16, num_warps=4)
     return out
 
 

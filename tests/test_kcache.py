@@ -108,6 +108,41 @@ def test_generate_uses_a_pruned_cache_that_stores_only_kept_channels():
                 assert group.value_sum.shape == (3, len(group.heads), 16)
 
 
+def test_middle_grows_in_place_and_keeps_every_slot():
+    """Decode steps append to the middle's store (a view per step, no copy of the whole middle);
+    a full store regrows with spare room; the slots read back are the kept channels of every token."""
+    from harness import kcache
+
+    g = torch.Generator().manual_seed(0)
+    kept = ((1, 5), (0, 2, 3, 7))
+    plan = KeyChannelPlan(2, 8, 4, kept, sink=2, recent=3)
+    layer = PrunedKLayer(plan)
+    total = 2 + 20 + 3 + kcache.GROWTH_MIN_SLOTS + 10  # past one regrowth
+    k, v = torch.randn(2, 2, total, 8, generator=g), torch.randn(2, 2, total, 4, generator=g)
+    layer.update(k[:, :, :25], v[:, :, :25])
+    layer.start(torch.zeros(2, dtype=torch.long))
+    layer.compact()
+    group = layer.groups[0]  # 4 channels (groups by count, largest first)
+    assert group.keys_store.shape[-2] == 20  # the prompt's middle: allocated exactly
+    stores = {group.keys_store.data_ptr()}
+    for t in range(25, total):
+        layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        layer.compact()
+        stores.add(group.keys_store.data_ptr())
+    n_mid = total - 2 - 3
+    assert layer.n_mid == n_mid and len(stores) == 3  # grew twice: 20 -> 20 + 256 + 1 -> more
+    for grp in layer.groups:
+        heads = grp.heads.tolist()
+        expect = k[:, heads, 2:2 + n_mid][..., list(kept[heads[0]])]
+        torch.testing.assert_close(grp.mid_keys, expect, rtol=0, atol=0)
+        torch.testing.assert_close(grp.mid_values, v[:, heads, 2:2 + n_mid], rtol=0, atol=0)
+        assert grp.mid_keys.data_ptr() == grp.keys_store.data_ptr()  # a view of the store
+    bytes_ = layer.nbytes()
+    stored = sum(grp.keys_store.numel() for grp in layer.groups) * 4
+    assert bytes_["keys"] == stored + (layer.head_k.numel() + layer.win_k.numel()) * 4
+    assert stored >= sum(grp.mid_keys.numel() for grp in layer.groups) * 4
+
+
 def test_chunked_prefill_and_decode_match_reference_per_layer():
     """Layer level, any chunking: a 12-token prompt in chunks of 5, 4, 3, then one-token steps."""
     torch.manual_seed(0)

@@ -28,6 +28,20 @@ def test_pruned_cache_equals_reference_on_cuda(kind, dtype, tol):
     torch.testing.assert_close(scores.float(), scores_ref.float(), atol=tol, rtol=tol)
 
 
+def test_decode_steps_on_cuda_take_the_triton_kernel(monkeypatch):
+    from harness.families import hf_softmax
+
+    calls = []
+    kernel = hf_softmax.pruned_decode_attention
+    monkeypatch.setattr(hf_softmax, "pruned_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    model = tiny_softmax("llama").to("cuda", torch.bfloat16)
+    SoftmaxAdapter().apply(model, mixed_selection(model))
+    ids, mask = (t.cuda() for t in padded_batch())
+    seq, _ = generate(model, ids, mask)
+    steps = seq.shape[1] - ids.shape[1] - 1  # the first new token comes from the prefill
+    assert len(calls) == steps * model.config.num_hidden_layers
+
+
 def test_ratio_zero_on_cuda_matches_the_plain_model():
     model = tiny_softmax("llama").cuda()
     realized = copy.deepcopy(model)

@@ -59,6 +59,8 @@ CASES = {
     "gqa4x2-partial": dict(hq=4, hkv=2, d=16, dv=12, kept=((1, 4, 9), (0, 2, 3, 5, 8, 13, 15))),
     "gqa8x2-none-partial": dict(hq=8, hkv=2, d=16, dv=24, kept=(NONE, (3, 6, 7, 10, 11))),
     "gqa8x4-mixed": dict(hq=8, hkv=4, d=16, dv=16, kept=(FULL, NONE, (0, 5, 7), (2, 3, 11))),
+    # six kept counts: more groups than one launch of the Triton path takes (GROUPS_PER_LAUNCH)
+    "gqa12x6-six-groups": dict(hq=12, hkv=6, d=16, dv=8, kept=((4,), (1, 2), NONE, (0, 3, 9), FULL, (5, 6, 7, 8, 10))),
 }
 
 
@@ -130,6 +132,7 @@ INTERPRETER_CASES = [  # tiny: the interpreter runs every program in Python
     ("gqa4x2-full-none", dict(value_sum=True, split=20, dtype=torch.float32)),  # merge: slots in 2 chunks
     ("gqa8x4-mixed", dict(value_sum=True, split=2, dtype=torch.float16)),  # 16-bit tl.dot, p in two halves
     ("gqa4x2-partial", dict(value_sum=False, split=2, dtype=torch.bfloat16)),  # bf16 loads (fp32 dot here)
+    ("gqa12x6-six-groups", dict(value_sum=False, split=2, dtype=torch.float32)),  # two launches of partials
 ]
 
 

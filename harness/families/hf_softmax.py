@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from harness.families.base import FamilyAdapter, decoder_layers, forward_batches, host, stream_factor
 from harness.kcache import KeyChannelPlan, PrunedKCache, PrunedKLayer
 from harness.kernels.pruned_attention import masked_attention, pads_from_mask, pruned_cache_attention
+from harness.kernels.pruned_decode import pruned_decode_attention
 from harness.method import ACTIVATIONS, ATTENTION_PART, LayerData, prefill_chooser
 from harness.selection import ChannelSelection
 from harness.suite import Metric
@@ -59,6 +60,8 @@ def kcache_attention(module, query, key, value, attention_mask, scaling=None, dr
             layer.start(pads, None if plan.kept is not None else plan.chooser(query, layer.win_k, pads))
         if first and plan.full_prefill:
             out = _plain_attention(query, layer.win_k, layer.win_v, attention_mask, scaling)
+        elif query.shape[2] == 1 and query.is_cuda:  # a decode step: the Triton kernel streams the middle once
+            out = pruned_decode_attention(query, layer, attention_mask, scaling=scaling)
         else:
             out = pruned_cache_attention(query, layer, attention_mask, scaling=scaling)
         layer.compact()
