@@ -58,8 +58,8 @@ class KeyChannelPlan:
 
 # Middle storage grows in place: a decode step appends one slot instead of copying the whole
 # middle (which would move the cache through memory at every step). The first fill (the prompt)
-# is allocated exactly; a later append that does not fit regrows with this much room to spare.
-GROWTH_MIN_SLOTS = 256
+# is allocated exactly; a later append that does not fit regrows with 1/8 of the middle (at
+# least one slot) to spare: amortized, a decode step copies 8 slots, not the whole middle.
 GROWTH_FRACTION = 1 / 8
 
 
@@ -68,7 +68,7 @@ def _append(store: torch.Tensor | None, used: int, new: torch.Tensor) -> torch.T
     regrowing it when full; returns the store (possibly a new tensor)."""
     need = used + new.shape[-2]
     if store is None or store.shape[-2] < need:
-        spare = 0 if store is None else max(GROWTH_MIN_SLOTS, int(used * GROWTH_FRACTION))
+        spare = 0 if store is None else max(1, int(used * GROWTH_FRACTION))
         grown = new.new_empty(*new.shape[:-2], need + spare, new.shape[-1])
         if used:
             grown[:, :, :used].copy_(store[:, :, :used])
@@ -213,7 +213,7 @@ class PrunedKLayer(CacheLayerMixin):
 
     def nbytes(self) -> dict[str, int]:
         """Bytes this layer's storage allocates, split into keys and values (the middle's spare
-        room for decoded tokens included: at most GROWTH_FRACTION of it, or GROWTH_MIN_SLOTS)."""
+        room for decoded tokens included: at most GROWTH_FRACTION of it, or one slot)."""
         def size(t):
             return 0 if t is None else t.numel() * t.element_size()
         keys = size(self.head_k) + size(self.win_k) + sum(size(g.keys_store) for g in self.groups)

@@ -117,7 +117,7 @@ def test_middle_grows_in_place_and_keeps_every_slot():
     kept = ((1, 5), (0, 2, 3, 7))
     plan = KeyChannelPlan(2, 8, 4, kept, sink=2, recent=3)
     layer = PrunedKLayer(plan)
-    total = 2 + 20 + 3 + kcache.GROWTH_MIN_SLOTS + 10  # past one regrowth
+    total = 2 + 20 + 3 + 30  # the middle grows from 20 to 50 slots: several regrowths
     k, v = torch.randn(2, 2, total, 8, generator=g), torch.randn(2, 2, total, 4, generator=g)
     layer.update(k[:, :, :25], v[:, :, :25])
     layer.start(torch.zeros(2, dtype=torch.long))
@@ -130,7 +130,8 @@ def test_middle_grows_in_place_and_keeps_every_slot():
         layer.compact()
         stores.add(group.keys_store.data_ptr())
     n_mid = total - 2 - 3
-    assert layer.n_mid == n_mid and len(stores) == 3  # grew twice: 20 -> 20 + 256 + 1 -> more
+    assert layer.n_mid == n_mid and len(stores) >= 3  # regrew more than once
+    assert group.keys_store.shape[-2] <= n_mid * (1 + kcache.GROWTH_FRACTION) + 1
     for grp in layer.groups:
         heads = grp.heads.tolist()
         expect = k[:, heads, 2:2 + n_mid][..., list(kept[heads[0]])]
