@@ -1,8 +1,10 @@
 """Plain-torch references for fla's Triton kernels, and the switch that routes fla to them.
 
 ``harness.kernels.install()`` (= ``fla_cpu.install``) makes fla's DeltaNet / Gated DeltaNet
-models run on CPU tensors; CUDA tensors still take fla's own kernels. The references can also be
-called directly: ``delta_rule_chunk``, ``gated_delta_rule_recurrent``, ``causal_conv1d``, ...
+models run on CPU tensors; CUDA tensors still take fla's own kernels, except one-token decode
+steps, which take our Triton step (``fla_decode``; ``HARNESS_FLA_DECODE=fla`` keeps fla's). The
+references can also be called directly: ``delta_rule_chunk``, ``gated_delta_rule_recurrent``,
+``causal_conv1d``, ...
 
 Imports inside this package are relative on purpose: with the repository root on ``sys.path``
 (``python -m pytest`` run there) this folder is also visible as a top-level ``kernels``, a name

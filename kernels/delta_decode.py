@@ -12,13 +12,21 @@ section 6), so a pruned d_k barely speeds decoding up. `delta_rule_step` is one 
 in registers and writes the tile back, so the bytes moved are exactly 2 x |S| and the time
 falls with d_k. `delta_rule_step_reference` is its torch twin (and the CPU path).
 
-Layouts: q, k (B, H, d_k); v (B, H, d_v); beta, g (B, H); state (B, H, d_k, d_v) float32,
-updated in place; returns o (B, H, d_v) in v's dtype.
+Layouts: q, k (B, H, d_k); v (B, HV, d_v); beta, g (B, HV); state (B, HV, d_k, d_v) float32
+((B, HV, d_v, d_k) with `state_v_first`), updated in place; returns o (B, HV, d_v) in v's dtype.
+HV = H except with grouped value heads (value head i reads key head i // (HV // H), as in fla).
+Options that fla's Gated DeltaNet layer asks its kernel for, with fla's meaning, so that
+`harness.kernels.fla_decode` can hand that layer's decode step over unchanged: `A_log` (HV,) and
+`dt_bias` (HV,) make g the raw gate, turned into -exp(A_log) softplus(g + dt_bias) per step;
+`beta_sigmoid` applies sigmoid to beta (times 2 with `allow_neg_eigval`); `state_v_first` is the
+(d_v, d_k) state layout.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .delta_rule import gdn_gate
 
 try:  # triton ships with torch on Linux; the CPU path never needs it
     import triton
@@ -31,44 +39,68 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def delta_rule_step_reference(q, k, v, beta, state, g=None, *, scale: float | None = None, l2norm: bool = True):
+def delta_rule_step_reference(q, k, v, beta, state, g=None, *, scale: float | None = None, l2norm: bool = True,
+                              A_log=None, dt_bias=None, beta_sigmoid: bool = False, allow_neg_eigval: bool = False,
+                              state_v_first: bool = False):
     """The torch twin: returns o and updates `state` in place (as the kernel does)."""
-    q, k, v = q.float(), k.float(), v.float()
+    q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     if l2norm:
         q, k = _l2norm(q), _l2norm(k)
+    group = v.shape[1] // q.shape[1]
+    q, k = q.repeat_interleave(group, 1), k.repeat_interleave(group, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = state
+    if beta_sigmoid:
+        beta = beta.sigmoid() * (2 if allow_neg_eigval else 1)
+    s = state.transpose(-1, -2) if state_v_first else state  # a view: updates land in `state`
     if g is not None:
-        s.mul_(g.float().exp()[..., None, None])
+        g = g.float() if A_log is None else gdn_gate(g, A_log, dt_bias)
+        s.mul_(g.exp()[..., None, None])
     remembered = torch.einsum("bhk,bhkv->bhv", k, s)
-    delta = beta.float()[..., None] * (v - remembered)
+    delta = beta[..., None] * (v - remembered)
     s.add_(k[..., :, None] * delta[..., None, :])
     return torch.einsum("bhk,bhkv->bhv", q * scale, s)
 
 
 if triton is not None:
     @triton.jit
-    def _delta_step_kernel(Q, K, V, BETA, G, S, O, scale, eps,
+    def _delta_step_kernel(Q, K, V, BETA, G, A_LOG, DT_BIAS, S, O, scale, eps, HV, GROUP,
                            DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_G: tl.constexpr, L2NORM: tl.constexpr):
-        bh = tl.program_id(0)
+                           HAS_G: tl.constexpr, L2NORM: tl.constexpr, GATE_IN_KERNEL: tl.constexpr,
+                           HAS_DT_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+                           V_FIRST: tl.constexpr):
+        bh = tl.program_id(0)  # (sequence, value head)
         iv = tl.program_id(1)
+        qk = bh // GROUP  # (sequence, key head): b * H + hv // GROUP, as HV = H * GROUP
         offs_k = tl.arange(0, BK)
         offs_v = iv * BV + tl.arange(0, BV)
         mk = offs_k < DK
         mv = offs_v < DV
-        q = tl.load(Q + bh * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
-        k = tl.load(K + bh * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
+        q = tl.load(Q + qk * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(K + qk * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
         if L2NORM:
             q = q * tl.rsqrt(tl.sum(q * q, axis=0) + eps)
             k = k * tl.rsqrt(tl.sum(k * k, axis=0) + eps)
         v = tl.load(V + bh * DV + offs_v, mask=mv, other=0.0).to(tl.float32)
         beta = tl.load(BETA + bh).to(tl.float32)
-        tile = S + bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        if BETA_SIGMOID:
+            beta = tl.sigmoid(beta)
+            if NEG_EIGVAL:
+                beta = beta * 2.0
+        if V_FIRST:  # the same (BK, BV) tile, read from a (d_v, d_k) matrix
+            tile = S + bh * DK * DV + offs_v[None, :] * DK + offs_k[:, None]
+        else:
+            tile = S + bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
         mask = mk[:, None] & mv[None, :]
         s = tl.load(tile, mask=mask, other=0.0)
         if HAS_G:
-            s = s * tl.exp(tl.load(G + bh).to(tl.float32))
+            g = tl.load(G + bh).to(tl.float32)
+            if GATE_IN_KERNEL:  # fla: -exp(A_log) * softplus(g + dt_bias), softplus linear above 20
+                hv = bh % HV
+                if HAS_DT_BIAS:
+                    g = g + tl.load(DT_BIAS + hv).to(tl.float32)
+                softplus = tl.where(g > 20.0, g, tl.log(1.0 + tl.exp(tl.minimum(g, 20.0))))
+                g = -tl.exp(tl.load(A_LOG + hv).to(tl.float32)) * softplus
+            s = s * tl.exp(g)
         remembered = tl.sum(k[:, None] * s, axis=0)
         delta = beta * (v - remembered)
         s = s + k[:, None] * delta[None, :]
@@ -78,23 +110,35 @@ if triton is not None:
 
 
 def delta_rule_step(q, k, v, beta, state, g=None, *, scale: float | None = None, l2norm: bool = True,
-                    block_v: int | None = None, num_warps: int = 4):
+                    A_log=None, dt_bias=None, beta_sigmoid: bool = False, allow_neg_eigval: bool = False,
+                    state_v_first: bool = False, block_v: int | None = None, num_warps: int = 4):
     """One decode step for every (sequence, head): Triton on CUDA (or under TRITON_INTERPRET),
     the torch twin otherwise. Returns o in v's dtype; `state` is updated in place. No autotuning:
     the kernel writes the state in place, so benchmarking configs would run it several times."""
     import os
 
+    options = dict(scale=scale, l2norm=l2norm, A_log=A_log, dt_bias=dt_bias, beta_sigmoid=beta_sigmoid,
+                   allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first)
     if triton is None or not (state.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return delta_rule_step_reference(q, k, v, beta, state, g, scale=scale, l2norm=l2norm).to(v.dtype)
+        return delta_rule_step_reference(q, k, v, beta, state, g, **options).to(v.dtype)
     b, h, dk = k.shape
-    dv = v.shape[-1]
-    if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (b, h, dk, dv):
-        raise ValueError(f"state must be a contiguous float32 tensor of shape {(b, h, dk, dv)}")
+    hv, dv = v.shape[1:]
+    shape = (b, hv, dv, dk) if state_v_first else (b, hv, dk, dv)
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != shape:
+        raise ValueError(f"state must be a contiguous float32 tensor of shape {shape}")
+    if hv % h:
+        raise ValueError(f"{hv} value heads cannot share {h} key heads")
+    if A_log is not None and g is None:
+        raise ValueError("A_log (the gate computed in the kernel) needs the raw gate g")
+    has_g, gate_in_kernel, has_dt_bias = g is not None, A_log is not None, dt_bias is not None
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
-    out = torch.empty(b, h, dv, dtype=v.dtype, device=v.device)
-    gate = g.contiguous() if g is not None else beta  # unused when HAS_G is False
+    # beta stands in (a valid pointer, never read) for the optional tensors a constexpr switch leaves out
+    g, A_log, dt_bias = (x.contiguous() if x is not None else beta for x in (g, A_log, dt_bias))
+    out = torch.empty(b, hv, dv, dtype=v.dtype, device=v.device)
     bv = block_v or min(triton.next_power_of_2(dv), 32 if dk > 64 else 64)  # a d_k x BV fp32 tile in registers
-    _delta_step_kernel[(b * h, triton.cdiv(dv, bv))](
-        q, k, v, beta, gate, state, out, dk ** -0.5 if scale is None else scale, 1e-6,
-        DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv, HAS_G=g is not None, L2NORM=l2norm, num_warps=num_warps)
+    _delta_step_kernel[(b * hv, triton.cdiv(dv, bv))](
+        q, k, v, beta, g, A_log, dt_bias, state, out, dk ** -0.5 if scale is None else scale, 1e-6, hv, hv // h,
+        DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv, HAS_G=has_g, L2NORM=l2norm,
+        GATE_IN_KERNEL=gate_in_kernel, HAS_DT_BIAS=has_dt_bias, BETA_SIGMOID=beta_sigmoid,
+        NEG_EIGVAL=allow_neg_eigval, V_FIRST=state_v_first, num_warps=num_warps)
     return out

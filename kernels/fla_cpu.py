@@ -4,19 +4,24 @@
 DeltaNet models call with thin wrappers. A wrapper looks at the tensors it is given: if every one
 of them is on the CPU it calls the reference from :mod:`harness.kernels`; otherwise (CUDA, or any
 other device) it calls the original fla object untouched, so GPU runs are bit-for-bit what fla
-does. ``install()`` is idempotent, ``installed()`` says whether the switch is on, ``uninstall()``
-puts the originals back, and ``patches()`` lists every attribute that was replaced. The switch
+does, with one exception: the two ``fused_recurrent_*`` wrappers hand one-token decode steps on
+CUDA to our Triton step (:mod:`harness.kernels.fla_decode`, bracketed in the table below, which
+says which calls qualify; ``HARNESS_FLA_DECODE=fla`` sends them to fla again, read at call time).
+``install()`` is idempotent, ``installed()`` says whether the switch is on, ``uninstall()`` puts
+the originals back, and ``patches()`` lists every attribute that was replaced. The switch
 keeps no state of its own: the wrappers in fla's modules are the state (each remembers its
 original), so a reloaded or second copy of this module agrees with the first. Every patch of fla
 lives in this module.
 
-What is replaced (fla 0.6.0), original -> reference:
+What is replaced (fla 0.6.0), original -> reference (CPU tensors) [-> GPU fast path, else fla]:
 
 ====================================================================  ============================================
 ``fla.ops.delta_rule.chunk_delta_rule``                               ``delta_rule.delta_rule_chunk``
 ``fla.ops.delta_rule.fused_recurrent_delta_rule``                     ``delta_rule.delta_rule_recurrent``
+                                                                      [-> ``fla_decode.delta_rule_decode``]
 ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (= ``chunk_gdn``)  ``delta_rule.gated_delta_rule_chunk``
 ``fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule``          ``delta_rule.gated_delta_rule_recurrent``
+                                                                      [-> ``fla_decode.gated_delta_rule_decode``]
 ``fla.modules.causal_conv1d.causal_conv1d`` (ShortConvolution.forward,  ``conv.causal_conv1d``
 GatedDeltaNet's fused q/k/v conv)
 ``fla.modules.causal_conv1d.causal_conv1d_update`` (ShortConvolution    ``conv.causal_conv1d_update``
@@ -78,7 +83,7 @@ from typing import Any
 
 import torch
 
-from . import activations, conv, delta_rule, loss, norm
+from . import activations, conv, delta_rule, fla_decode, loss, norm
 
 __all__ = ["install", "installed", "patches", "uninstall", "use_reference", "wants_reference_device"]
 
@@ -99,6 +104,12 @@ _FUNCTIONS: tuple[tuple[str, str, Callable], ...] = (
     ("fla.modules.activations.ops", "swiglu_linear", activations.swiglu_linear),
     ("fla.modules.fused_cross_entropy.ops", "cross_entropy_loss", loss.cross_entropy_loss),
 )
+
+# attribute -> fast path for non-CPU calls, taking fla's original first (it falls back to it)
+_DEVICE_PATHS: dict[str, Callable] = {
+    "fused_recurrent_delta_rule": fla_decode.delta_rule_decode,
+    "fused_recurrent_gated_delta_rule": fla_decode.gated_delta_rule_decode,
+}
 
 # (defining module, class, method, reference taking the module instance first)
 _METHODS: tuple[tuple[str, str, str, Callable], ...] = (
@@ -145,12 +156,14 @@ def use_reference(args: tuple, kwargs: dict) -> bool:
 
 
 def _route(original: Callable, reference: Callable, name: str) -> Callable:
-    """A wrapper calling ``reference`` for all-CPU calls and ``original`` otherwise."""
+    """A wrapper calling ``reference`` for all-CPU calls and ``original`` (or its fast path) otherwise."""
+    fast = _DEVICE_PATHS.get(name)
+    on_device = functools.partial(fast, original) if fast is not None else original
 
     def wrapper(*args, **kwargs):
         if use_reference(args, kwargs):
             return reference(*args, **kwargs)
-        return original(*args, **kwargs)
+        return on_device(*args, **kwargs)
 
     try:
         functools.update_wrapper(wrapper, original)
