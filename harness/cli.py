@@ -372,6 +372,54 @@ def show(
         out_console.print(table)
 
 
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("harness-results/bench"), "--out", "-o", help="directory for benchmarks.md and benchmarks.json"),
+    only: List[str] = typer.Option([], "--only", help="tables to run, comma-separated: pruned, linear, prefill, e2e (default: all)"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="LeanK mask for the Llama-3.1-8B rows (default: $HARNESS_LEANK_MASK, "
+                                        "else ../shared/data/leank-masks/llama3.1-8b-instruct.pth beside the repo, else a synthetic mask)"),
+    quick: bool = typer.Option(False, "--quick", help="small sizes (a one-minute GPU smoke test); without a GPU, the end-to-end "
+                               "table on the tiny zoo models and the GPU tables skipped"),
+    quiet: bool = QUIET,
+) -> None:
+    """Run the GPU speed tables (docs/benchmarks.md) and write them as markdown and JSON."""
+    import torch
+
+    from harness.bench import GPU_ONLY, TABLES, TITLES, Table, run_table
+    from harness.bench.masks import default_mask_path
+    from harness.bench.report import write
+    from harness.progress import bars
+
+    with user_errors():
+        names = _csv(only) or list(TABLES)
+        unknown = [n for n in names if n not in TABLES]
+        if unknown:
+            raise HarnessError(f"--only: unknown table {unknown[0]!r}; tables: {', '.join(TABLES)}")
+        if not torch.cuda.is_available() and not quick:
+            raise HarnessError("harness bench times GPU kernels and models but CUDA is not available; "
+                               "--quick runs the end-to-end table on the tiny zoo models on CPU")
+        mask_path = default_mask_path(mask)
+        if mask_path is not None:
+            from harness.methods.leank import load_mask
+
+            load_mask(mask_path)  # a bad --mask or $HARNESS_LEANK_MASK fails now, not after the other tables
+        command = ["harness", "bench", "--out", str(out), *(["--only", ",".join(names)] if only else []),
+                   *(["--mask", str(mask)] if mask is not None else []), *(["--quick"] if quick else [])]
+        tables = []
+        with bars(not quiet) as bar:
+            advance = bar.task("bench tables", len(names))
+            for name in [n for n in TABLES if n in names]:  # the registry's order
+                if name in GPU_ONLY and not torch.cuda.is_available():
+                    tables.append(Table(title=TITLES[name], columns=[], name=name,
+                                        skipped="needs a CUDA GPU (op-level Triton kernels); this machine has none"))
+                else:
+                    tables.append(run_table(name, quick=quick, mask_path=mask_path, bars=bar))
+                text = write(out, tables, " ".join(command))  # after every table: a cut-off run keeps what finished
+                advance()
+    typer.echo(text)
+    out_console.print(Text(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.json'}"))
+
+
 @zoo_app.command("build")
 def zoo_build(
     name: str = typer.Argument(..., help="zoo model name (see `harness zoo list`)"),

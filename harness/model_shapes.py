@@ -9,6 +9,10 @@ Sources: Llama-3.1-8B's config.json (meta-llama). Qwen3.5-0.8B: 24 layers, hidde
 2 KV heads, 6 attention layers (every 4th), vocabulary 248,320 from its model card; Gated DeltaNet
 layers of 16 heads with d_k = d_v = 128 as described publicly; head_dim 256, the conv kernel and
 the MLP width are the Qwen3.5 family's values (transformers' Qwen3_5TextConfig defaults).
+DeltaNet-1.3B: fla's DeltaNet at 1.3B (fla-hub's delta_net-1.3B: hidden 2048, 24 layers, 16 heads,
+d_k = d_v = 128, vocabulary 32,000). Gated DeltaNet "1.3B" here is the same geometry with fla's
+Gated DeltaNet layers (16 heads, d_k = d_v = 128), the shape the decode benchmarks time; fla's own
+GatedDeltaNetConfig defaults are another 1.3B geometry (6 heads of d_k 256, d_v 512, 21 layers).
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=4, full_attention_interval=4, intermediate_size=3584, vocab_size=248320,
         tie_word_embeddings=True, max_position_embeddings=262144)),
+    "deltanet-1.3b": ("delta_net", dict(
+        hidden_size=2048, num_hidden_layers=24, num_heads=16, expand_k=1.0, expand_v=1.0, hidden_ratio=4,
+        use_short_conv=True, conv_size=4, vocab_size=32000)),
+    "gated-deltanet-1.3b": ("gated_deltanet", dict(
+        hidden_size=2048, num_hidden_layers=24, num_heads=16, head_dim=128, expand_v=1.0, hidden_ratio=4,
+        use_short_conv=True, conv_size=4, vocab_size=32000)),
 }
+FLA_MODEL_TYPES = ("delta_net", "gated_deltanet")  # known to AutoConfig only once fla.models is imported
 
 
 def config(name: str):
@@ -38,6 +49,10 @@ def config(name: str):
         model_type, values = SHAPES[name]
     except KeyError:
         raise HarnessError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}") from None
+    if model_type in FLA_MODEL_TYPES:
+        from harness.loader import _register_fla
+
+        _register_fla()
     return AutoConfig.for_model(model_type, **values)
 
 

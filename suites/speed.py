@@ -7,7 +7,8 @@ End to end through each model's own `generate` (a compressed softmax model decod
 K cache, a pruned linear model with its smaller state): a streamer stamps the time at every token
 `generate` emits (after a device synchronize on CUDA), and decode time per token is the interval
 between consecutive new tokens (the first, which includes the prefill, excluded); prefill
-throughput is batch x context / time of one forward over the prompt (CUDA events on CUDA,
+throughput is batch x context / time of a one-token `generate` over the prompt (the prompt's
+forward into the model's own cache, last-position logits only; CUDA events on CUDA,
 `time.perf_counter` on CPU). All after warm-up; rows report the median over `repeats` generations,
 with min and the interquartile range in `details` (pytest-benchmark's statistics), and the device.
 
@@ -123,12 +124,18 @@ class SpeedSuite(Suite):
         prompt = prompt.to(device)
         pad = getattr(model.generation_config, "pad_token_id", None) or getattr(model.config, "pad_token_id", None) or 0
 
-        def generate(clock=None):
-            return model.generate(prompt, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
+        def generate(clock=None, new_tokens=self.new_tokens):
+            return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   do_sample=False, pad_token_id=pad, return_dict_in_generate=True, streamer=clock)
 
         def prefill():
-            model(input_ids=prompt, use_cache=False)
+            # A one-token generate: the prompt's forward fills the model's own cache (a K-cache-pruned
+            # model its pruned cache, with its own prefill attention) and computes the last position's
+            # logits only (generate passes logits_to_keep=1 to models that take it: transformers' and
+            # fla's). A bare forward would compute full-vocabulary logits at every position
+            # (8 x 32k tokens x 128k vocabulary: 67 GB in bf16) and, on a pruned softmax model, run the
+            # dense masked reference, whose scores are batch x heads x context^2.
+            generate(new_tokens=1)
 
         for _ in range(self.warmup):
             prefill()

@@ -1,0 +1,64 @@
+"""`harness bench` on CPU: `--quick` runs the end-to-end table on the zoo models, skips the GPU
+tables with a reason and writes markdown and JSON. No timed assertions (timings are benchmarks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from harness.bench import Table
+from harness.bench.report import table_markdown
+from harness.cli import app
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """The CPU path, even on a machine with a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_bench_quick_on_cpu(tmp_path, no_gpu):
+    result = CliRunner().invoke(app, ["bench", "--quick", "--quiet", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    markdown = (tmp_path / "benchmarks.md").read_text()
+    assert "Device: cpu" in markdown and "Command: `harness bench" in markdown and "--quick" in markdown
+    assert {"torch", "triton", "fla", "transformers", "date", "command"} <= set(data["header"])
+    tables = {t["name"]: t for t in data["tables"]}
+    assert list(tables) == ["pruned", "linear", "prefill", "e2e"]
+    for name in ("pruned", "linear", "prefill"):
+        assert "CUDA" in tables[name]["skipped"] and not tables[name]["rows"]
+        assert f"Skipped: {tables[name]['skipped']}" in markdown
+    rows = tables["e2e"]["rows"]
+    for model in ("llama-tiny (zoo)", "deltanet-tiny (zoo)"):
+        variants = [r for r in rows if r["model"] == model]
+        assert variants[0]["variant"] == "dense" and len(variants) >= 2  # dense and compressed, same run
+        for r in variants:
+            assert "error" not in r, r
+            assert r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0 and r["cache_bytes"] > 0
+        assert all(r["decode_vs_dense"] > 0 for r in variants[1:])
+    pruned = next(r for r in rows if r["variant"].startswith("pruned"))
+    assert pruned["cache_vs_dense"] < 1  # the pruned DeltaNet state is smaller
+    assert "Random weights" in markdown and "| llama-tiny (zoo) | dense |" in markdown
+
+
+def test_bench_without_gpu_needs_quick(tmp_path, no_gpu):
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "CUDA is not available" in result.output and "--quick" in result.output
+    result = CliRunner().invoke(app, ["bench", "--quick", "--only", "e2e,nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown table 'nope'" in result.output
+    assert not (tmp_path / "benchmarks.md").exists()
+
+
+def test_report_escapes_cells():
+    table = Table(title="t", columns=["op", "ms", "ratio"], labels={"ratio": "a | b"},
+                  rows=[{"op": "x | y\nz", "ms": 1.23456, "ratio": 0.5}, {"op": None, "ms": 2, "ratio": None}],
+                  notes=["a note"], formats={"ratio": "{:.0%}"})
+    text = table_markdown(table)
+    assert "| op | ms | a \\| b |" in text
+    assert "| x \\| y z | 1.235 | 50% |" in text
+    assert "|  | 2 |  |" in text and "a note" in text
+    assert "Skipped: no GPU" in table_markdown(Table("t", [], skipped="no GPU"))
