@@ -62,3 +62,29 @@ def test_report_escapes_cells():
     assert "| x \\| y z | 1.235 | 50% |" in text
     assert "|  | 2 |  |" in text and "a note" in text
     assert "Skipped: no GPU" in table_markdown(Table("t", [], skipped="no GPU"))
+
+
+def test_pruned_table_plumbing_without_a_gpu(monkeypatch):
+    """The pruned-decode table's wrapper (mask, progress, targets, columns) around its GPU
+    measurement, with the measurement replaced by fixed rows: no timing is asserted."""
+    from harness.bench import pruned_decode
+    from harness.progress import bars
+
+    seen = {}
+
+    def fake_measure(mask, shapes, layers, advance=None):
+        seen.update(mask=mask, shapes=shapes, layers=list(layers))
+        for _ in range(len(shapes) * len(seen["layers"])):
+            advance()
+        row = {"shape": "2 x 4096", "speedup": 1.5, "pruned_of_copy": 0.9}
+        return [row, {**row, "speedup": 1.2}], 3000.0
+
+    monkeypatch.setattr(pruned_decode, "measure", fake_measure)
+    with bars(False) as bar:
+        table = pruned_decode.run(mask_path=None, quick=True, bars=bar)
+    assert tuple(seen["mask"].shape) == (32, 8, 128) and seen["layers"] == [0, 1, 2, 3]
+    assert [r["target_met"] for r in table.rows] == [True, False]
+    assert any("met at 1 of 2 shapes" in n for n in table.notes) and any("SYNTHETIC" in n for n in table.notes)
+    assert set(table.columns) - {"layers", "bytes_ratio", "dense_us_per_layer", "pruned_us_per_layer", "eager_speedup",
+                                 "pruned_gbps", "copy_gbps", "slowest_layer_us", "rel_error", "host_us_per_call"} \
+        == {"shape", "speedup", "pruned_of_copy"}

@@ -205,8 +205,8 @@ def run(mask_path=None, quick: bool = False, bars=None):
 
     mask, source, _ = leank_mask(mask_path, (LAYERS, HKV, D))
     shapes, layers = (((2, 4096), (8, 1024)), range(4)) if quick else (SHAPES, range(LAYERS))
-    bar = bars.task("pruned decode (layers x shapes)", len(shapes) * len(layers)) if bars is not None else None
-    rows, copy = measure(mask, shapes, layers, advance=bar.advance if bar is not None else None)
+    advance = bars.task("pruned decode (layers x shapes)", len(shapes) * len(layers)) if bars is not None else None
+    rows, _ = measure(mask, shapes, layers, advance=advance)
     for r in rows:
         r["target_met"] = r["speedup"] >= 1.45 and r["pruned_of_copy"] >= 0.85
     met = sum(r["target_met"] for r in rows)
