@@ -415,10 +415,11 @@ if triton is not None:
                               HQ, HKV, N_REP, REP_P, D, D_P, DV, DV_P, HW_BLOCK, MASK_KIND, HW_DOT_F32)
         item = pid - n_hw
         e0 = n_rows * hg0 * n_split
-        if (item >= 0) & (item < e0):
-            _middle_item(item, q_ptr, m_ptr, a_ptr, ch0, hd0, k0, v0, hg0, khs0, vhs0,
-                         n_mid, per_split, n_split, n_slots, scaling,
-                         HQ, D, HKV, N_REP, REP_P, C0, CP0, DV, DV_P, BLOCK, DOT_F32)
+        if NG > 0:  # NG == 0: no middle to stream (group slots hold placeholders, never compiled)
+            if (item >= 0) & (item < e0):
+                _middle_item(item, q_ptr, m_ptr, a_ptr, ch0, hd0, k0, v0, hg0, khs0, vhs0,
+                             n_mid, per_split, n_split, n_slots, scaling,
+                             HQ, D, HKV, N_REP, REP_P, C0, CP0, DV, DV_P, BLOCK, DOT_F32)
         if NG > 1:
             e1 = e0 + n_rows * hg1 * n_split
             if (item >= e0) & (item < e1):
@@ -556,7 +557,7 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
             counts.append(g.count)
         items = b * hkv * (first == 0) + b * sum(len(g.heads) for g in groups) * n_split
         pad = GROUPS_PER_LAUNCH - len(groups)  # unused group slots: never read (NG stops them)
-        args += [query, sum_index, query, query, 1, 0, 0] * pad
+        args += [sum_index, sum_index, query, query, 1, 0, 0] * pad
         counts += [0] * pad
         _partials_kernel[(items,)](
             *common, *args, **shapes, HAS_HW=first == 0, NG=len(groups),
