@@ -10,8 +10,11 @@ other call to fla's original function untouched.
 
 A call takes our kernel when (:func:`refusal` returns None):
 
-* ``HARNESS_FLA_DECODE`` is ``ours`` (the default; ``fla`` forces fla's kernel, read at every call,
-  so a benchmark can time both in one process: see :func:`decode_backend`);
+* ``HARNESS_FLA_DECODE`` is ``auto`` (the default) or ``ours``; ``fla`` forces fla's kernel. It is
+  read at every call, so a benchmark can time both in one process (:func:`decode_backend`).
+  ``auto`` keeps on fla the gated layer-style calls our kernel has not yet been checked with on a
+  GPU (:func:`unverified_on_gpu`: what GatedDeltaNet's layer passes); the plain delta rule (fla's
+  DeltaNet) passed there: its GPU generate test ran through our kernel;
 * every tensor is on one CUDA device, and no input needs a gradient (our step has no backward);
 * one token per sequence: ``q`` is ``[B, 1, H, K]`` without ``cu_seqlens``, or ``[1, N, H, K]``
   with ``N + 1`` ``cu_seqlens`` (fla's layers build these at a padded batch's decode step from the
@@ -49,14 +52,16 @@ from .delta_decode import delta_rule_step
 __all__ = ["BACKENDS", "ENV", "decode_backend", "delta_rule_decode", "gated_delta_rule_decode", "refusal"]
 
 ENV = "HARNESS_FLA_DECODE"
-BACKENDS = ("ours", "fla")
+BACKENDS = ("auto", "ours", "fla")
 KERNEL_DEVICES = ("cuda",)  # where delta_rule_step runs Triton (CPU tests add "cpu" to run its twin)
 
 
 def decode_backend() -> str:
-    """``ours`` or ``fla``: which kernel runs fla's one-token decode step, from ``$HARNESS_FLA_DECODE``
-    at call time. An unknown value is an error: a typo must not time the wrong kernel."""
-    value = os.environ.get(ENV, "").strip().lower() or "ours"
+    """``auto``, ``ours`` or ``fla``: which kernel runs fla's one-token decode step, from
+    ``$HARNESS_FLA_DECODE`` at call time. ``auto`` (the default) is ours where our kernel has passed
+    the parity tests on a GPU, fla's elsewhere (see :func:`unverified_on_gpu`); ``ours`` is ours
+    wherever :func:`refusal` allows. An unknown value is an error: a typo must not time the wrong kernel."""
+    value = os.environ.get(ENV, "").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV}={value!r}: use one of {', '.join(BACKENDS)}")
     return value
@@ -116,6 +121,16 @@ def refusal(q, k, v, beta=None, initial_state=None, output_final_state=False, cu
     return None
 
 
+def unverified_on_gpu(q, *, state_v_first=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+                      allow_neg_eigval=False, grouped=False) -> bool:
+    """Whether a CUDA call uses what our kernel has not yet been checked against fla with on a GPU:
+    the gated layer's own arguments (gate and beta activations in the kernel, the [V, K] state,
+    value heads grouped over key heads; fla's GatedDeltaNet layer passes them). They pass the
+    tests under Triton's CPU interpreter; tests/test_fla_decode.py's GPU tests decide. ``auto``
+    sends such calls to fla meanwhile; ``ours`` takes them."""
+    return q.is_cuda and (state_v_first or use_gate_in_kernel or use_beta_sigmoid_in_kernel or allow_neg_eigval or grouped)
+
+
 def _step(q, k, v, beta, initial_state, g=None, *, state_v_first=False, **options):
     """Run delta_rule_step on fla's [B, 1, ...] or [1, N, ...] tensors; return (o like v, state)."""
     n, hv, kk, vv = q.shape[0] * q.shape[1], v.shape[2], q.shape[3], v.shape[3]
@@ -157,7 +172,13 @@ def gated_delta_rule_decode(original, q, k, v, g=None, gk=None, gv=None, beta=No
     if not use_gate_in_kernel:  # fla ignores them then
         A_log = dt_bias = None
     unsupported = [name for name, value in (("gk", gk), ("gv", gv), *kwargs.items()) if value is not None]
-    if decode_backend() == "fla" or refusal(
+    backend = decode_backend()
+    if backend == "auto" and unverified_on_gpu(
+            q, state_v_first=state_v_first, use_gate_in_kernel=use_gate_in_kernel,
+            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+            grouped=v.shape[2] != q.shape[2]):
+        return original(**args)
+    if backend == "fla" or refusal(
             q, k, v, beta, initial_state, output_final_state, cu_seqlens, g=g, A_log=A_log, dt_bias=dt_bias,
             gated=True, state_v_first=state_v_first, use_gate_in_kernel=use_gate_in_kernel,
             use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,

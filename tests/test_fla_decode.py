@@ -91,8 +91,8 @@ def rel_err(got, want) -> float:
 
 def test_decode_backend_is_read_at_call_time(monkeypatch):
     monkeypatch.delenv(fla_decode.ENV, raising=False)
-    assert fla_decode.decode_backend() == "ours"
-    for value, expected in (("fla", "fla"), (" FLA ", "fla"), ("ours", "ours"), ("", "ours")):
+    assert fla_decode.decode_backend() == "auto"
+    for value, expected in (("fla", "fla"), (" FLA ", "fla"), ("ours", "ours"), ("", "auto"), ("Auto", "auto")):
         monkeypatch.setenv(fla_decode.ENV, value)
         assert fla_decode.decode_backend() == expected
     monkeypatch.setenv(fla_decode.ENV, "triton")
