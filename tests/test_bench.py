@@ -28,11 +28,11 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
     assert "Device: cpu" in markdown and "Command: `harness bench" in markdown and "--quick" in markdown
     assert {"torch", "triton", "fla", "transformers", "date", "command"} <= set(data["header"])
     tables = {t["name"]: t for t in data["tables"]}
-    assert list(tables) == ["pruned", "linear", "prefill", "e2e"]
+    assert list(tables) == ["pruned", "linear", "prefill", "e2e-llama", "e2e-deltanet"]
     for name in ("pruned", "linear", "prefill"):
         assert "CUDA" in tables[name]["skipped"] and not tables[name]["rows"]
         assert f"Skipped: {tables[name]['skipped']}" in markdown
-    rows = tables["e2e"]["rows"]
+    rows = tables["e2e-llama"]["rows"] + tables["e2e-deltanet"]["rows"]
     for model in ("llama-tiny (zoo)", "deltanet-tiny (zoo)"):
         variants = [r for r in rows if r["model"] == model]
         assert variants[0]["variant"] == "dense" and len(variants) >= 2  # dense and compressed, same run
@@ -48,7 +48,7 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
 def test_bench_without_gpu_needs_quick(tmp_path, no_gpu):
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "CUDA is not available" in result.output and "--quick" in result.output
-    result = CliRunner().invoke(app, ["bench", "--quick", "--only", "e2e,nope", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["bench", "--quick", "--only", "e2e-llama,nope", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown table 'nope'" in result.output
     assert not (tmp_path / "benchmarks.md").exists()
 

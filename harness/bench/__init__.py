@@ -51,13 +51,15 @@ TABLES: dict[str, str] = {
     "pruned": "harness.bench.pruned_decode:run",
     "linear": "harness.bench.linear_decode:run_decode",
     "prefill": "harness.bench.linear_decode:run_prefill",
-    "e2e": "harness.bench.end_to_end:run",
+    "e2e-llama": "harness.bench.end_to_end:run_llama",
+    "e2e-deltanet": "harness.bench.end_to_end:run_deltanet",
 }
 TITLES = {  # for tables that were skipped (a table that runs gives its own title)
     "pruned": "Softmax attention: decode over the pruned K cache",
     "linear": "Linear attention: one-token decode at pruned d_k",
     "prefill": "Linear attention: prefill chunk kernels at pruned d_k",
-    "e2e": "End to end: dense vs compressed models, same run",
+    "e2e-llama": "End to end: dense vs LeanK-masked Llama-3.1-8B config, same run",
+    "e2e-deltanet": "End to end: dense vs 50%-pruned DeltaNet-1.3B config, same run",
 }
 GPU_ONLY = frozenset({"pruned", "linear", "prefill"})  # op-level Triton timings: nothing to run on CPU
 

@@ -216,7 +216,19 @@ def shape_rows(case: Case, batch: int, context: int, found: dict[str, dict]) -> 
     return rows
 
 
-def run(quick: bool = False, mask_path=None, bars=None) -> Table:
+def run_llama(quick: bool = False, mask_path=None, bars=None) -> Table:
+    """Llama-3.1-8B config: dense (DynamicCache), dense (StaticCache), LeanK-masked."""
+    return run(quick, mask_path, bars, models=("llama",))
+
+
+def run_deltanet(quick: bool = False, bars=None) -> Table:
+    """DeltaNet-1.3B config: dense vs 50% pruned, fla's decode step and ours."""
+    return run(quick, None, bars, models=("deltanet",))
+
+
+def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltanet")) -> Table:
+    """The end-to-end rows of `models` (one table each in `harness bench`, so that each fits one
+    10-minute GPU command)."""
     from harness.suites.speed import SpeedSuite
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,8 +239,9 @@ def run(quick: bool = False, mask_path=None, bars=None) -> Table:
                            "--quick runs it on the tiny zoo models on CPU")
     size = "cpu" if device == "cpu" else ("quick" if quick else "full")
     suite = SpeedSuite(new_tokens={"full": 32, "quick": 8, "cpu": 4}[size], warmup=1, repeats=3 if size == "full" else 2)
-    builders = (lambda: llama_case(device, mask_path, SHAPES[size]["llama"]),
-                lambda: deltanet_case(device, SHAPES[size]["deltanet"]))
+    cases = {"llama": lambda: llama_case(device, mask_path, SHAPES[size]["llama"]),
+             "deltanet": lambda: deltanet_case(device, SHAPES[size]["deltanet"])}
+    builders = [cases[m] for m in models]
     rows, notes = [], []
     for build in builders:  # one model (and its variants) resident at a time
         torch.manual_seed(0)
@@ -260,7 +273,7 @@ def run(quick: bool = False, mask_path=None, bars=None) -> Table:
         columns.append("error")
         notes.append("Rows with an error failed (the message is the exception's first line); the others stand.")
     return Table(
-        title="End to end: dense vs compressed models, same run",
+        title="End to end: dense vs compressed models, same run" + (f" ({', '.join(models)})" if len(models) < 2 else ""),
         columns=columns, rows=rows, notes=notes,
         labels={"shape": "batch x context", "prefill_tokens_per_s": "prefill tokens/s",
                 "decode_ms_per_token": "decode ms/token", "decode_tokens_per_s": "decode tokens/s",
