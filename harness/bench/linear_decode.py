@@ -7,7 +7,7 @@ called directly (not through a model, so the table does not depend on HARNESS_FL
 is captured in a CUDA graph (launch cost excluded) that steps several layers' states in turn, at
 least 256 MB in all, so that no state stays in the 50 MB L2 cache between its reads, as in a model;
 median of `do_bench_cudagraph`. GB/s counts the state read and written (2 x |S|); a copy measured
-in the same run gives the bandwidth limit.
+in the same run (the faster of graph and eager) gives the bandwidth limit.
 
 Prefill (`run_prefill`): fla's chunk kernels at batch 16 x 4096 tokens (METHODS.md section 6's size),
 same heads and dims, `do_bench` median. (A run with 8 x 2048 as well did not finish in the 330 s a
@@ -16,32 +16,16 @@ GPU command left it; fla autotunes its chunk kernels at every new shape, the lik
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from harness.bench import Table
+from harness.bench.timing import copy_gbps, eager_ms, graph_ms
 
 HEADS, DV, DK_FULL = 16, 128, 128
 RATIOS = (1.0, 0.75, 0.5, 0.25)
 MIN_BYTES = 256 << 20  # states stepped per timed graph: far beyond the L2 cache
 TARGET = 0.80  # of copy bandwidth: the issue's target for our decode step
 OPS = {False: "delta rule", True: "gated delta rule"}
-
-
-def graph_ms(fn: Callable[[], object], rep: int) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    fn()  # compile / autotune outside the capture
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=rep, return_mode="median")
-
-
-def copy_gbps(rep: int) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second) over MIN_BYTES."""
-    src = torch.empty(MIN_BYTES // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / graph_ms(lambda: dst.copy_(src), rep) / 1e6
 
 
 def fla_original(fn):
@@ -93,7 +77,7 @@ def run_decode(quick: bool = False, bars=None) -> Table:
     batch, rep = 64, (20 if quick else 50)
     ratios = (1.0, 0.5) if quick else RATIOS
     advance = bars.task("linear decode", 2 * len(ratios)) if bars is not None else (lambda: None)
-    copy = copy_gbps(rep)
+    copy = copy_gbps(MIN_BYTES, rep)
     rows = []
     for gated in (False, True):
         for ratio in ratios:
@@ -131,7 +115,6 @@ def run_decode(quick: bool = False, bars=None) -> Table:
 def prefill_ms(dk: int, gated: bool, batch: int, tokens: int, rep: int) -> float:
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    from triton.testing import do_bench
 
     chunk_delta_rule, chunk_gated_delta_rule = fla_original(chunk_delta_rule), fla_original(chunk_gated_delta_rule)
 
@@ -144,7 +127,7 @@ def prefill_ms(dk: int, gated: bool, batch: int, tokens: int, rep: int) -> float
         fn = lambda: chunk_gated_delta_rule(q, k, v, g=gate, beta=beta, use_qk_l2norm_in_kernel=True)  # noqa: E731
     else:
         fn = lambda: chunk_delta_rule(q, k, v, beta=beta, use_qk_l2norm_in_kernel=True)  # noqa: E731
-    return do_bench(fn, rep=rep, return_mode="median")
+    return eager_ms(fn, rep)
 
 
 def run_prefill(quick: bool = False, bars=None) -> Table:

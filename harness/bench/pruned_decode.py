@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.bench.timing import copy_gbps, eager_ms, graph_ms
+
 HKV, HQ, D, LAYERS = 8, 32, 128, 32
 SINK, RECENT = 16, 64
 SHAPES = ((8, 32768), (52, 4096))
@@ -66,21 +68,7 @@ def read_bytes(layer, query) -> int:
 
 def _times(fn) -> tuple[float, float]:
     """(CUDA-graph median ms, eager median ms)."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    return (triton.testing.do_bench_cudagraph(fn, return_mode="median"),
-            triton.testing.do_bench(fn, return_mode="median"))
-
-
-def copy_gbps() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (the faster of graph and eager)."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    ms = min(_times(lambda: dst.copy_(src)))
-    del src, dst
-    return 2 * (1 << 30) / ms / 1e6
+    return graph_ms(fn), eager_ms(fn)
 
 
 def host_us_per_call(fn, calls: int = 20) -> float:
@@ -141,7 +129,7 @@ def typical_layer(mask: torch.Tensor) -> int:
 
 def measure(mask: torch.Tensor, shapes=SHAPES, layers=None, advance=None) -> tuple[list[dict], float]:
     """Rows per shape (whole mask: sums over `layers`, default all) and the copy GB/s."""
-    copy = copy_gbps()
+    copy = copy_gbps(1 << 30)
     layers = list(range(mask.shape[0])) if layers is None else list(layers)
     typical = typical_layer(mask)
     rows = []
