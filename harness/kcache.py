@@ -93,8 +93,9 @@ class HeadGroup:
     def count(self) -> int:
         return self.channels.shape[-1]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append middle slots: kept-channel keys (B, Hg, n, count) and values (B, Hg, n, dv)."""
+        used = 0 if self.mid_keys is None else self.mid_keys.shape[-2]
         self.keys_store = _append(self.keys_store, used, keys)
         self.values_store = _append(self.values_store, used, values)
         n = used + keys.shape[-2]
@@ -203,7 +204,7 @@ class PrunedKLayer(CacheLayerMixin):
             keys = old_k.index_select(1, g.heads)
             if g.count or not self.plan.value_sum:
                 idx = g.channels[:, :, None, :].expand(-1, -1, excess, -1)
-                g.append(keys.gather(-1, idx), old_v.index_select(1, g.heads), self.n_mid)
+                g.append(keys.gather(-1, idx), old_v.index_select(1, g.heads))
             else:
                 part = old_v.index_select(1, g.heads).float().sum(-2)
                 g.value_sum = part if g.value_sum is None else g.value_sum + part

@@ -51,7 +51,7 @@ def build_layer(kept, batch: int, context: int, dtype=torch.bfloat16, device="cu
     layer.groups = plan.groups(batch, device)
     for g in layer.groups:
         if g.count:
-            g.append(rnd(batch, len(g.heads), n_mid, g.count), rnd(batch, len(g.heads), n_mid, D), 0)
+            g.append(rnd(batch, len(g.heads), n_mid, g.count), rnd(batch, len(g.heads), n_mid, D))
         else:
             g.value_sum = torch.randn(batch, len(g.heads), D, device=device) * n_mid ** 0.5
     layer.n_mid = n_mid
