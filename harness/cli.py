@@ -374,7 +374,7 @@ def show(
 
 @app.command()
 def bench(
-    out: Path = typer.Option(Path("harness-results/bench"), "--out", "-o", help="directory for benchmarks.md and benchmarks.json"),
+    out: Path = typer.Option(Path("harness-results/bench"), "--out", "-o", help="directory for benchmarks.md, benchmarks.json and bench.log (timestamped milestones)"),
     only: List[str] = typer.Option([], "--only", help="tables to run, comma-separated: pruned, linear, prefill, e2e-llama, e2e-deltanet (default: all)"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="LeanK mask for the Llama-3.1-8B rows (default: $HARNESS_LEANK_MASK, "
                                         "else ../shared/data/leank-masks/llama3.1-8b-instruct.pth beside the repo, else a synthetic mask)"),
@@ -406,18 +406,42 @@ def bench(
         command = ["harness", "bench", "--out", str(out), *(["--only", ",".join(names)] if only else []),
                    *(["--mask", str(mask)] if mask is not None else []), *(["--quick"] if quick else [])]
         tables = []
-        with bars(not quiet) as bar:
+        with bars(not quiet) as bar, bench_log(out / "bench.log") as log:
             advance = bar.task("bench tables", len(names))
+            log.info("%s", " ".join(command))
             for name in [n for n in TABLES if n in names]:  # the registry's order
                 if name in GPU_ONLY and not torch.cuda.is_available():
                     tables.append(Table(title=TITLES[name], columns=[], name=name,
                                         skipped="needs a CUDA GPU (op-level Triton kernels); this machine has none"))
                 else:
+                    log.info("table %s", name)
                     tables.append(run_table(name, quick=quick, mask_path=mask_path, bars=bar))
                 text = write(out, tables, " ".join(command))  # after every table: a cut-off run keeps what finished
+                log.info("table %s written", name)
                 advance()
     typer.echo(text)
-    out_console.print(Text(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.json'}"))
+    out_console.print(Text(f"wrote {out / 'benchmarks.md'}, {out / 'benchmarks.json'} and {out / 'bench.log'}"))
+
+
+@contextmanager
+def bench_log(path: Path) -> Iterator:
+    """The "harness.bench" logger, writing timestamped milestones to `path` while the block runs."""
+    import logging
+
+    from harness.bench import log
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield log
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
 
 
 @zoo_app.command("build")

@@ -43,6 +43,9 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
     pruned = next(r for r in rows if r["variant"].startswith("pruned"))
     assert pruned["cache_vs_dense"] < 1  # the pruned DeltaNet state is smaller
     assert "Random weights" in markdown and "| llama-tiny (zoo) | dense |" in markdown
+    log = (tmp_path / "bench.log").read_text()  # a timestamped line per measurement, with its figures
+    assert "llama-tiny (zoo) | dense | 2 x 128: prefill " in log and " ms/token, cache " in log
+    assert "deltanet-tiny (zoo): built with variants dense, pruned" in log and "table e2e-deltanet written" in log
 
 
 def test_bench_without_gpu_needs_quick(tmp_path, no_gpu):

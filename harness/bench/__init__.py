@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["GPU_ONLY", "TABLES", "TITLES", "Table", "run_table"]
+__all__ = ["GPU_ONLY", "TABLES", "TITLES", "Table", "log", "run_table"]
+
+log = logging.getLogger("harness.bench")
 
 
 @dataclass

@@ -32,12 +32,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from harness.bench import Table
+from harness.bench import Table, log
 
 WINDOW = {"sink": 16, "recent": 64, "full_prefill": True}  # LeanK's deployment: the prompt attends fully
 FLA_DECODE = "HARNESS_FLA_DECODE"
@@ -178,16 +179,28 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
         prompt = torch.randint(3, vocab, (batch, context), generator=torch.Generator().manual_seed(batch * 7919 + context))
         found = {}
         for label, variant in case.variants.items():  # interleaved: every variant at this shape, then the next
+            start = time.perf_counter()
             try:
                 with environ(variant.env):
                     found[label] = suite.measure(variant.model, prompt)
             except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
                 found[label] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"}
+            log.info("%s | %s | %d x %d: %s (%.1f s)", case.model, label, batch, context,
+                     summary(found[label], batch, context), time.perf_counter() - start)
             if device == "cuda":
                 torch.cuda.empty_cache()
             advance()
         rows += shape_rows(case, batch, context, found)
     return rows
+
+
+def summary(found: dict, batch: int, context: int) -> str:
+    """One measurement in a log line."""
+    if "error" in found:
+        return found["error"]
+    peak = f", peak {found['peak_memory'] / 1e9:.2f} GB" if "peak_memory" in found else ""
+    return (f"prefill {batch * context / found['prefill']['median']:,.0f} tokens/s, decode "
+            f"{found['decode']['median'] * 1e3:.2f} ms/token, cache {found['cache_bytes'] / 1e9:.4g} GB{peak}")
 
 
 def shape_rows(case: Case, batch: int, context: int, found: dict[str, dict]) -> list[dict[str, Any]]:
@@ -245,7 +258,9 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
     rows, notes = [], []
     for build in builders:  # one model (and its variants) resident at a time
         torch.manual_seed(0)
+        start = time.perf_counter()
         case = build()
+        log.info("%s: built with variants %s (%.1f s)", case.model, ", ".join(case.variants), time.perf_counter() - start)
         if device == "cuda":
             models = {id(v.model): v.model for v in case.variants.values()}.values()
             notes.append(f"{case.model}: {unique_bytes(models) / 1e9:.2f} GB of weights shared by its variants; "

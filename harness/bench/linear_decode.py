@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.bench import Table
+from harness.bench import Table, log
 from harness.bench.timing import copy_gbps, eager_ms, graph_ms
 
 HEADS, DV, DK_FULL = 16, 128, 128
@@ -85,6 +85,8 @@ def run_decode(quick: bool = False, bars=None) -> Table:
             row["ours_of_copy"] = row["ours_gbps"] / copy
             row["copy_gbps"] = copy
             rows.append(row)
+            log.info("linear decode %s d_k %d: fla %.1f us, ours %.1f us (%.0f%% of copy)", row["op"], row["d_k"],
+                     row["fla_us"], row["ours_us"], 100 * row["ours_of_copy"])
             advance()
     for row in rows:
         row["d_k_kept"] = f"{row['d_k']} ({row['kept_ratio']:g})"
@@ -142,6 +144,7 @@ def run_prefill(quick: bool = False, bars=None) -> Table:
                 dk = round(DK_FULL * ratio)
                 ms = prefill_ms(dk, gated, batch, tokens, rep)
                 full = ms if full is None else full
+                log.info("prefill %s %d x %d d_k %d: %.3f ms", "gated" if gated else "delta", batch, tokens, dk, ms)
                 rows.append({"op": "chunk_gated_delta_rule" if gated else "chunk_delta_rule", "batch": batch,
                              "tokens": tokens, "shape": f"{batch} x {tokens}", "kept_ratio": ratio, "d_k": dk,
                              "ms": ms, "speedup_vs_full": full / ms})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from harness.bench import log
 from harness.bench.timing import copy_gbps, eager_ms, graph_ms
 
 HKV, HQ, D, LAYERS = 8, 32, 128, 32
@@ -145,6 +146,8 @@ def measure(mask: torch.Tensor, shapes=SHAPES, layers=None, advance=None) -> tup
         nbytes = sum(r["bytes"] for r in per_layer)
         n = len(layers)
         checked = [r["rel_error"] for r in per_layer if "rel_error" in r]
+        log.info("pruned decode %d x %d, %d layers: %.2fx over SDPA, %.0f%% of copy", batch, context, n,
+                 dense["graph_ms"] * n / graph, 100 * nbytes / graph / 1e6 / copy)
         rows.append({
             "shape": f"{batch} x {context}", "layers": n,
             "dense_us_per_layer": 1e3 * dense["graph_ms"], "pruned_us_per_layer": 1e3 * graph / n,
