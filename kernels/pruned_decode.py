@@ -389,7 +389,12 @@ if triton is not None:
             _store_partial(m_ptr, a_ptr, slot_row, 0, n_slots, zeros, zeros + n_mid, zeros[:, None] + vsum[None, :],
                            rmask, dd, dmask, DV)
 
-    @triton.jit
+    # Integer arguments that change from step to step or shape to shape are not specialized:
+    # Triton compiles a variant per (value == 1, divisible by 16) pattern of its int arguments,
+    # and n_mid or the mask's row stride (the context length) toggle that pattern every few decode
+    # steps, which recompiled every layer's kernel several times per shape. The strides that
+    # address the key and value tiles stay specialized (steady, and they let loads vectorize).
+    @triton.jit(do_not_specialize=["n_rows", "n_mid", "n_split", "n_slots", "smask_b", "smask_h"])
     def _partials_kernel(
         q_ptr, m_ptr, a_ptr, n_rows, n_mid, per_split, n_split, n_slots, scaling,
         keep_ptr, sink_end_ptr, hk_ptr, hv_ptr, wk_ptr, wv_ptr, mask_ptr, smask_b, smask_h, smask_t,
@@ -438,7 +443,7 @@ if triton is not None:
                                      n_mid, per_split, n_split, n_slots, scaling,
                                      HQ, D, HKV, N_REP, REP_P, C3, CP3, DV, DV_P, BLOCK, DOT_F32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_split", "has_mid", "n_slots"])
     def _merge_kernel(m_ptr, a_ptr, out_ptr, sum_index_ptr, n_split, has_mid, n_slots,
                       HKV: tl.constexpr, N_REP: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
                       SB: tl.constexpr):

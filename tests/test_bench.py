@@ -91,3 +91,17 @@ def test_pruned_table_plumbing_without_a_gpu(monkeypatch):
     assert set(table.columns) - {"layers", "bytes_ratio", "dense_us_per_layer", "pruned_us_per_layer", "eager_speedup",
                                  "pruned_gbps", "copy_gbps", "slowest_layer_us", "rel_error", "host_us_per_call"} \
         == {"shape", "speedup", "pruned_of_copy"}
+
+
+def test_decode_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
+    """`python -m harness.bench.profile` on the zoo model: host figures per decode step (GPU ones are CUDA-only)."""
+    from harness.bench import profile
+
+    out = tmp_path / "profile.json"
+    profile.main(["--model", "llama", "--batch", "2", "--context", "96", "--steps", "3", "--top", "4", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results) == {"dense", "random mask (kept 0.5)"}  # the static-cache twin is left out
+    for r in results.values():
+        assert r["step_ms"] > 0 and r["gpu_busy_ms"] == 0 and len(r["top_host"]) == 4
+        assert any(name == "aten::mm" and calls >= 1 for name, calls, _ in r["top_host"])  # the projections, per step
+    assert "ms/step wall" in capsys.readouterr().out

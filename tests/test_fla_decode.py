@@ -347,7 +347,8 @@ TOLERANCES = {"plain": (3e-2, 2e-2), "gated": (1e-2, 1e-3), "layer": (1e-2, 1e-3
 @pytest.mark.parametrize("kind", list(OPS))
 @pytest.mark.gpu
 @needs_cuda
-def test_op_matches_fla(kind, dk, steps):
+def test_op_matches_fla(kind, dk, steps, monkeypatch):
+    monkeypatch.setenv(fla_decode.ENV, "ours")  # also the calls `auto` leaves on fla (the layer's)
     op, original = fla_pair(kind)
     args = step_args(kind, b=8, h=4, dk=dk, dv=128, device="cuda", dtype=torch.bfloat16)
     ours = clone(args)
@@ -366,7 +367,8 @@ def test_op_matches_fla(kind, dk, steps):
 @pytest.mark.parametrize("kind", list(OPS))
 @pytest.mark.gpu
 @needs_cuda
-def test_op_padded_batch_and_fresh_state_match_fla(kind, steps):
+def test_op_padded_batch_and_fresh_state_match_fla(kind, steps, monkeypatch):
+    monkeypatch.setenv(fla_decode.ENV, "ours")
     op, original = fla_pair(kind)
     o_tol, state_tol = TOLERANCES[kind]
     for args in (step_args(kind, b=4, h=4, dk=64, dv=64, varlen=True, device="cuda", dtype=torch.bfloat16),
