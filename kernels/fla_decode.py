@@ -12,9 +12,9 @@ A call takes our kernel when (:func:`refusal` returns None):
 
 * ``HARNESS_FLA_DECODE`` is ``auto`` (the default) or ``ours``; ``fla`` forces fla's kernel. It is
   read at every call, so a benchmark can time both in one process (:func:`decode_backend`).
-  ``auto`` keeps on fla the gated layer-style calls our kernel has not yet been checked with on a
-  GPU (:func:`unverified_on_gpu`: what GatedDeltaNet's layer passes); the plain delta rule (fla's
-  DeltaNet) passed there: its GPU generate test ran through our kernel;
+  ``auto`` and ``ours`` take the same calls: every kind of call our kernel serves (DeltaNet's,
+  and the Gated DeltaNet layer's with its own arguments) passed its GPU parity tests against fla,
+  and it spends less GPU time per model decode step than fla's (docs/benchmarks.md);
 * every tensor is on one CUDA device, and no input needs a gradient (our step has no backward);
 * one token per sequence: ``q`` is ``[B, 1, H, K]`` without ``cu_seqlens``, or ``[1, N, H, K]``
   with ``N + 1`` ``cu_seqlens`` (fla's layers build these at a padded batch's decode step from the
@@ -58,9 +58,10 @@ KERNEL_DEVICES = ("cuda",)  # where delta_rule_step runs Triton (CPU tests add "
 
 def decode_backend() -> str:
     """``auto``, ``ours`` or ``fla``: which kernel runs fla's one-token decode step, from
-    ``$HARNESS_FLA_DECODE`` at call time. ``auto`` (the default) is ours where our kernel has passed
-    the parity tests on a GPU, fla's elsewhere (see :func:`unverified_on_gpu`); ``ours`` is ours
-    wherever :func:`refusal` allows. An unknown value is an error: a typo must not time the wrong kernel."""
+    ``$HARNESS_FLA_DECODE`` at call time. ``auto`` (the default) is the harness's choice, today ours
+    wherever :func:`refusal` allows (as ``ours``: a kind of call that has not passed the GPU parity
+    tests would stay on fla under ``auto``); ``fla`` is fla's everywhere. An unknown value is an
+    error: a typo must not time the wrong kernel."""
     value = os.environ.get(ENV, "").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV}={value!r}: use one of {', '.join(BACKENDS)}")
@@ -121,16 +122,6 @@ def refusal(q, k, v, beta=None, initial_state=None, output_final_state=False, cu
     return None
 
 
-def unverified_on_gpu(q, *, state_v_first=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
-                      allow_neg_eigval=False, grouped=False) -> bool:
-    """Whether a CUDA call uses what our kernel has not yet been checked against fla with on a GPU:
-    the gated layer's own arguments (gate and beta activations in the kernel, the [V, K] state,
-    value heads grouped over key heads; fla's GatedDeltaNet layer passes them). They pass the
-    tests under Triton's CPU interpreter; tests/test_fla_decode.py's GPU tests decide. ``auto``
-    sends such calls to fla meanwhile; ``ours`` takes them."""
-    return q.is_cuda and (state_v_first or use_gate_in_kernel or use_beta_sigmoid_in_kernel or allow_neg_eigval or grouped)
-
-
 def _step(q, k, v, beta, initial_state, g=None, *, state_v_first=False, **options):
     """Run delta_rule_step on fla's [B, 1, ...] or [1, N, ...] tensors; return (o like v, state)."""
     n, hv, kk, vv = q.shape[0] * q.shape[1], v.shape[2], q.shape[3], v.shape[3]
@@ -172,13 +163,7 @@ def gated_delta_rule_decode(original, q, k, v, g=None, gk=None, gv=None, beta=No
     if not use_gate_in_kernel:  # fla ignores them then
         A_log = dt_bias = None
     unsupported = [name for name, value in (("gk", gk), ("gv", gv), *kwargs.items()) if value is not None]
-    backend = decode_backend()
-    if backend == "auto" and unverified_on_gpu(
-            q, state_v_first=state_v_first, use_gate_in_kernel=use_gate_in_kernel,
-            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-            grouped=v.shape[2] != q.shape[2]):
-        return original(**args)
-    if backend == "fla" or refusal(
+    if decode_backend() == "fla" or refusal(
             q, k, v, beta, initial_state, output_final_state, cu_seqlens, g=g, A_log=A_log, dt_bias=dt_bias,
             gated=True, state_v_first=state_v_first, use_gate_in_kernel=use_gate_in_kernel,
             use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
