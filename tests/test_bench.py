@@ -105,3 +105,17 @@ def test_decode_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
         assert r["step_ms"] > 0 and r["gpu_busy_ms"] == 0 and len(r["top_host"]) == 4
         assert any(name == "aten::mm" and calls >= 1 for name, calls, _ in r["top_host"])  # the projections, per step
     assert "ms/step wall" in capsys.readouterr().out
+
+
+def test_static_cache_variant_sizes_each_shape_on_its_own(no_gpu):
+    """transformers keeps a StaticCache as long as the longest earlier one; the bench resets that per
+    measurement, so a short shape after a long one is measured with its own cache."""
+    from harness.bench import end_to_end
+    from harness.suites.speed import SpeedSuite
+
+    case = end_to_end.llama_case("cpu", None, ((1, 160), (1, 40)))
+    case.variants = {k: v for k, v in case.variants.items() if k.startswith("dense")}
+    rows = end_to_end.measure_case(case, SpeedSuite(new_tokens=2, warmup=0, repeats=1), None, "cpu")
+    static = {r["context"]: r["cache_bytes"] for r in rows if r["variant"] == "dense, static cache"}
+    dense = {r["context"]: r["cache_bytes"] for r in rows if r["variant"] == "dense"}
+    assert static[40] < static[160] and static[40] <= 1.1 * dense[40]  # not 160 + 2 slots

@@ -180,6 +180,9 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
         found = {}
         for label, variant in case.variants.items():  # interleaved: every variant at this shape, then the next
             start = time.perf_counter()
+            # transformers sizes a StaticCache to the longest one this model ever had (to spare
+            # torch.compile a recompile), so 16 x 4096 after 4 x 16384 would allocate 16 x 16416 slots
+            variant.model.__dict__.pop("_previous_max_cache_length", None)
             try:
                 with environ(variant.env):
                     found[label] = suite.measure(variant.model, prompt)
