@@ -1,5 +1,5 @@
 """Where a decode step's time goes: torch.profiler over the decode steps of `generate` (the prompt's
-forward left out), for the end-to-end variants of `harness.bench.end_to_end`.
+forward and the first decode step left out), for the end-to-end variants of `harness.bench.end_to_end`.
 
     python -m harness.bench.profile --model llama --batch 4 --context 16384 [--mask PATH]
     python -m harness.bench.profile --model deltanet --batch 64 --context 64
@@ -22,15 +22,16 @@ from transformers.generation.streamers import BaseStreamer
 
 
 class DecodeWindow(BaseStreamer):
-    """A `generate` streamer that starts `profiler` after the first new token (the prompt's forward
-    and first token are done) and stops it at the end; it times the steps in between."""
+    """A `generate` streamer that starts `profiler` after the second new token (past the prompt's
+    forward and the first decode step, which does one-time work such as growing a pruned cache's
+    middle store past the prompt) and stops it at the end; it times the steps in between."""
 
     def __init__(self, profiler):
         self.profiler, self.puts, self.started = profiler, 0, None
 
     def put(self, _tokens) -> None:
         self.puts += 1
-        if self.puts == 2:  # 1: the prompt, 2: the first new token
+        if self.puts == 3:  # 1: the prompt, 2: the first new token (prefill), 3: the first decode step's
             _sync()
             self.profiler.start()
             self.started = time.perf_counter()
@@ -64,9 +65,9 @@ def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[s
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     profiler = profile(activities=activities)
     window = DecodeWindow(profiler)
-    generate(steps + 1, window)
+    generate(steps + 2, window)
     events = profiler.key_averages()
-    n = steps  # decode steps inside the window (tokens 2 .. steps + 1)
+    n = steps  # decode steps inside the window (the forwards of tokens 3 .. steps + 2)
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # the GPU's own events
     gpu_us = sum(_device_us(e) for e in kernels)
     count = lambda name: sum(e.count for e in events if e.key == name)  # noqa: E731
