@@ -22,9 +22,11 @@ Memory plan (80 GB H100; one model resident at a time, its weights once):
   4 x 16k and 16 x 4k are both 65,536 tokens, 8.6 GB (the LeanK cache about 0.6 of it). A prefill
   of 65,536 tokens adds about 8 GB per layer in flight (MLP 3 x 1.9 GB, q/k/v, and for the LeanK
   variant a materialized bf16 mask, batch x context^2: 2.1 GB at 4 x 16k); logits: last position
-  only. Peak about 33 GB. 8 x 32k would not fit: 34 GB of KV, 22 GB of prefill MLP, a 17 GB mask.
+  only. Estimated peak about 33 GB; measured on an H100 41 GB dense and 52-54 GB LeanK
+  (docs/benchmarks.md). 8 x 32k would not fit: 34 GB of KV, 22 GB of prefill MLP, a 17 GB mask.
 - DeltaNet: weights 2.7 GB (+0.2 GB of sliced q/k projections); fp32 state 25 MB a sequence, 1.6
-  GB at batch 64; a 64 x 2k prefill adds about 5 GB. Peak about 10 GB.
+  GB at batch 64; a 64 x 2k prefill adds about 5 GB. Estimated peak about 10 GB; measured 14.7 GB
+  dense, 11.8 GB pruned.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ median of `do_bench_cudagraph`. GB/s counts the state read and written (2 x |S|)
 in the same run (the faster of graph and eager) gives the bandwidth limit.
 
 Prefill (`run_prefill`): fla's chunk kernels at batch 16 x 4096 tokens (METHODS.md section 6's size),
-same heads and dims, `do_bench` median. (A run with 8 x 2048 as well did not finish in the 330 s a
-GPU command left it; fla autotunes its chunk kernels at every new shape, the likely cost.)
+same heads and dims, `do_bench` median. fla autotunes its chunk kernels at every new d_k, compiling
+every candidate config: on a fresh machine that takes minutes; with Triton's on-disk cache filled
+the table took about a minute on an H100 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def decode_row(dk: int, gated: bool, batch: int, rep: int) -> dict:
     from harness.kernels.delta_decode import delta_rule_step
 
     # fla's own ops, also where harness.kernels.fla_cpu has wrapped them (its wrapper would hand a
-    # CUDA decode step to our kernel under HARNESS_FLA_DECODE=ours, the default)
+    # CUDA decode step to our kernel under HARNESS_FLA_DECODE=auto, the default)
     fused_recurrent_delta_rule = fla_original(fused_recurrent_delta_rule)
     fused_recurrent_gated_delta_rule = fla_original(fused_recurrent_gated_delta_rule)
 
