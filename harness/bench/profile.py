@@ -31,7 +31,7 @@ class DecodeWindow(BaseStreamer):
 
     def put(self, _tokens) -> None:
         self.puts += 1
-        if self.puts == 3:  # 1: the prompt, 2: the first new token (prefill), 3: the first decode step's
+        if self.puts == 3:  # 1: the prompt, 2: the prefill's token, 3: the first decode step's token
             _sync()
             self.profiler.start()
             self.started = time.perf_counter()
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     results = {}
     for label, variant in case.variants.items():
         if "static" in label:
-            continue  # a StaticCache keeps itself on the model between calls; not what this looks at
+            continue  # the table's StaticCache baseline; the profile compares stock dense with compressed
         with torch.no_grad(), end_to_end.environ(variant.env):
             r = results[label] = profile_variant(variant.model, prompt, args.steps, args.top)
         print(f"\n== {case.model} | {label} | {args.batch} x {args.context}: {r['step_ms']:.2f} ms/step wall, "

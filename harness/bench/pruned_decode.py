@@ -146,8 +146,6 @@ def measure(mask: torch.Tensor, shapes=SHAPES, layers=None, advance=None) -> tup
         nbytes = sum(r["bytes"] for r in per_layer)
         n = len(layers)
         checked = [r["rel_error"] for r in per_layer if "rel_error" in r]
-        log.info("pruned decode %d x %d, %d layers: %.2fx over SDPA, %.0f%% of copy", batch, context, n,
-                 dense["graph_ms"] * n / graph, 100 * nbytes / graph / 1e6 / copy)
         rows.append({
             "shape": f"{batch} x {context}", "layers": n,
             "dense_us_per_layer": 1e3 * dense["graph_ms"], "pruned_us_per_layer": 1e3 * graph / n,
@@ -160,6 +158,8 @@ def measure(mask: torch.Tensor, shapes=SHAPES, layers=None, advance=None) -> tup
             "rel_error": checked[0] if checked else None, "dense_variant": dense["variant"],
             "host_us_per_call": next((r["host_us"] for r in per_layer if "host_us" in r), None),
         })
+        log.info("pruned decode %s, %d layers: %.2fx over SDPA, %.0f%% of copy", rows[-1]["shape"], n,
+                 rows[-1]["speedup"], 100 * rows[-1]["pruned_of_copy"])
     return rows, copy
 
 
