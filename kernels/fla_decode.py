@@ -2,8 +2,8 @@
 :func:`harness.kernels.delta_decode.delta_rule_step`, everything else to fla.
 
 fla 0.6's DeltaNet and Gated DeltaNet layers decode through ``fused_recurrent_delta_rule`` /
-``fused_recurrent_gated_delta_rule``; our step streams the state once and is 1.08x-1.48x faster
-(docs/benchmarks.md). :mod:`harness.kernels.fla_cpu` (where every patch of fla lives) hands each
+``fused_recurrent_gated_delta_rule``; our step streams the state once and is 1.10x-1.49x faster
+(op level, docs/benchmarks.md). :mod:`harness.kernels.fla_cpu` (where every patch of fla lives) hands each
 non-CPU call of those two ops to :func:`delta_rule_decode` / :func:`gated_delta_rule_decode`
 here, which take fla's arguments unchanged, keep the calls :func:`refusal` accepts and pass every
 other call to fla's original function untouched.

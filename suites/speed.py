@@ -122,6 +122,10 @@ class SpeedSuite(Suite):
     def measure(self, model, prompt: torch.Tensor) -> dict[str, Any]:
         device = next(model.parameters()).device
         prompt = prompt.to(device)
+        # transformers sizes a StaticCache to the longest one this model ever had (to spare
+        # torch.compile a recompile): a short prompt after a long one would be timed and counted
+        # with the long one's cache (16 x 16416 slots for 16 x 4096 after 4 x 16384)
+        model.__dict__.pop("_previous_max_cache_length", None)
         pad = getattr(model.generation_config, "pad_token_id", None) or getattr(model.config, "pad_token_id", None) or 0
 
         def generate(clock=None, new_tokens=self.new_tokens):

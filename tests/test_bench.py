@@ -108,8 +108,8 @@ def test_decode_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
 
 
 def test_static_cache_variant_sizes_each_shape_on_its_own(no_gpu):
-    """transformers keeps a StaticCache as long as the longest earlier one; the bench resets that per
-    measurement, so a short shape after a long one is measured with its own cache."""
+    """transformers keeps a StaticCache as long as the longest earlier one; SpeedSuite.measure resets
+    that per measurement, so a short shape after a long one is measured with its own cache."""
     from harness.bench import end_to_end
     from harness.suites.speed import SpeedSuite
 

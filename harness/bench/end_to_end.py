@@ -41,9 +41,10 @@ from typing import Any
 import torch
 
 from harness.bench import Table, log
+from harness.kernels import fla_decode
 
 WINDOW = {"sink": 16, "recent": 64, "full_prefill": True}  # LeanK's deployment: the prompt attends fully
-FLA_DECODE = "HARNESS_FLA_DECODE"
+FLA_DECODE = fla_decode.ENV  # read by harness.kernels.fla_decode at every call
 # (batch, context) per model; "full" is sized for an 80 GB H100 (the memory plan above)
 SHAPES = {
     "full": {"llama": ((4, 16384), (16, 4096)), "deltanet": ((64, 2048),)},
@@ -137,7 +138,7 @@ def deltanet_case(device: str, shapes) -> Case:
     d = next(iter(geometry.values()))[1]
     label = f"pruned (d_k {d} -> {d // 2})"
     notes = ["channels 0 to d_k/2 - 1 of every head kept (which ones does not change the speed)."]
-    if device == "cuda" and fla_decode_switch():
+    if device == "cuda":
         variants = {"dense, fla decode": Variant(dense, env={FLA_DECODE: "fla"}),
                     "dense, our decode": Variant(dense, env={FLA_DECODE: "ours"}),
                     f"{label}, fla decode": Variant(pruned, twin="dense, fla decode", env={FLA_DECODE: "fla"}),
@@ -147,15 +148,6 @@ def deltanet_case(device: str, shapes) -> Case:
     else:
         variants = {"dense": Variant(dense), label: Variant(pruned, twin="dense")}
     return Case("deltanet-tiny (zoo)" if device == "cpu" else "DeltaNet-1.3B config", variants, shapes, notes)
-
-
-def fla_decode_switch() -> bool:
-    """Whether this checkout routes fla's decode step by HARNESS_FLA_DECODE (harness.kernels.fla_decode)."""
-    try:
-        from harness.kernels import fla_decode  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @contextlib.contextmanager
@@ -182,9 +174,6 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
         found = {}
         for label, variant in case.variants.items():  # interleaved: every variant at this shape, then the next
             start = time.perf_counter()
-            # transformers sizes a StaticCache to the longest one this model ever had (to spare
-            # torch.compile a recompile), so 16 x 4096 after 4 x 16384 would allocate 16 x 16416 slots
-            variant.model.__dict__.pop("_previous_max_cache_length", None)
             try:
                 with environ(variant.env):
                     found[label] = suite.measure(variant.model, prompt)
