@@ -9,7 +9,8 @@ middle segment, so the plan is built around streaming it once, evenly over the w
   cut into S splits of whole token blocks (S the same for all heads of the call, chosen so that
   there are a few work items per SM). A work item (row, KV head, split) gathers the n_rep query
   heads sharing its KV head to that (row, head)'s kept channels once, streams its token range of
-  the group's `mid_keys` (c channels) and `mid_values` in blocks of BLOCK_N tokens, keeps an online
+  the group's `mid_keys` (c channels) and `mid_values` in blocks of BLOCK_N tokens (the launch
+  settings of `harness.kernels.launch_settings`), keeps an online
   softmax (running max, sum, dv accumulator) in fp32 per query head, and writes one partial.
 - Heads keeping 0 channels with a value sum read no middle key or value: their n_mid scores are
   exactly 0, so their middle partial is (max 0, sum n_mid, acc value_sum).
@@ -41,10 +42,13 @@ only their last two dimensions must be contiguous.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 
 import torch
+
+from harness.kernels import launch_settings
 
 try:  # triton is a Linux dependency; the torch twin needs none of it
     import triton
@@ -55,13 +59,11 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["pruned_decode_attention", "pruned_decode_attention_torch"]
 
-# launch settings (module attributes, read at each call, so a benchmark can tune them)
-# (tuned on an H100 at Llama-3.1-8B shapes, bf16: harness/bench/pruned_decode.py; fp32 inputs
-# use blocks of at most 64 tokens and 2 stages, to fit shared memory)
-BLOCK_N = 128  # middle tokens per kernel iteration
-MIN_BLOCKS_PER_SPLIT = 4  # a split streams at least this many blocks (when there are that many)
-ITEMS_PER_SM = 8  # middle work items per SM the split count aims at
-NUM_WARPS, NUM_STAGES = 4, 2
+# Launch settings come from `harness.kernels.launch_settings` per GPU and shape class (a sweep's
+# winners): BLOCK_N middle tokens per kernel iteration, NUM_WARPS, NUM_STAGES, ITEMS_PER_SM middle
+# work items per SM the split count aims at, each at least MIN_BLOCKS_PER_SPLIT blocks long. fp32
+# inputs use blocks of at most 64 tokens and 2 stages, to fit shared memory.
+KERNEL = "pruned_decode"
 GROUPS_PER_LAUNCH = 4  # kept-count groups one launch handles (more groups: more launches)
 
 
@@ -138,15 +140,16 @@ def _split_groups(layer):
     return kernel, (sums[0] if sums else None)
 
 
-def _split_plan(n_mid: int, rows: int, block: int, split: int | None, sms: int) -> tuple[int, int]:
+def _split_plan(n_mid: int, rows: int, block: int, split: int | None, sms: int,
+                items_per_sm: int = 8, min_blocks: int = 4) -> tuple[int, int]:
     """(S, tokens per split): S splits of whole blocks of the middle for each of `rows` (row, KV
-    head) pairs; by default about ITEMS_PER_SM work items per SM, each at least
-    MIN_BLOCKS_PER_SPLIT blocks long. No split is empty."""
+    head) pairs; by default about `items_per_sm` work items per SM, each at least `min_blocks`
+    blocks long. No split is empty."""
     if not n_mid or not rows:
         return 0, 0
     blocks = -(-n_mid // block)
     if split is None:
-        split = min(-(-ITEMS_PER_SM * sms // rows), max(1, blocks // MIN_BLOCKS_PER_SPLIT))
+        split = min(-(-items_per_sm * sms // rows), max(1, blocks // min_blocks))
     per_blocks = -(-blocks // max(1, int(split)))
     return -(-blocks // per_blocks), per_blocks * block
 
@@ -233,10 +236,13 @@ def pruned_decode_attention_torch(query, layer, mask, *, scaling: float, split: 
 if triton is not None:
 
     @triton.jit
-    def _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32: tl.constexpr):
+    def _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32: tl.constexpr, GUARD: tl.constexpr):
         """Fold one block of scores `s` (rows x tokens) and values `v` (tokens x dv) into the running
-        max, sum and accumulator of an online softmax (fp32)."""
+        max, sum and accumulator of an online softmax (fp32). GUARD: the block and everything before
+        it may be all -inf (no real token yet); without it the caller guarantees a finite max."""
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if GUARD:  # exp(-inf - -inf) is NaN: measure from 0 while nothing real has been seen
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -259,18 +265,24 @@ if triton is not None:
     @triton.jit
     def _middle_item(
         item, q_ptr, m_ptr, a_ptr, ch_ptr, heads_ptr, k_ptr, v_ptr, hg, k_hs, v_hs,
-        n_mid, per_split, n_split, n_slots, scaling,
+        n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
         HQ: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
         C: tl.constexpr, C_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-        BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK: tl.constexpr, DOT_F32: tl.constexpr, ROW_LENGTHS: tl.constexpr,
     ):
         """Work item (row, head of the group, split) -> its middle partial. Channels (B, hg, C)
         contiguous; keys / values: (row, head) at `k_hs` / `v_hs` element strides (row stride
-        hg x that), tokens contiguous rows of C / DV."""
+        hg x that), tokens contiguous rows of C / DV. ROW_LENGTHS (the static cache): each row's
+        middle holds max(0, len[row] - mid_start) tokens, cut into n_split ranges of whole blocks
+        (some may be empty: they store the empty partial); otherwise every row holds n_mid and a
+        split covers per_split tokens."""
         pid_s = item % n_split
         rest = item // n_split
         pid_h = (rest % hg).to(tl.int64)
         pid_b = (rest // hg).to(tl.int64)
+        if ROW_LENGTHS:
+            n_mid = tl.maximum(tl.load(len_ptr + pid_b) - mid_start, 0)
+            per_split = tl.cdiv(tl.cdiv(n_mid, BLOCK), n_split) * BLOCK
         bh = pid_b * hg + pid_h  # (row, head of the group)
         head = tl.load(heads_ptr + pid_h).to(tl.int64)  # the KV head's index in the layer
         rows = tl.arange(0, REP_P)
@@ -303,9 +315,9 @@ if triton is not None:
             else:  # 16-bit q and k: exact products, fp32 accumulation
                 s = tl.dot(q, tl.trans(k))
             s = tl.where(nmask[None, :], s * scaling, float("-inf"))
-            # every block holds a real token (no split is empty), so the running max stays finite
+            # every block holds a real token (a range is whole blocks up to its end), so the max is finite
             v = tl.load(v_base + offs[:, None] * DV + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32)
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32, False)
         slot_row = (pid_b * HKV + head) * N_REP + rows  # (row, KV head, query head) of the buffers
         _store_partial(m_ptr, a_ptr, slot_row, pid_s, n_slots, m_i, l_i, acc, rmask, dd, dmask, DV)
 
@@ -378,7 +390,7 @@ if triton is not None:
             s = tl.where((j < n_hw)[None, :], s, float("-inf"))
             v = tl.load(hv_base + j[:, None] * DV + dd[None, :], mask=in_head[:, None] & dmask[None, :], other=0.0)
             v += tl.load(wv_base + w[:, None] * DV + dd[None, :], mask=in_win[:, None] & dmask[None, :], other=0.0)
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32)
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_F32, False)
         slot_row = bh * N_REP + rows  # (row, KV head, query head) of the buffers
         _store_partial(m_ptr, a_ptr, slot_row, n_slots - 1, n_slots, m_i, l_i, acc, rmask, dd, dmask, DV)
 
@@ -388,6 +400,44 @@ if triton is not None:
             zeros = tl.zeros([REP_P], tl.float32)
             _store_partial(m_ptr, a_ptr, slot_row, 0, n_slots, zeros, zeros + n_mid, zeros[:, None] + vsum[None, :],
                            rmask, dd, dmask, DV)
+
+    @triton.jit
+    def _middle_items(
+        item, n_rows, q_ptr, m_ptr, a_ptr, n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
+        ch0, hd0, k0, v0, hg0, khs0, vhs0, ch1, hd1, k1, v1, hg1, khs1, vhs1,
+        ch2, hd2, k2, v2, hg2, khs2, vhs2, ch3, hd3, k3, v3, hg3, khs3, vhs3,
+        HQ: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
+        DV: tl.constexpr, DV_P: tl.constexpr, NG: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+        C2: tl.constexpr, C3: tl.constexpr, CP0: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr,
+        CP3: tl.constexpr, BLOCK: tl.constexpr, DOT_F32: tl.constexpr, ROW_LENGTHS: tl.constexpr,
+    ):
+        """Middle work item `item` (numbered from 0 over the NG groups in order: group 0's
+        n_rows x hg0 x n_split items, then group 1's, ...) -> `_middle_item` of its group, each
+        group compiled for its own channel count. Items past the last group do nothing."""
+        e0 = n_rows * hg0 * n_split
+        if NG > 0:  # NG == 0: no middle to stream (group slots hold placeholders, never compiled)
+            if (item >= 0) & (item < e0):
+                _middle_item(item, q_ptr, m_ptr, a_ptr, ch0, hd0, k0, v0, hg0, khs0, vhs0,
+                             n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
+                             HQ, D, HKV, N_REP, REP_P, C0, CP0, DV, DV_P, BLOCK, DOT_F32, ROW_LENGTHS)
+        if NG > 1:
+            e1 = e0 + n_rows * hg1 * n_split
+            if (item >= e0) & (item < e1):
+                _middle_item(item - e0, q_ptr, m_ptr, a_ptr, ch1, hd1, k1, v1, hg1, khs1, vhs1,
+                             n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
+                             HQ, D, HKV, N_REP, REP_P, C1, CP1, DV, DV_P, BLOCK, DOT_F32, ROW_LENGTHS)
+            if NG > 2:
+                e2 = e1 + n_rows * hg2 * n_split
+                if (item >= e1) & (item < e2):
+                    _middle_item(item - e1, q_ptr, m_ptr, a_ptr, ch2, hd2, k2, v2, hg2, khs2, vhs2,
+                                 n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
+                                 HQ, D, HKV, N_REP, REP_P, C2, CP2, DV, DV_P, BLOCK, DOT_F32, ROW_LENGTHS)
+                if NG > 3:
+                    e3 = e2 + n_rows * hg3 * n_split
+                    if (item >= e2) & (item < e3):
+                        _middle_item(item - e2, q_ptr, m_ptr, a_ptr, ch3, hd3, k3, v3, hg3, khs3, vhs3,
+                                     n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
+                                     HQ, D, HKV, N_REP, REP_P, C3, CP3, DV, DV_P, BLOCK, DOT_F32, ROW_LENGTHS)
 
     # Integer arguments that change from step to step or shape to shape are not specialized:
     # Triton compiles a variant per (value == 1, divisible by 16) pattern of its int arguments,
@@ -418,30 +468,10 @@ if triton is not None:
                               mask_ptr, smask_b, smask_h, smask_t, sum_index_ptr, sum_ptr, sum_hg,
                               n_head, n_mid, n_win, recent, n_slots, scaling,
                               HQ, HKV, N_REP, REP_P, D, D_P, DV, DV_P, HW_BLOCK, MASK_KIND, HW_DOT_F32)
-        item = pid - n_hw
-        e0 = n_rows * hg0 * n_split
-        if NG > 0:  # NG == 0: no middle to stream (group slots hold placeholders, never compiled)
-            if (item >= 0) & (item < e0):
-                _middle_item(item, q_ptr, m_ptr, a_ptr, ch0, hd0, k0, v0, hg0, khs0, vhs0,
-                             n_mid, per_split, n_split, n_slots, scaling,
-                             HQ, D, HKV, N_REP, REP_P, C0, CP0, DV, DV_P, BLOCK, DOT_F32)
-        if NG > 1:
-            e1 = e0 + n_rows * hg1 * n_split
-            if (item >= e0) & (item < e1):
-                _middle_item(item - e0, q_ptr, m_ptr, a_ptr, ch1, hd1, k1, v1, hg1, khs1, vhs1,
-                             n_mid, per_split, n_split, n_slots, scaling,
-                             HQ, D, HKV, N_REP, REP_P, C1, CP1, DV, DV_P, BLOCK, DOT_F32)
-            if NG > 2:
-                e2 = e1 + n_rows * hg2 * n_split
-                if (item >= e1) & (item < e2):
-                    _middle_item(item - e1, q_ptr, m_ptr, a_ptr, ch2, hd2, k2, v2, hg2, khs2, vhs2,
-                                 n_mid, per_split, n_split, n_slots, scaling,
-                                 HQ, D, HKV, N_REP, REP_P, C2, CP2, DV, DV_P, BLOCK, DOT_F32)
-                if NG > 3:
-                    if item >= e2:
-                        _middle_item(item - e2, q_ptr, m_ptr, a_ptr, ch3, hd3, k3, v3, hg3, khs3, vhs3,
-                                     n_mid, per_split, n_split, n_slots, scaling,
-                                     HQ, D, HKV, N_REP, REP_P, C3, CP3, DV, DV_P, BLOCK, DOT_F32)
+        _middle_items(pid - n_hw, n_rows, q_ptr, m_ptr, a_ptr, n_mid, per_split, n_split, n_slots, scaling, 0, 0,
+                      ch0, hd0, k0, v0, hg0, khs0, vhs0, ch1, hd1, k1, v1, hg1, khs1, vhs1,
+                      ch2, hd2, k2, v2, hg2, khs2, vhs2, ch3, hd3, k3, v3, hg3, khs3, vhs3,
+                      HQ, HKV, N_REP, REP_P, D, DV, DV_P, NG, C0, C1, C2, C3, CP0, CP1, CP2, CP3, BLOCK, DOT_F32, False)
 
     @triton.jit(do_not_specialize=["n_split", "has_mid", "n_slots"])
     def _merge_kernel(m_ptr, a_ptr, out_ptr, sum_index_ptr, n_split, has_mid, n_slots,
@@ -491,6 +521,30 @@ def _sm_count(device) -> int:
     return _SMS[idx]
 
 
+def device_name(device) -> str:
+    """The GPU's name (what launch settings are keyed on); "cpu" elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def launch(device, middle_tokens: int) -> dict[str, int]:
+    """This kernel's launch settings on `device` for middles of `middle_tokens` per (row, head)."""
+    return launch_settings.settings(KERNEL, device_name(device), launch_settings.shape_class(middle_tokens))
+
+
+def _block_stages(tuned: dict[str, int], dot_f32: bool) -> tuple[int, int]:
+    """(tokens per middle block, pipeline stages): fp32 tiles are twice as large, so at most 64 and 2."""
+    block, stages = tuned["BLOCK_N"], tuned["NUM_STAGES"]
+    return (min(block, 64), min(stages, 2)) if dot_f32 else (block, stages)
+
+
 def _pow2(n: int, least: int = 16) -> int:
     """The next power of two >= n, at least `least` (plain Python: this runs at every decode step)."""
     return max(least, 1 << (n - 1).bit_length()) if n > 0 else least
@@ -531,8 +585,10 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
     consts = _layer_consts(layer, b, dev)
     kernel_groups, sum_group = _split_groups(layer)
     dot_f32 = bool(kernel_groups) and _dot_f32(query, kernel_groups[0].mid_keys, kernel_groups[0].mid_values)
-    block, stages = (min(BLOCK_N, 64), min(NUM_STAGES, 2)) if dot_f32 else (BLOCK_N, NUM_STAGES)
-    n_split, per = _split_plan(n_mid, b * sum(len(g.heads) for g in kernel_groups), block, split, _sm_count(dev))
+    tuned = launch(dev, n_mid)
+    block, stages = _block_stages(tuned, dot_f32)
+    n_split, per = _split_plan(n_mid, b * sum(len(g.heads) for g in kernel_groups), block, split, _sm_count(dev),
+                               tuned["ITEMS_PER_SM"], tuned["MIN_BLOCKS_PER_SPLIT"])
     n_slots = max(n_split, sum_group is not None) + 1  # the middle's slots, then the head/window
     m_buf = torch.empty(b, hkv, n_rep, n_slots, dtype=torch.float32, device=dev)
     acc_buf = torch.empty(b, hkv, n_rep, n_slots, dv + 1, dtype=torch.float32, device=dev)
@@ -567,7 +623,7 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
         _partials_kernel[(items,)](
             *common, *args, **shapes, HAS_HW=first == 0, NG=len(groups),
             **{f"C{i}": c for i, c in enumerate(counts)}, **{f"CP{i}": _pow2(c) for i, c in enumerate(counts)},
-            num_warps=NUM_WARPS, num_stages=stages,
+            num_warps=tuned["NUM_WARPS"], num_stages=stages,
         )
     out = torch.empty(b, 1, hq, dv, dtype=query.dtype, device=dev)
     _merge_kernel[(b * hq,)](m_buf, acc_buf, out, sum_index, max(n_split, 1), int(n_mid > 0), n_slots,
