@@ -1,0 +1,188 @@
+"""The static decode loop (harness/graph_decode.py) against eager `generate`: same greedy tokens,
+logits within tolerance, for tiny Llama and Qwen2 configs with GQA, left-padded batches whose
+rows cross the sink and recent boundaries, heads keeping 0 channels, per-sequence channels
+(ThinK), the full-channel prefill (LeanK's deployment) and plain models (the dense twin). On CPU
+the loop runs eagerly through the kernels' torch twins; on CUDA (skipped without a GPU) its step
+replays from a CUDA graph."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from harness import graph_decode
+from harness.families.hf_softmax import SoftmaxAdapter
+from test_kcache import generate, mixed_selection, padded_batch, tiny_softmax
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def realized(kind: str, *, value_sum=True, full_prefill=False, sink=3, recent=5, think=False):
+    model = tiny_softmax(kind)
+    counts = (8,) if think else (0, 8, 16, 4)
+    selection = mixed_selection(model, counts=counts, sink=sink, recent=recent, value_sum=value_sum)
+    selection.meta["cache"]["full_prefill"] = full_prefill
+    if think:  # channels chosen per sequence at prefill: 8 of 16 per head
+        selection.meta["prefill_chooser"] = {"method": "think", "params": {"window": 4}, "count": 8}
+    SoftmaxAdapter().apply(model, selection)
+    return model
+
+
+def long_batch(n_tokens=120, seed=1):
+    """Three left-padded rows of 120, 96 and 33 tokens: past the plain model's sink 16 + recent 64."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (3, n_tokens), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :24] = 0
+    mask[2, :87] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def both(model, ids, mask, device="cpu", new=12, **kw):
+    """(sequences, scores) of eager generate and of the static loop."""
+    ids, mask = ids.to(device), mask.to(device)
+    seq, scores = generate(model, ids, mask, **kw)
+    out = graph_decode.generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, return_logits=True, **kw)
+    return (seq, scores), (out.sequences, out.logits)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("options", [dict(), dict(value_sum=False), dict(full_prefill=True), dict(think=True),
+                                     dict(sink=0, recent=2)])
+def test_pruned_model_decodes_like_generate(kind, options):
+    model = realized(kind, **options)
+    (seq, scores), (seq2, scores2) = both(model, *padded_batch())
+    assert torch.equal(seq2, seq)
+    torch.testing.assert_close(scores2, scores, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_plain_model_decodes_like_generate_through_its_dense_twin(kind):
+    model = tiny_softmax(kind)
+    (seq, scores), (seq2, scores2) = both(model, *long_batch())
+    assert torch.equal(seq2, seq)
+    torch.testing.assert_close(scores2, scores, atol=2e-5, rtol=1e-5)
+    cache = model._harness_decoder.cache
+    assert all(layer.dense and layer.capacity > 0 for layer in cache.layers.values())
+
+
+def test_end_of_sequence_pads_finished_rows_and_stops_where_generate_stops():
+    model = realized("llama")
+    ids, mask = padded_batch()
+    seq, _ = generate(model, ids, mask)
+    eos = int(seq[1, ids.shape[1] + 3])  # a token row 1 emits at its 4th step: rows end at different steps
+    (want, _), (got, _) = both(model, ids, mask, eos_token_id=eos)
+    assert torch.equal(got, want)
+    out = graph_decode.generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, check_every=1)
+    assert torch.equal(out.sequences, want)
+
+
+def test_min_new_tokens_holds_back_the_end_of_sequence():
+    model = realized("qwen2")
+    ids, mask = padded_batch()
+    seq, _ = generate(model, ids, mask)
+    eos = int(seq[0, ids.shape[1]])  # row 0's first new token
+    (want, _), (got, _) = both(model, ids, mask, eos_token_id=eos, min_new_tokens=3)
+    assert torch.equal(got, want)
+
+
+def test_prefill_in_small_chunks_equals_one_forward():
+    model = realized("llama")
+    ids, mask = long_batch()
+    one = graph_decode.generate(model, ids, mask, max_new_tokens=6, return_logits=True)
+    graph_decode.release(model)
+    dec = graph_decode.Decoder(model, 3, 192, max_new_tokens=6, record_logits=True, prefill_tokens=1)
+    first = dec.prefill(ids, mask)
+    n, _ = dec.decode(first, 6)
+    torch.testing.assert_close(dec.result(ids, n).logits, one.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_draws_from_the_softmax():
+    model = tiny_softmax("llama")
+    dec = graph_decode.Decoder(model, 1, 64, max_new_tokens=2, sampling=graph_decode.Sampling(True, temperature=2.0))
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, -1)
+    counts = torch.bincount(dec._choose(logits), minlength=4).float() / 20000
+    torch.testing.assert_close(counts, (logits[0] / 2).softmax(-1), atol=0.015, rtol=0)
+    top = graph_decode.Decoder(model, 1, 64, max_new_tokens=2, sampling=graph_decode.Sampling(True, top_k=2, top_p=0.5))
+    assert set(top._choose(logits).tolist()) == {0}  # top_p 0.5 keeps the first of the top 2 (mass 0.73)
+
+
+def test_greedy_sampling_limits_give_the_greedy_tokens():
+    model = realized("llama")
+    ids, mask = padded_batch()
+    greedy = graph_decode.generate(model, ids, mask, max_new_tokens=8).sequences
+    top1 = graph_decode.generate(model, ids, mask, max_new_tokens=8, do_sample=True, top_k=1).sequences
+    assert torch.equal(top1, greedy)
+
+
+def test_the_decoder_is_reused_for_the_same_shapes_and_replaced_for_others():
+    model = realized("llama")
+    ids, mask = padded_batch()
+    graph_decode.generate(model, ids, mask, max_new_tokens=5)
+    first = model._harness_decoder
+    graph_decode.generate(model, ids, mask, max_new_tokens=5)
+    assert model._harness_decoder is first
+    graph_decode.generate(model, ids[:2], mask[:2], max_new_tokens=5)
+    assert model._harness_decoder is not first and model._harness_decoder.batch == 2
+    graph_decode.release(model)
+    assert "_harness_decoder" not in model.__dict__
+
+
+def test_what_the_loop_does_not_take(tmp_path):
+    from conftest import tiny_model
+
+    assert "model type 'delta_net'" in graph_decode.reason(tiny_model("deltanet"))
+    with pytest.raises(ValueError, match="left-padded"):
+        graph_decode.rows_of(torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    model = realized("llama")
+    ids, mask = padded_batch()
+    dec = graph_decode.Decoder(model, 3, 24, max_new_tokens=8)
+    with pytest.raises(ValueError, match="exceed"):
+        dec.prefill(ids, mask)
+    # on CPU the suites' entry point is the model's own generate
+    seq, _ = generate(model, ids, mask)
+    out = graph_decode.generate_or_fallback(model, ids, mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, seq) and "_harness_decoder" not in model.__dict__
+
+
+# --- on a GPU: the captured graph ------------------------------------------------------------------
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("options", [dict(), dict(full_prefill=True), dict(think=True)])
+def test_graph_replays_decode_like_generate_on_cuda(kind, dtype, tol, options):
+    model = realized(kind, **options).to("cuda", dtype)
+    (seq, scores), (seq2, scores2) = both(model, *padded_batch(), device="cuda")
+    assert model._harness_decoder.graph is not None
+    assert torch.equal(seq2, seq)
+    torch.testing.assert_close(scores2.float(), scores.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_plain_model_graph_decodes_like_generate_on_cuda(kind):
+    model = tiny_softmax(kind).to("cuda", torch.bfloat16)
+    (seq, scores), (seq2, scores2) = both(model, *long_batch(), device="cuda", new=40)
+    assert torch.equal(seq2, seq)
+    torch.testing.assert_close(scores2.float(), scores.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_graph_steps_do_not_synchronize_the_host():
+    model = realized("llama").to("cuda", torch.bfloat16)
+    ids, mask = (t.cuda() for t in padded_batch())
+    dec = graph_decode.Decoder(model, 3, 64, max_new_tokens=30)
+    first = dec.prefill(ids, mask)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        n, _ = dec.decode(first, 30)  # no end of sequence: the host never reads the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert n == 30
