@@ -375,11 +375,13 @@ def show(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("harness-results/bench"), "--out", "-o", help="directory for benchmarks.md, benchmarks.json and bench.log (timestamped milestones)"),
-    only: List[str] = typer.Option([], "--only", help="tables to run, comma-separated: pruned, linear, prefill, e2e-llama, e2e-deltanet (default: all)"),
+    only: List[str] = typer.Option([], "--only", help="tables to run, comma-separated: pruned, linear, prefill, e2e-llama, capacity, e2e-deltanet (default: all; with --tune: none)"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="LeanK mask for the Llama-3.1-8B rows (default: $HARNESS_LEANK_MASK, "
                                         "else ../shared/data/leank-masks/llama3.1-8b-instruct.pth beside the repo, else a synthetic mask)"),
     quick: bool = typer.Option(False, "--quick", help="small sizes (a one-minute GPU smoke test); without a GPU, the end-to-end "
                                "table on the tiny zoo models and the GPU tables skipped"),
+    tune: bool = typer.Option(False, "--tune", help="first sweep the pruned decode kernel's launch settings on this GPU and "
+                              "cache the winners per shape class (then only the --only tables run)"),
     quiet: bool = QUIET,
 ) -> None:
     """Run the GPU speed tables (docs/benchmarks.md) and write them as markdown and JSON."""
@@ -391,11 +393,11 @@ def bench(
     from harness.progress import bars
 
     with user_errors():
-        names = _csv(only) or list(TABLES)
+        names = _csv(only) or ([] if tune else list(TABLES))
         unknown = [n for n in names if n not in TABLES]
         if unknown:
             raise HarnessError(f"--only: unknown table {unknown[0]!r}; tables: {', '.join(TABLES)}")
-        if not torch.cuda.is_available() and not quick:
+        if not torch.cuda.is_available() and (tune or not quick):
             raise HarnessError("harness bench times GPU kernels and models but CUDA is not available; "
                                "--quick runs the end-to-end table on the tiny zoo models on CPU")
         mask_path = default_mask_path(mask)
@@ -404,11 +406,18 @@ def bench(
 
             load_mask(mask_path)  # a bad --mask or $HARNESS_LEANK_MASK fails now, not after the other tables
         command = ["harness", "bench", "--out", str(out), *(["--only", ",".join(names)] if only else []),
-                   *(["--mask", str(mask)] if mask is not None else []), *(["--quick"] if quick else [])]
+                   *(["--mask", str(mask)] if mask is not None else []), *(["--quick"] if quick else []),
+                   *(["--tune"] if tune else [])]
         tables = []
         with bars(not quiet) as bar, bench_log(out / "bench.log") as log:
-            advance = bar.task("bench tables", len(names))
+            advance = bar.task("bench tables", len(names) + tune)
             log.info("%s", " ".join(command))
+            if tune:
+                from harness.bench.pruned_decode import tune_table
+
+                tables.append(tune_table(mask_path, quick=quick, bars=bar))
+                text = write(out, tables, " ".join(command))
+                advance()
             for name in [n for n in TABLES if n in names]:  # the registry's order
                 if name in GPU_ONLY and not torch.cuda.is_available():
                     tables.append(Table(title=TITLES[name], columns=[], name=name,

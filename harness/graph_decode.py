@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -192,17 +193,23 @@ class Decoder:
         by_length: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             by_length.setdefault(len(r), []).append(i)
-        with attention_implementation(self.model, ATTN_IMPLEMENTATION):
-            for length, members in by_length.items():
-                per = max(1, self.prefill_tokens // length)
-                for lo in range(0, len(members), per):
-                    chunk = members[lo:lo + per]
-                    ids = torch.stack([rows[i] for i in chunk])
-                    positions = torch.arange(length, device=self.device)[None, :].expand(len(chunk), -1)
-                    with self.cache.prefilling(chunk):
-                        first[chunk] = self._forward(ids, positions).float()
-                    self.cache.set_lengths(chunk, length)
+        for length, members in by_length.items():
+            per = max(1, self.prefill_tokens // length)
+            for lo in range(0, len(members), per):
+                chunk = members[lo:lo + per]
+                first[chunk] = self.prefill_rows(chunk, torch.stack([rows[i] for i in chunk]))
         return first
+
+    @torch.no_grad()
+    def prefill_rows(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """One forward over the prompts `ids` (n, P) of cache rows `rows`, writing them into the
+        cache; the logits of their last tokens (n, V) fp32."""
+        length = ids.shape[1]
+        positions = torch.arange(length, device=self.device)[None, :].expand(len(rows), -1)
+        with attention_implementation(self.model, ATTN_IMPLEMENTATION), self.cache.prefilling(rows):
+            logits = self._forward(ids.to(self.device), positions).float()
+        self.cache.set_lengths(rows, length)
+        return logits
 
     # --- one step ---------------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -276,10 +283,7 @@ class Decoder:
         self._reset_outputs()
         self.min_new.fill_(min_new_tokens)
         self._emit(first_logits)
-        events = []
-        if timed and self.device.type == "cuda":
-            events.append(torch.cuda.Event(enable_timing=True))
-            events[-1].record()
+        clock = _Clock(self.device) if timed else None
         n = 1
         with contextlib.ExitStack() as stack:
             if self.graph is None:
@@ -290,16 +294,11 @@ class Decoder:
                 else:
                     self._step()
                 n += 1
-                if events:
-                    events.append(torch.cuda.Event(enable_timing=True))
-                    events[-1].record()
+                if clock is not None:
+                    clock.mark()
                 if self.eos is not None and n % check_every == 0 and bool(self.done.all()):
                     break
-        times = []
-        if events:
-            events[-1].synchronize()
-            times = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
-        return n, times
+        return n, [] if clock is None else clock.intervals()
 
     def result(self, input_ids: torch.Tensor, n: int) -> DecodeResult:
         """The first `n` new tokens (trimmed where generate stops: every row past its end) after `input_ids`."""
@@ -311,6 +310,31 @@ class Decoder:
                 tokens = tokens[:, :n]
         logits = None if self.logits is None else self.logits[:n].transpose(0, 1).clone()
         return DecodeResult(torch.cat([input_ids.to(tokens.device), tokens], 1), tokens.clone(), logits)
+
+
+class _Clock:
+    """Marks between decode steps: CUDA events on a GPU (no synchronization until the end), the
+    host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
 def capacity_for(prompt_tokens: int, max_new_tokens: int) -> int:
@@ -378,7 +402,7 @@ def generate_or_fallback(model, input_ids: torch.Tensor, attention_mask: torch.T
     """Sequences (B, prompt + new): through the decode loop on CUDA where it applies, else the
     model's own `generate` (the CPU path, and the reference everywhere). kwargs: generate's
     max_new_tokens, min_new_tokens, do_sample, eos_token_id, pad_token_id."""
-    on_cuda = next(model.parameters()).is_cuda
-    if on_cuda and reason(model) is None:
+    param = next(model.parameters(), None)
+    if param is not None and param.is_cuda and reason(model) is None:
         return generate(model, input_ids, attention_mask, **kwargs).sequences
     return model.generate(input_ids, attention_mask=attention_mask, **kwargs)

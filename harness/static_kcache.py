@@ -179,6 +179,19 @@ class StaticKLayer:
         if self.value_sum is not None:
             self.value_sum.zero_()
 
+    def read_bytes(self, length: int) -> int:
+        """Bytes a decode step reads from the stores when every row holds `length` tokens, the
+        new one included: head and ring slots in full, middle slots' kept channels and values,
+        the value sums."""
+        t = length - 1  # the new token's slot
+        elem = self.head_k.element_size()
+        full_slots = min(t + 1, self.sink) + (t - max(self.sink, t - self.recent) + 1 if t >= self.sink else 0)
+        n_mid = max(0, t - self.recent - self.sink)
+        full = self.batch * self.num_heads * full_slots * (self.head_dim + self.value_dim) * elem
+        middle = sum(self.batch * len(g.heads) * n_mid * (g.count + self.value_dim) * elem for g in self.groups)
+        sums = 0 if self.value_sum is None else self.value_sum.numel() * self.value_sum.element_size()
+        return full + middle + sums
+
     def nbytes(self) -> dict[str, int]:
         """Bytes this layer's stores allocate (the whole capacity), split into keys and values."""
         def size(t):
@@ -270,6 +283,10 @@ class StaticKCache:
         self.lengths.zero_()
         for layer in self.layers.values():
             layer.reset()
+
+    def read_bytes(self, length: int) -> int:
+        """Bytes a decode step reads from every layer's stores at `length` tokens a row."""
+        return sum(layer.read_bytes(length) for layer in self.layers.values())
 
     def nbytes(self) -> dict[str, int]:
         total = {"keys": 0, "values": 0}

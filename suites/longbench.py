@@ -8,7 +8,8 @@ returns no rows, so `--suite all` stays runnable offline; it never invents score
 Protocol, as LongBench's pred.py / eval.py do it (our own code):
 - prompt = template.format(**row); a prompt over `max_length` tokens keeps its first and last
   `max_length // 2` tokens (truncation from the middle), decoded back to text;
-- greedy decoding through `model.generate` (left-padded batches), `max_new_tokens` per subset;
+- greedy decoding (left-padded batches; the static CUDA-graph loop on a GPU where it applies,
+  `harness.graph_decode`, else `model.generate`), `max_new_tokens` per subset;
   samsum also stops at a newline and generates at least one token;
 - a chat template (option `chat_template`) is applied except on the few-shot and code subsets;
 - for trec, triviaqa, samsum, lsht only the first line of the prediction is scored;
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from harness import graph_decode
 from harness.errors import HarnessError
 from harness.suite import Metric, Suite, SuiteContext
 
@@ -261,8 +263,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         stops = (tokenizer.eos_token_id, tokenizer.encode("\n", add_special_tokens=False)[-1])
         extra = {"eos_token_id": [t for t in stops if t is not None], "min_new_tokens": 1}
     device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         do_sample=False, num_beams=1, pad_token_id=pad, **extra)
+    out = graph_decode.generate_or_fallback(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                            do_sample=False, pad_token_id=pad, **extra)
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 

@@ -6,8 +6,9 @@ niah_multiquery, vt (variable tracking), cwe (common words), fwe (frequent words
 haystack is the embedded corpus's train split (or `text_file`). Samples are a pure function of
 (ctx.seed, task, length, index), so raising `limit` only adds samples.
 
-Generation: greedy, through `model.generate(input_ids, attention_mask=..., max_new_tokens=...,
-do_sample=False)` on left-padded batches (`generate_continuations`, usable by any suite).
+Generation: greedy, on left-padded batches (`generate_continuations`, usable by any suite):
+through the static CUDA-graph decode loop on a GPU where it applies (`harness.graph_decode`), else
+`model.generate(input_ids, attention_mask=..., max_new_tokens=..., do_sample=False)`.
 Scoring, as RULER: the continuation is stripped and control characters become newlines; a sample
 scores the fraction of its expected strings found in it, case-insensitive (`string_match_all`,
 RULER's metric for all of these tasks); `string_match_part` (1 if any is found) is in the details.
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from harness import graph_decode
 from harness.calibration import load_text
 from harness.suite import Metric, Suite, SuiteContext
 from harness.suites.ruler_tasks import TASKS, Sample, make_haystack, make_sample
@@ -75,8 +77,8 @@ def generate_continuations(model, tokenizer, prompts: list[str], max_new_tokens:
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids, mask = left_padded([encoded[i] for i in chunk], pad_id)
-        generated = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=pad_id)
+        generated = graph_decode.generate_or_fallback(model, ids.to(device), mask.to(device),
+                                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
         for row, i in enumerate(chunk):
             out[i] = tokenizer.decode(generated[row, ids.shape[1]:].tolist(), skip_special_tokens=True)
         if advance is not None:

@@ -3,14 +3,18 @@ cache bytes and (on CUDA) peak memory, for the model and, in a compressed cell, 
 reference (`SuiteContext.reference`) measured interleaved in the same cell, so that every ratio is
 taken side by side on the same machine at the same time.
 
-End to end through each model's own `generate` (a compressed softmax model decodes with its pruned
-K cache, a pruned linear model with its smaller state): a streamer stamps the time at every token
-`generate` emits (after a device synchronize on CUDA), and decode time per token is the interval
-between consecutive new tokens (the first, which includes the prefill, excluded); prefill
-throughput is batch x context / time of a one-token `generate` over the prompt (the prompt's
-forward into the model's own cache, last-position logits only; CUDA events on CUDA,
-`time.perf_counter` on CPU). All after warm-up; rows report the median over `repeats` generations,
-with min and the interquartile range in `details` (pytest-benchmark's statistics), and the device.
+End to end, through one of two engines (`engine`):
+- `static` (`auto` picks it on CUDA for the models it covers: Llama and Qwen2, plain or with a
+  pruned K cache): `harness.graph_decode`, a static cache filled by a prefill that writes straight
+  into it and each decode step replayed from a CUDA graph; the uncompressed reference runs through
+  its dense twin (a static K/V cache, the same loop). Prefill time: the prefill call (CUDA events);
+  decode: CUDA events around each replayed step.
+- `generate` (`auto` elsewhere, CPU included): the model's own `generate` (a compressed softmax
+  model decodes with its pruned K cache, a pruned linear model with its smaller state); a streamer
+  stamps the time at every token it emits (after a device synchronize on CUDA): prefill = prompt to
+  first token, decode = the interval between consecutive new tokens.
+All after `warmup` runs; rows report the median over `repeats` runs of `new_tokens` tokens, with
+min and the interquartile range in `details` (pytest-benchmark's statistics), the device and the engine.
 
 Rows: per (context, batch) `<quantity>/c<context>b<batch>` for quantity in prefill_tokens_per_s,
 decode_ms_per_token, cache_bytes, peak_memory_bytes (CUDA), and with a reference the same with a
@@ -91,9 +95,16 @@ class StepClock:
     def end(self) -> None:
         pass
 
+    def prefill(self) -> float:
+        """Seconds from the prompt to the first new token (the prompt's forward into the cache)."""
+        return self.stamps[1] - self.stamps[0]
+
     def steps(self) -> list[float]:
         """Seconds per decode step: between consecutive new tokens (stamps: prompt, token 1, 2, ...)."""
         return [b - a for a, b in zip(self.stamps[1:-1], self.stamps[2:])]
+
+
+ENGINES = ("auto", "generate", "static")
 
 
 @dataclass
@@ -106,12 +117,27 @@ class SpeedSuite(Suite):
     new_tokens: int = 8  # decode steps timed per generate call
     warmup: int = 1
     repeats: int = 3
+    engine: str = "auto"  # auto: the static CUDA-graph loop where it applies (CUDA), else generate
 
     def validate(self) -> None:
         parse_ints(self.contexts, "contexts")
         parse_ints(self.batches, "batches")
         if self.new_tokens < 2 or self.warmup < 0 or self.repeats < 1:
             raise ValueError("need new_tokens >= 2, warmup >= 0 and repeats >= 1")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+
+    def engine_for(self, model, engine: str | None = None) -> str:
+        """The engine a measurement of `model` uses: `engine` (or this suite's), `auto` resolved."""
+        from harness import graph_decode
+
+        engine = engine or self.engine
+        if engine == "auto":
+            on_cuda = next(model.parameters()).is_cuda
+            return "static" if on_cuda and graph_decode.reason(model) is None else "generate"
+        if engine == "static" and graph_decode.reason(model) is not None:
+            raise ValueError(f"the static engine does not apply: {graph_decode.reason(model)}")
+        return engine
 
     def prompts(self, tokenizer, context: int, batch: int) -> torch.Tensor:
         ids = tokenizer(load_text(None, split="heldout"), add_special_tokens=False)["input_ids"]
@@ -119,43 +145,67 @@ class SpeedSuite(Suite):
         return torch.tensor(rows, dtype=torch.long)
 
     @torch.no_grad()
-    def measure(self, model, prompt: torch.Tensor) -> dict[str, Any]:
+    def measure(self, model, prompt: torch.Tensor, engine: str | None = None) -> dict[str, Any]:
+        """Prefill and decode times, cache bytes and (CUDA) peak memory of `model` on `prompt`."""
+        engine = self.engine_for(model, engine)
         device = next(model.parameters()).device
         prompt = prompt.to(device)
+        once = self._static_run if engine == "static" else self._generate_run
+        try:
+            for _ in range(self.warmup):
+                once(model, prompt)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            prefills, decodes = [], []
+            for _ in range(self.repeats):
+                prefill, steps, nbytes = once(model, prompt)
+                prefills.append(prefill)
+                decodes += steps
+            # what a decode step reads from the cache, halfway through the new tokens (generate: its
+            # cache at the end, which holds all but the last token)
+            read = nbytes
+            if engine == "static":
+                read = model.__dict__["_harness_decoder"].cache.read_bytes(prompt.shape[1] + self.new_tokens // 2)
+        finally:
+            if engine == "static":
+                from harness import graph_decode
+
+                graph_decode.release(model)  # its cache must not stay resident beside the next model's
+        result = {"prefill": stats(prefills), "decode": stats(decodes), "cache_bytes": nbytes, "engine": engine,
+                  "cache_read_bytes": read}
+        if device.type == "cuda":
+            result["peak_memory"] = torch.cuda.max_memory_allocated(device)
+        return result
+
+    def _generate_run(self, model, prompt: torch.Tensor) -> tuple[float, list[float], int]:
+        """One `generate` of `new_tokens`: (prefill s, decode step s, cache bytes)."""
         # transformers sizes a StaticCache to the longest one this model ever had (to spare
         # torch.compile a recompile): a short prompt after a long one would be timed and counted
         # with the long one's cache (16 x 16416 slots for 16 x 4096 after 4 x 16384)
         model.__dict__.pop("_previous_max_cache_length", None)
         pad = getattr(model.generation_config, "pad_token_id", None) or getattr(model.config, "pad_token_id", None) or 0
+        clock = StepClock(prompt.device)
+        out = model.generate(prompt, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False,
+                             pad_token_id=pad, return_dict_in_generate=True, streamer=clock)
+        return clock.prefill(), clock.steps(), cache_bytes(out.past_key_values)
 
-        def generate(clock=None, new_tokens=self.new_tokens):
-            return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  do_sample=False, pad_token_id=pad, return_dict_in_generate=True, streamer=clock)
+    def _static_run(self, model, prompt: torch.Tensor) -> tuple[float, list[float], int]:
+        """One prefill and `new_tokens` tokens through the static decode loop (its decoder, cache
+        and captured step kept between runs of the same shape)."""
+        from harness import graph_decode
+
+        batch, context = prompt.shape
+        dec = graph_decode.decoder(model, batch, graph_decode.capacity_for(context, self.new_tokens),
+                                   max_new_tokens=self.new_tokens)  # no end of sequence: every token is decoded
+        first = None
 
         def prefill():
-            # A one-token generate: the prompt's forward fills the model's own cache (a K-cache-pruned
-            # model its pruned cache, with its own prefill attention) and computes the last position's
-            # logits only (generate passes logits_to_keep=1 to models that take it: transformers' and
-            # fla's). A bare forward would compute full-vocabulary logits at every position
-            # (8 x 32k tokens x 128k vocabulary: 67 GB in bf16) and, on a pruned softmax model, run the
-            # dense masked reference, whose scores are batch x heads x context^2.
-            generate(new_tokens=1)
+            nonlocal first
+            first = dec.prefill(prompt)
 
-        for _ in range(self.warmup):
-            prefill()
-            generate()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        prefills, decodes = [], []
-        for _ in range(self.repeats):
-            prefills.append(timed(prefill, device))
-            clock = StepClock(device)
-            out = generate(clock)
-            decodes += clock.steps()
-        result = {"prefill": stats(prefills), "decode": stats(decodes), "cache_bytes": cache_bytes(out.past_key_values)}
-        if device.type == "cuda":
-            result["peak_memory"] = torch.cuda.max_memory_allocated(device)
-        return result
+        seconds = timed(prefill, prompt.device)
+        _, steps = dec.decode(first, self.new_tokens, timed=True)
+        return seconds, steps, sum(dec.cache.nbytes().values())
 
     def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
         from harness.provenance import device_name
@@ -174,7 +224,8 @@ class SpeedSuite(Suite):
                     found[prefix] = self.measure(m, prompt)
                     advance()
                 for prefix, r in found.items():
-                    info = {"device": device, "context": context, "batch": batch, "new_tokens": self.new_tokens}
+                    info = {"device": device, "context": context, "batch": batch, "new_tokens": self.new_tokens,
+                            "engine": r["engine"]}
                     rows += [
                         Metric(f"{prefix}prefill_tokens_per_s/{where}", batch * context / r["prefill"]["median"], "tokens/s",
                                {**info, **r["prefill"]}),

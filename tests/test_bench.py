@@ -28,8 +28,8 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
     assert "Device: cpu" in markdown and "Command: `harness bench" in markdown and "--quick" in markdown
     assert {"torch", "triton", "fla", "transformers", "date", "command"} <= set(data["header"])
     tables = {t["name"]: t for t in data["tables"]}
-    assert list(tables) == ["pruned", "linear", "prefill", "e2e-llama", "e2e-deltanet"]
-    for name in ("pruned", "linear", "prefill"):
+    assert list(tables) == ["pruned", "linear", "prefill", "e2e-llama", "capacity", "e2e-deltanet"]
+    for name in ("pruned", "linear", "prefill", "capacity"):
         assert "CUDA" in tables[name]["skipped"] and not tables[name]["rows"]
         assert f"Skipped: {tables[name]['skipped']}" in markdown
     rows = tables["e2e-llama"]["rows"] + tables["e2e-deltanet"]["rows"]
@@ -42,6 +42,11 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
         assert all(r["decode_vs_dense"] > 0 for r in variants[1:])
     pruned = next(r for r in rows if r["variant"].startswith("pruned"))
     assert pruned["cache_vs_dense"] < 1  # the pruned DeltaNet state is smaller
+    llama = {r["variant"]: r for r in tables["e2e-llama"]["rows"]}
+    assert [r["engine"] for r in llama.values()] == ["generate", "static", "static"]
+    masked = llama["random mask (kept 0.5), static loop"]
+    assert masked["twin"] == "dense, static loop" and masked["decode_vs_twin"] > 0
+    assert masked["cache_bytes"] < llama["dense, static loop"]["cache_bytes"]  # same loop, fewer bytes
     assert "Random weights" in markdown and "| llama-tiny (zoo) | dense |" in markdown
     log = (tmp_path / "bench.log").read_text()  # a timestamped line per measurement, with its figures
     assert "llama-tiny (zoo) | dense | 2 x 128: prefill " in log and " ms/token, cache " in log
@@ -89,7 +94,8 @@ def test_pruned_table_plumbing_without_a_gpu(monkeypatch):
     assert [r["target_met"] for r in table.rows] == [True, False]
     assert any("met at 1 of 2 shapes" in n for n in table.notes) and any("SYNTHETIC" in n for n in table.notes)
     assert set(table.columns) - {"layers", "bytes_ratio", "dense_us_per_layer", "pruned_us_per_layer", "eager_speedup",
-                                 "pruned_gbps", "copy_gbps", "slowest_layer_us", "rel_error", "host_us_per_call"} \
+                                 "pruned_gbps", "copy_gbps", "slowest_layer_us", "rel_error", "host_us_per_call",
+                                 "append_us"} \
         == {"shape", "speedup", "pruned_of_copy"}
 
 
@@ -100,22 +106,43 @@ def test_decode_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
     out = tmp_path / "profile.json"
     profile.main(["--model", "llama", "--batch", "2", "--context", "96", "--steps", "3", "--top", "4", "--json", str(out)])
     results = json.loads(out.read_text())
-    assert set(results) == {"dense", "random mask (kept 0.5)"}  # the static-cache twin is left out
+    # each model once, through generate (the table's static-loop run of the dense model is left out)
+    assert set(results) == {"dense", "random mask (kept 0.5), static loop"}
     for r in results.values():
         assert r["step_ms"] > 0 and r["gpu_busy_ms"] == 0 and len(r["top_host"]) == 4
         assert any(name == "aten::mm" and calls >= 1 for name, calls, _ in r["top_host"])  # the projections, per step
     assert "ms/step wall" in capsys.readouterr().out
 
 
-def test_static_cache_variant_sizes_each_shape_on_its_own(no_gpu):
+def test_static_cache_generate_sizes_each_shape_on_its_own(no_gpu):
     """transformers keeps a StaticCache as long as the longest earlier one; SpeedSuite.measure resets
     that per measurement, so a short shape after a long one is measured with its own cache."""
     from harness.bench import end_to_end
     from harness.suites.speed import SpeedSuite
 
     case = end_to_end.llama_case("cpu", None, ((1, 160), (1, 40)))
-    case.variants = {k: v for k, v in case.variants.items() if k.startswith("dense")}
+    dense = case.variants["dense"].model
+    static = end_to_end.shared_copy(dense)
+    static.generation_config.cache_implementation = "static"
+    static.generation_config.disable_compile = True
+    case.variants = {"dense": end_to_end.Variant(dense), "dense, StaticCache": end_to_end.Variant(static)}
     rows = end_to_end.measure_case(case, SpeedSuite(new_tokens=2, warmup=0, repeats=1), None, "cpu")
-    static = {r["context"]: r["cache_bytes"] for r in rows if r["variant"] == "dense, static cache"}
-    dense = {r["context"]: r["cache_bytes"] for r in rows if r["variant"] == "dense"}
-    assert static[40] < static[160] and static[40] <= 1.1 * dense[40]  # not 160 + 2 slots
+    sizes = {(r["variant"], r["context"]): r["cache_bytes"] for r in rows}
+    assert sizes["dense, StaticCache", 40] < sizes["dense, StaticCache", 160]
+    assert sizes["dense, StaticCache", 40] <= 1.1 * sizes["dense", 40]  # not 160 + 2 slots
+
+
+def test_capacity_search_bisects_to_the_largest_batch(monkeypatch):
+    """The largest-batch search over a fake probe that fits up to 37 rows (no GPU involved)."""
+    from harness.bench import capacity
+
+    monkeypatch.setattr(capacity, "free_bytes", lambda: int(capacity.PREFILL_RESERVE + 50e6))
+    monkeypatch.setattr(capacity, "row_bytes", lambda model, cap: int(1e6))  # estimate: 50 rows
+    monkeypatch.setattr(capacity, "probe", lambda model, b, *a: 1000 + b if b <= 37 else None)
+    model = type("M", (), {"config": type("C", (), {"vocab_size": 10})()})()
+    found = capacity.largest_batch(model, context=8, new_tokens=2)
+    assert found["batch"] == 37 and found["peak_bytes"] == 1037 and found["estimate"] == 50
+    tried = [p["batch"] for p in found["probes"]]
+    assert tried[0] == 50 and 37 in tried and 38 in tried and len(tried) < 12
+    monkeypatch.setattr(capacity, "probe", lambda model, b, *a: 1 if b <= 80 else None)
+    assert capacity.largest_batch(model, context=8, new_tokens=2)["batch"] == 80  # grows past the estimate

@@ -55,6 +55,7 @@ TABLES: dict[str, str] = {
     "linear": "harness.bench.linear_decode:run_decode",
     "prefill": "harness.bench.linear_decode:run_prefill",
     "e2e-llama": "harness.bench.end_to_end:run_llama",
+    "capacity": "harness.bench.capacity:run",
     "e2e-deltanet": "harness.bench.end_to_end:run_deltanet",
 }
 TITLES = {  # for tables that were skipped (a table that runs gives its own title)
@@ -62,9 +63,10 @@ TITLES = {  # for tables that were skipped (a table that runs gives its own titl
     "linear": "Linear attention: one-token decode at pruned d_k",
     "prefill": "Linear attention: prefill chunk kernels at pruned d_k",
     "e2e-llama": "End to end: dense vs LeanK-masked Llama-3.1-8B config, same run",
+    "capacity": "Largest batch that fits: Llama-3.1-8B config through the static decode loop",
     "e2e-deltanet": "End to end: dense vs 50%-pruned DeltaNet-1.3B config, same run",
 }
-GPU_ONLY = frozenset({"pruned", "linear", "prefill"})  # op-level Triton timings: nothing to run on CPU
+GPU_ONLY = frozenset({"pruned", "linear", "prefill", "capacity"})  # op-level Triton timings: nothing to run on CPU
 
 
 def table_function(name: str):

@@ -1,32 +1,33 @@
 """End to end: decode tokens/s, prefill tokens/s, cache bytes and peak memory of a dense model and
-its compressed twin, measured in the same run, interleaved per shape, through each model's own
-`generate` (`harness.suites.speed.SpeedSuite.measure`: the speed suite's measurement, reused).
+its compressed twin, measured in the same run, interleaved per shape
+(`harness.suites.speed.SpeedSuite.measure`: the speed suite's measurement, reused).
 
 On a GPU (bf16, random weights: speed and memory do not depend on the weight values):
-- Llama-3.1-8B config: dense (transformers' DynamicCache, what `generate` uses by default), dense
-  with a StaticCache (preallocated, written in place: DynamicCache concatenates the whole cache at
-  every step, a cost the pruned cache does not pay), and LeanK-masked (the published mask, or a
-  synthetic one, applied by the softmax family adapter: decode through `PrunedKCache`; the prompt
-  attends with all channels, LeanK's deployment);
+- Llama-3.1-8B config: dense through stock `generate` (transformers' DynamicCache: what a user
+  gets without this harness), dense through the static decode loop (`harness.graph_decode`: a
+  static K/V cache, every step replayed from a CUDA graph; the fair twin) and LeanK-masked through
+  the same loop (the published mask, or a synthetic one, applied by the softmax family adapter: a
+  static pruned K cache; the prompt attends with all channels, LeanK's deployment);
 - DeltaNet-1.3B config: dense and 50% pruned (d_k 128 -> 64, sliced by the fla family adapter),
-  each with fla's decode step and with ours (HARNESS_FLA_DECODE=fla / ours, read at every call).
+  each with fla's decode step and with ours (HARNESS_FLA_DECODE=fla / ours, read at every call),
+  through `generate`.
 The variants of one model share its weight tensors (a deep copy that reuses every parameter;
 slicing replaces only the pruned q/k projections), so one copy of the weights is resident and
-each variant's peak memory is those weights plus its own cache and activations.
+each variant's peak memory is those weights plus its own cache and activations; a static
+variant's cache is freed after its measurement.
 
 With `quick` on CPU, the zoo's llama-tiny (dense vs a random 0.5 mask) and deltanet-tiny (dense vs
-50% pruned) stand in, to check the path; peak memory is CUDA-only.
+50% pruned) stand in, to check the path (the static loop runs eagerly there); peak memory is
+CUDA-only.
 
-Memory plan (80 GB H100; one model resident at a time, its weights once):
+Memory plan (H200, 139 GB; one model resident at a time, its weights once):
 - Llama: weights 16.1 GB. Dense KV is 128 KiB a token (32 layers x 8 KV heads x 128 x K,V x bf16):
-  4 x 16k and 16 x 4k are both 65,536 tokens, 8.6 GB (the LeanK cache about 0.6 of it). A prefill
-  of 65,536 tokens adds about 8 GB per layer in flight (MLP 3 x 1.9 GB, q/k/v, and for the LeanK
-  variant a materialized bf16 mask, batch x context^2: 2.1 GB at 4 x 16k); logits: last position
-  only. Estimated peak about 33 GB; measured on an H100 41 GB dense and 52-54 GB LeanK
-  (docs/benchmarks.md). 8 x 32k would not fit: 34 GB of KV, 22 GB of prefill MLP, a 17 GB mask.
+  8 x 32k is 34.4 GB, 52 x 4k 27.9 GB (the LeanK cache about 0.57 of it). Stock `generate`
+  prefills the whole batch in one forward (262,144 tokens: about 25 GB of MLP activations in
+  flight); the static loop prefills rows of one length, at most 32,768 tokens per forward, each
+  layer writing its keys into the cache before the next runs.
 - DeltaNet: weights 2.7 GB (+0.2 GB of sliced q/k projections); fp32 state 25 MB a sequence, 1.6
-  GB at batch 64; a 64 x 2k prefill adds about 5 GB. Estimated peak about 10 GB; measured 14.7 GB
-  dense, 11.8 GB pruned.
+  GB at batch 64; a 64 x 2k prefill adds about 5 GB.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from harness.kernels import fla_decode
 
 WINDOW = {"sink": 16, "recent": 64, "full_prefill": True}  # LeanK's deployment: the prompt attends fully
 FLA_DECODE = fla_decode.ENV  # read by harness.kernels.fla_decode at every call
-# (batch, context) per model; "full" is sized for an 80 GB H100 (the memory plan above)
+# (batch, context) per model; "full" is sized for a 139 GB H200 (the memory plan above)
 SHAPES = {
-    "full": {"llama": ((4, 16384), (16, 4096)), "deltanet": ((64, 2048),)},
+    "full": {"llama": ((8, 32768), (52, 4096)), "deltanet": ((64, 2048),)},
     "quick": {"llama": ((2, 1024),), "deltanet": ((8, 512),)},  # a GPU smoke test
     "cpu": {"llama": ((2, 128),), "deltanet": ((2, 128),)},  # zoo models; 128 > sink + recent: a real middle
 }
@@ -58,6 +59,7 @@ class Variant:
     model: torch.nn.Module
     twin: str | None = None  # the dense variant run the same way (same cache kind, same decode kernel)
     env: dict[str, str] = field(default_factory=dict)  # environment while it runs
+    engine: str = "generate"  # the speed suite's engine: generate, or static (the CUDA-graph loop)
 
 
 @dataclass
@@ -68,11 +70,20 @@ class Case:
     variants: dict[str, Variant]
     shapes: tuple[tuple[int, int], ...]  # (batch, context)
     notes: list[str] = field(default_factory=list)
+    copy_gbps: float | None = None  # device-to-device copy (read + write) measured in the same run (CUDA)
 
 
 def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy whose parameters are `model`'s own tensors (no second copy of the weights)."""
     return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
+def weight_read_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every parameter but the input embedding table (a
+    step reads one row of it per sequence), unless the output projection shares it."""
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
 
 
 def unique_bytes(models) -> int:
@@ -114,15 +125,17 @@ def llama_case(device: str, mask_path, shapes) -> Case:
     adapter = adapter_for(dense)
     masked = shared_copy(dense)
     adapter.apply(masked, mask_selection(mask, adapter.family, "leank", {"cache": dict(WINDOW)}))
-    static = shared_copy(dense)
-    static.generation_config.cache_implementation = "static"
-    static.generation_config.disable_compile = True  # eager like the others (a static cache would auto-compile)
-    variants = {"dense": Variant(dense), "dense, static cache": Variant(static),
-                f"{kind} mask (kept {float(mask.mean()):.4g})": Variant(masked, twin="dense, static cache")}
+    loop = "static graph" if device == "cuda" else "static loop"
+    variants = {"dense": Variant(dense), f"dense, {loop}": Variant(dense, engine="static"),
+                f"{kind} mask (kept {float(mask.mean()):.4g}), {loop}": Variant(masked, twin=f"dense, {loop}",
+                                                                                engine="static")}
     return Case("llama-tiny (zoo)" if device == "cpu" else "Llama-3.1-8B config", variants, shapes,
                 [f"mask: {source}.", f"LeanK window: sink {WINDOW['sink']} + recent {WINDOW['recent']} tokens keep "
                  "all channels; the prompt attends with all channels (LeanK's deployment), decode steps read the "
-                 "pruned cache. Its twin (\"vs twin\") is the dense model with a static cache, also written in place."])
+                 "pruned cache. \"dense\" is stock `generate`; the static variants run `harness.graph_decode` (a "
+                 "static cache, each decode step replayed from a CUDA graph); the LeanK variant's twin (\"vs twin\") "
+                 "is the dense model through the same loop (a static K/V cache, the same attention kernel with every "
+                 "channel kept)."])
 
 
 def deltanet_case(device: str, shapes) -> Case:
@@ -176,7 +189,7 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
             start = time.perf_counter()
             try:
                 with environ(variant.env):
-                    found[label] = suite.measure(variant.model, prompt)
+                    found[label] = suite.measure(variant.model, prompt, engine=variant.engine)
             except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
                 found[label] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"}
             log.info("%s | %s | %d x %d: %s (%.1f s)", case.model, label, batch, context,
@@ -202,7 +215,7 @@ def shape_rows(case: Case, batch: int, context: int, found: dict[str, dict]) -> 
     rows = []
     for label, r in found.items():
         row = {"model": case.model, "variant": label, "batch": batch, "context": context, "shape": f"{batch} x {context}",
-               **case.variants[label].env}
+               "engine": case.variants[label].engine, **case.variants[label].env}
         if "error" in r:
             rows.append({**row, "error": r["error"]})
             continue
@@ -213,14 +226,34 @@ def shape_rows(case: Case, batch: int, context: int, found: dict[str, dict]) -> 
             "peak_memory_bytes": r.get("peak_memory"), "peak_gb": r["peak_memory"] / 1e9 if "peak_memory" in r else None,
             "prefill": r["prefill"], "decode": r["decode"],
         })
+        if case.copy_gbps:  # the bandwidth limit: weights + cache read per step at copy speed
+            read = weight_read_bytes(case.variants[label].model) + r["cache_read_bytes"]
+            limit_s = read / (case.copy_gbps * 1e9)
+            row.update({"read_gb": read / 1e9, "limit_ms": limit_s * 1e3, "of_limit": limit_s / decode_s})
         if r is not stock and "decode" in stock:
             row["decode_vs_dense"] = stock["decode"]["median"] / decode_s
             row["cache_vs_dense"] = r["cache_bytes"] / stock["cache_bytes"]
         twin = found.get(case.variants[label].twin or "", {})
         if "decode" in twin:
             row["decode_vs_twin"] = twin["decode"]["median"] / decode_s
+            row["twin"] = case.variants[label].twin
         rows.append(row)
     return rows
+
+
+def twin_limits(rows: list[dict[str, Any]]) -> list[str]:
+    """A note per compressed row with a twin: the speedup its bytes allow (twin's bytes read per
+    step / its own) and the speedup measured."""
+    by_key = {(r["model"], r["shape"], r["variant"]): r for r in rows}
+    out = []
+    for r in rows:
+        twin = by_key.get((r["model"], r["shape"], r.get("twin")))
+        if twin is None or "read_gb" not in r or "read_gb" not in twin:
+            continue
+        out.append(f"{r['model']}, {r['shape']}: {r['variant']} vs {twin['variant']}: the bytes read allow "
+                   f"{twin['read_gb']:.1f} / {r['read_gb']:.1f} GB = {twin['read_gb'] / r['read_gb']:.2f}x; measured "
+                   f"{r['decode_vs_twin']:.2f}x ({r['decode_vs_twin'] / (twin['read_gb'] / r['read_gb']):.0%} of it).")
+    return out
 
 
 def run_llama(quick: bool = False, mask_path=None, bars=None) -> Table:
@@ -245,11 +278,21 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
         raise HarnessError("the end-to-end table needs a CUDA GPU (Llama-3.1-8B and DeltaNet-1.3B configs); "
                            "--quick runs it on the tiny zoo models on CPU")
     size = "cpu" if device == "cpu" else ("quick" if quick else "full")
-    suite = SpeedSuite(new_tokens={"full": 32, "quick": 8, "cpu": 4}[size], warmup=1, repeats=3 if size == "full" else 2)
+    # no warm-up run: a static variant's kernels compile and its step is captured when its decoder
+    # is built, before anything is timed; the median of 3 runs leaves out a first run's one-time costs
+    suite = SpeedSuite(new_tokens={"full": 32, "quick": 8, "cpu": 4}[size], warmup=0, repeats=3)
     cases = {"llama": lambda: llama_case(device, mask_path, SHAPES[size]["llama"]),
              "deltanet": lambda: deltanet_case(device, SHAPES[size]["deltanet"])}
     builders = [cases[m] for m in models]
     rows, notes = [], []
+    copy = None
+    if device == "cuda":
+        from harness.bench.timing import copy_gbps
+
+        copy = copy_gbps(1 << 30)
+        notes.append(f"Copy bandwidth (1 GiB device to device, read + write, this run): {copy:,.0f} GB/s. \"limit ms\": "
+                     "bytes a decode step must read (weights but the input embedding table, plus the cache at the "
+                     "context + half the new tokens) at that bandwidth; \"of limit\": limit / measured.")
     for build in builders:  # one model (and its variants) resident at a time
         torch.manual_seed(0)
         start = time.perf_counter()
@@ -260,15 +303,17 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
             notes.append(f"{case.model}: {unique_bytes(models) / 1e9:.2f} GB of weights shared by its variants; "
                          f"{torch.cuda.memory_allocated() / 1e9:.2f} GB allocated before its runs.")
         notes += [f"{case.model}: {n}" for n in case.notes]
+        case.copy_gbps = copy
         rows += measure_case(case, suite, bars, device)
         del case
         if device == "cuda":
             torch.cuda.empty_cache()
     notes = [
         f"Random weights ({'bf16' if device == 'cuda' else 'float32'}): speed and memory do not depend on the weight "
-        f"values. Each row: `SpeedSuite.measure` (warm-up {suite.warmup}, median of {suite.repeats} `generate` calls of "
-        f"{suite.new_tokens} new tokens; decode: the time between consecutive tokens; prefill: a one-token `generate`, "
-        "the prompt's forward into the model's own cache). At each shape the variants of a model run one after another.",
+        f"values. Each row: `SpeedSuite.measure` (warm-up {suite.warmup}, median of {suite.repeats} runs of "
+        f"{suite.new_tokens} new tokens through the row's engine: `generate`, or the static loop; decode: the time "
+        "between consecutive tokens; prefill: the prompt's forward into the model's own cache, to the first token). "
+        "At each shape the variants of a model run one after another.",
         "\"vs dense\": decode speedup over the model's first (stock) dense row; \"vs twin\": over the dense row run the "
         "same way (same cache kind or decode kernel); cache / dense: cache bytes over the first row's.",
         "Peak memory: the most allocated during the timed calls (`torch.cuda.max_memory_allocated`): the resident "
@@ -276,19 +321,23 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
         if device == "cuda" else "Peak memory is measured on CUDA only.",
         *notes,
     ]
-    columns = ["model", "variant", "shape", "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s",
+    columns = ["model", "variant", "engine", "shape", "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s",
                "cache_gb", "peak_gb", "decode_vs_dense", "decode_vs_twin", "cache_vs_dense"]
+    if copy:
+        columns[8:8] = ["read_gb", "limit_ms", "of_limit"]
+        notes += twin_limits(rows)
     if any("error" in r for r in rows):
         columns.append("error")
         notes.append("Rows with an error failed (the message is the exception's first line); the others stand.")
     return Table(
         title="End to end: dense vs compressed models, same run" + (f" ({', '.join(models)})" if len(models) < 2 else ""),
         columns=columns, rows=rows, notes=notes,
-        labels={"shape": "batch x context", "prefill_tokens_per_s": "prefill tokens/s",
+        labels={"shape": "batch x context", "prefill_tokens_per_s": "prefill tokens/s", "read_gb": "read GB/step",
+                "limit_ms": "limit ms", "of_limit": "of limit",
                 "decode_ms_per_token": "decode ms/token", "decode_tokens_per_s": "decode tokens/s",
                 "cache_gb": "cache GB", "peak_gb": "peak GB", "decode_vs_dense": "vs dense",
                 "decode_vs_twin": "vs twin", "cache_vs_dense": "cache / dense"},
-        formats={"prefill_tokens_per_s": "{:,.0f}", "decode_ms_per_token": "{:.2f}", "decode_tokens_per_s": "{:,.0f}",
+        formats={"read_gb": "{:.2f}", "limit_ms": "{:.2f}", "of_limit": "{:.0%}", "prefill_tokens_per_s": "{:,.0f}", "decode_ms_per_token": "{:.2f}", "decode_tokens_per_s": "{:,.0f}",
                  "cache_gb": "{:.4g}", "peak_gb": "{:.2f}", "decode_vs_dense": "{:.2f}x", "decode_vs_twin": "{:.2f}x",
                  "cache_vs_dense": "{:.3f}"},
     )
