@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from harness.kcache import KeyChannelPlan
 from harness.kernels.pruned_attention import masked_attention
@@ -308,3 +309,4 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, static_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # never built by the loop, which passes no mask

@@ -156,7 +156,7 @@ def measure(mask: torch.Tensor, shapes=SHAPES, layers=None, advance=None) -> tup
 
 
 # the sweep: (BLOCK_N, NUM_WARPS, NUM_STAGES) x ITEMS_PER_SM (runtime: no recompile)
-TUNE_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (256, 8, 2))
+TUNE_TILES = ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (256, 8, 2))
 TUNE_ITEMS = (4, 8, 16)
 
 
