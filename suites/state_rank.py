@@ -92,8 +92,30 @@ class DeltaRuleCall:
     arguments: dict[str, Any]  # by parameter name (**kwargs flattened), tensors detached
 
 
+def _signature(fn) -> inspect.Signature:
+    """The signature of the function `fn` runs, seen through `functools.wraps` layers and
+    transformers' hub-kernel wrappers (an nn.Module whose forward takes *args, **kwargs and calls
+    a wrapped function it closes over)."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    todo, seen = [fn], set()
+    while todo:
+        f = inspect.unwrap(todo.pop(0))
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        try:
+            signature = inspect.signature(f)
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None and any(p.kind not in variadic for p in signature.parameters.values()):
+            return signature
+        for owner in (f, getattr(type(f), "forward", None)):
+            todo += [c.cell_contents for c in getattr(owner, "__closure__", None) or () if callable(c.cell_contents)]
+    return inspect.signature(fn)
+
+
 def _named_arguments(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound = _signature(fn).bind(*args, **kwargs)
     named: dict[str, Any] = {}
     for name, value in bound.arguments.items():
         if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
