@@ -150,6 +150,22 @@ def test_what_the_loop_does_not_take(tmp_path):
 
 # --- on a GPU: the captured graph ------------------------------------------------------------------
 
+def assert_greedy_agrees(reference, ours, width: int, tol: float, tie: float = 0.1) -> None:
+    """Equal greedy tokens and logits within `tol`, except that in 16-bit arithmetic the two paths
+    may part at a near-tie: where the tokens first differ, the reference must rate both tokens
+    within `tie` of each other (and every step before must agree within `tol`)."""
+    (seq, scores), (seq2, scores2) = reference, ours
+    differ = (seq[:, width:] != seq2[:, width:]).any(0).nonzero()
+    upto = int(differ[0]) if len(differ) else scores.shape[1]
+    torch.testing.assert_close(scores2[:, :upto].float(), scores[:, :upto].float(), atol=tol, rtol=tol)
+    if upto < scores.shape[1]:
+        rows = (seq[:, width + upto] != seq2[:, width + upto]).nonzero().flatten()
+        for row in rows.tolist():
+            ref = scores[row, upto].float()
+            gap = (ref[seq[row, width + upto]] - ref[seq2[row, width + upto]]).abs()
+            assert gap <= tie, f"row {row} parts from generate at step {upto} where the logits differ by {gap:.3f}"
+
+
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -157,10 +173,12 @@ def test_what_the_loop_does_not_take(tmp_path):
 @pytest.mark.parametrize("options", [dict(), dict(full_prefill=True), dict(think=True)])
 def test_graph_replays_decode_like_generate_on_cuda(kind, dtype, tol, options):
     model = realized(kind, **options).to("cuda", dtype)
-    (seq, scores), (seq2, scores2) = both(model, *padded_batch(), device="cuda")
+    ids, mask = padded_batch()
+    reference, ours = both(model, ids, mask, device="cuda")
     assert model._harness_decoder.graph is not None
-    assert torch.equal(seq2, seq)
-    torch.testing.assert_close(scores2.float(), scores.float(), atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        assert torch.equal(ours[0], reference[0])
+    assert_greedy_agrees(reference, ours, ids.shape[1], tol)
 
 
 @pytest.mark.gpu
@@ -168,9 +186,12 @@ def test_graph_replays_decode_like_generate_on_cuda(kind, dtype, tol, options):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_plain_model_graph_decodes_like_generate_on_cuda(kind):
     model = tiny_softmax(kind).to("cuda", torch.bfloat16)
-    (seq, scores), (seq2, scores2) = both(model, *long_batch(), device="cuda", new=40)
+    ids, mask = long_batch()
+    assert_greedy_agrees(*both(model, ids, mask, device="cuda", new=40), ids.shape[1], 5e-2)
+    model = tiny_softmax(kind).to("cuda")  # fp32: no ties to part at
+    (seq, scores), (seq2, scores2) = both(model, ids, mask, device="cuda", new=40)
     assert torch.equal(seq2, seq)
-    torch.testing.assert_close(scores2.float(), scores.float(), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(scores2, scores, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
