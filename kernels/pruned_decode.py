@@ -255,6 +255,33 @@ if triton is not None:
         return m_new, l_i, acc * alpha[:, None] + pv
 
     @triton.jit
+    def _query_rows(q_ptr, keep_ptr, bh, rows, rmask, cd, dmask_k, N_REP: tl.constexpr, D: tl.constexpr,
+                    DOT_F32: tl.constexpr):
+        """The n_rep query heads of (row, KV head) `bh` (query (B, HQ, 1, D) contiguous), with all
+        channels and with the kept ones only (keep (B, HKV, D) 0/1)."""
+        q = tl.load(q_ptr + (bh * N_REP + rows)[:, None] * D + cd[None, :],
+                    mask=rmask[:, None] & dmask_k[None, :], other=0.0)
+        keep = tl.load(keep_ptr + bh * D + cd, mask=dmask_k, other=0.0)
+        q_kept = tl.where(keep[None, :] != 0, q, tl.zeros_like(q))  # exact in q's dtype
+        if DOT_F32:
+            q = q.to(tl.float32)
+            q_kept = q_kept.to(tl.float32)
+        return q, q_kept
+
+    @triton.jit
+    def _full_and_kept_scores(q, q_kept, k, DOT_F32: tl.constexpr):
+        """Scores of a block of full keys k (tokens x D) with all channels and with the kept ones."""
+        if DOT_F32:
+            k = tl.trans(k.to(tl.float32))
+            s_full = tl.dot(q, k, input_precision="ieee")
+            s_kept = tl.dot(q_kept, k, input_precision="ieee")
+        else:  # 16-bit q and k: exact products, fp32 accumulation
+            k = tl.trans(k)
+            s_full = tl.dot(q, k)
+            s_kept = tl.dot(q_kept, k)
+        return s_full, s_kept
+
+    @triton.jit
     def _store_partial(m_ptr, a_ptr, slot_row, slot, n_slots, m_i, l_i, acc, rmask, dd, dmask, DV: tl.constexpr):
         """Write one partial (max, acc, sum) of the query-head rows `slot_row` at `slot`."""
         tl.store(m_ptr + slot_row * n_slots + slot, m_i, mask=rmask)
@@ -345,13 +372,7 @@ if triton is not None:
         dmask_k = cd < D
         dd = tl.arange(0, DV_P)
         dmask = dd < DV
-        q = tl.load(q_ptr + (bh * N_REP + rows)[:, None] * D + cd[None, :],
-                    mask=rmask[:, None] & dmask_k[None, :], other=0.0)
-        keep = tl.load(keep_ptr + bh * D + cd, mask=dmask_k, other=0.0)
-        q_kept = tl.where(keep[None, :] != 0, q, tl.zeros_like(q))  # exact in q's dtype
-        if DOT_F32:
-            q = q.to(tl.float32)
-            q_kept = q_kept.to(tl.float32)
+        q, q_kept = _query_rows(q_ptr, keep_ptr, bh, rows, rmask, cd, dmask_k, N_REP, D, DOT_F32)
         sink_end = tl.load(sink_end_ptr + pid_b)
         total = n_head + n_mid + n_win
         n_hw = n_head + n_win
@@ -369,14 +390,7 @@ if triton is not None:
             w = j - n_head
             k = tl.load(hk_base + j[:, None] * D + cd[None, :], mask=in_head[:, None] & dmask_k[None, :], other=0.0)
             k += tl.load(wk_base + w[:, None] * D + cd[None, :], mask=in_win[:, None] & dmask_k[None, :], other=0.0)
-            if DOT_F32:
-                k = tl.trans(k.to(tl.float32))
-                s_full = tl.dot(q, k, input_precision="ieee")
-                s_kept = tl.dot(q_kept, k, input_precision="ieee")
-            else:  # 16-bit q and k: exact products, fp32 accumulation
-                k = tl.trans(k)
-                s_full = tl.dot(q, k)
-                s_kept = tl.dot(q_kept, k)
+            s_full, s_kept = _full_and_kept_scores(q, q_kept, k, DOT_F32)
             slot = tl.where(in_head, j, j + n_mid)
             full = (slot < sink_end) | (slot >= total - recent)
             s = tl.where(full[None, :], s_full, s_kept) * scaling

@@ -172,13 +172,7 @@ if triton is not None:
         dmask_k = cd < D
         dd = tl.arange(0, DV_P)
         dmask = dd < DV
-        q = tl.load(q_ptr + (bh * N_REP + rows)[:, None] * D + cd[None, :],
-                    mask=rmask[:, None] & dmask_k[None, :], other=0.0)
-        keep = tl.load(keep_ptr + bh * D + cd, mask=dmask_k, other=0.0)
-        q_kept = tl.where(keep[None, :] != 0, q, tl.zeros_like(q))  # exact in q's dtype
-        if DOT_F32:
-            q = q.to(tl.float32)
-            q_kept = q_kept.to(tl.float32)
+        q, q_kept = pd._query_rows(q_ptr, keep_ptr, bh, rows, rmask, cd, dmask_k, N_REP, D, DOT_F32)
         t = tl.load(len_ptr + pid_b)
         n_head = tl.minimum(t + 1, sink)
         r = t - sink  # the newest token's ring index before the modulo (< 0: the ring is empty)
@@ -197,14 +191,7 @@ if triton is not None:
                         mask=in_head[:, None] & dmask_k[None, :], other=0.0)
             k += tl.load(rk_ptr + (bh * window + p)[:, None] * D + cd[None, :],
                          mask=in_ring[:, None] & dmask_k[None, :], other=0.0)
-            if DOT_F32:
-                k = tl.trans(k.to(tl.float32))
-                s_full = tl.dot(q, k, input_precision="ieee")
-                s_kept = tl.dot(q_kept, k, input_precision="ieee")
-            else:  # 16-bit q and k: exact products, fp32 accumulation
-                k = tl.trans(k)
-                s_full = tl.dot(q, k)
-                s_kept = tl.dot(q_kept, k)
+            s_full, s_kept = pd._full_and_kept_scores(q, q_kept, k, DOT_F32)
             full = in_head | (age < recent)
             s = tl.where(full[None, :], s_full, s_kept) * scaling
             s = tl.where((in_head | in_ring)[None, :], s, float("-inf"))

@@ -9,7 +9,6 @@ path on CPU tensors and exits 0 when every case agrees: that is what the interpr
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 if __name__ == "__main__":  # the interpreter must be chosen before triton is imported
@@ -17,6 +16,7 @@ if __name__ == "__main__":  # the interpreter must be chosen before triton is im
 
 import pytest
 import torch
+from triton_interpreter import run_script, unavailable
 
 from harness.kcache import KeyChannelPlan, PrunedKLayer
 from harness.kernels.pruned_attention import pruned_cache_attention
@@ -138,16 +138,12 @@ INTERPRETER_CASES = [  # tiny: the interpreter runs every program in Python
 
 def interpreter_main() -> int:
     """Triton path on CPU tensors vs the reference; exit 77 when the interpreter cannot run here."""
-    try:
-        import triton  # noqa: F401
+    why = unavailable()
+    if why:
+        print(f"SKIP: {why}")
+        return 77
+    from harness.kernels.pruned_decode import _pruned_decode_triton
 
-        from harness.kernels.pruned_decode import _pruned_decode_triton
-    except Exception as exc:  # pragma: no cover
-        print(f"SKIP: triton unavailable: {exc!r}")
-        return 77
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("SKIP: TRITON_INTERPRET is not 1")
-        return 77
     failures = 0
     for name, opts in INTERPRETER_CASES:
         split, dtype = opts["split"], opts["dtype"]
@@ -172,23 +168,15 @@ def interpreter_main() -> int:
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="a CUDA machine runs the kernels themselves (the CUDA tests below); the interpreter is for CPU-only CI")
 def test_triton_kernel_under_the_cpu_interpreter():
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    log = proc.stdout + proc.stderr
-    if proc.returncode == 77:
-        pytest.skip(f"the Triton CPU interpreter cannot run here: {log.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, log
-    assert log.count("\nok ") + log.startswith("ok ") == len(INTERPRETER_CASES), log
+    run_script(__file__, len(INTERPRETER_CASES))
 
 
 # --- (c) the Triton kernel on CUDA at realistic shapes -------------------------------------------
 
-def realistic_kept(hkv=8, d=128, seed=0):
-    """Per-head counts from 0 to d (0, 16, 32, 48, 64, 96, 128, 0): groups of one and of two heads."""
+def realistic_kept(hkv=8, d=128, seed=0, counts=(0, 16, 32, 48, 64, 96, 128, 0)):
+    """Per-head kept counts (default from 0 to d): groups of one and of two heads."""
     g = torch.Generator().manual_seed(seed)
-    counts = (0, 16, 32, 48, 64, 96, 128, 0)[:hkv]
+    counts = counts[:hkv]
     return tuple(tuple(sorted(torch.randperm(d, generator=g)[:c].tolist())) for c in counts)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 
 if __name__ == "__main__":  # the interpreter must be chosen before triton is imported
@@ -18,11 +17,13 @@ if __name__ == "__main__":  # the interpreter must be chosen before triton is im
 
 import pytest
 import torch
+from triton_interpreter import run_script, unavailable
 
 from harness.kcache import KeyChannelPlan, PrunedKLayer
 from harness.kernels import static_decode as sd
 from harness.kernels.pruned_attention import pruned_cache_attention
 from harness.static_kcache import StaticKCache, StaticKLayer, all_channels
+from test_pruned_decode import realistic_kept
 
 FULL, NONE = tuple(range(16)), ()
 CASES = {  # per-KV-head kept channels (d = 16): all, none, partial counts, in several groupings
@@ -248,13 +249,9 @@ INTERPRETER_CASES = [  # tiny: the interpreter runs every program in Python
 
 def interpreter_main() -> int:
     """Triton path on CPU tensors vs the twins; exit 77 when the interpreter cannot run here."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover
-        print(f"SKIP: triton unavailable: {exc!r}")
-        return 77
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("SKIP: TRITON_INTERPRET is not 1")
+    why = unavailable()
+    if why:
+        print(f"SKIP: {why}")
         return 77
     failures = 0
     for name, opts in INTERPRETER_CASES:
@@ -281,22 +278,7 @@ def interpreter_main() -> int:
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="a CUDA machine runs the kernels themselves (the CUDA tests below); the interpreter is for CPU-only CI")
 def test_triton_kernels_under_the_cpu_interpreter():
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    log = proc.stdout + proc.stderr
-    if proc.returncode == 77:
-        pytest.skip(f"the Triton CPU interpreter cannot run here: {log.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, log
-    assert log.count("ok ") == len(INTERPRETER_CASES) + 1, log
-
-
-def realistic_kept(hkv=8, d=128, seed=0):
-    """Per-head counts 0, 32, 64, 96, 128 (groups of one and two heads), as a LeanK mask has."""
-    g = torch.Generator().manual_seed(seed)
-    counts = (0, 32, 64, 96, 128, 0, 32, 64)[:hkv]
-    return tuple(tuple(sorted(torch.randperm(d, generator=g)[:c].tolist())) for c in counts)
+    run_script(__file__, len(INTERPRETER_CASES) + 1)
 
 
 @pytest.mark.gpu
@@ -310,7 +292,7 @@ def realistic_kept(hkv=8, d=128, seed=0):
 def test_triton_kernels_on_cuda_equal_the_twins(dtype, value_sum, split, tol):
     """Llama-3.1-8B head geometry, rows of different lengths around 2k."""
     torch.manual_seed(0)
-    case = dict(hq=32, hkv=8, dv=128, kept=realistic_kept())
+    case = dict(hq=32, hkv=8, dv=128, kept=realistic_kept(counts=(0, 32, 64, 96, 128, 0, 32, 64)))  # as LeanK masks
     assert compare_triton(case, lengths=[2048, 1500, 17], steps=3, sink=16, recent=64, value_sum=value_sum,
                           dtype=dtype, split=split, device="cuda", tol=tol, d=128) == 3
 
