@@ -8,15 +8,17 @@ step replayed from one CUDA graph.
 Eager `generate` is bound by the host at decode time (hundreds of launches and several host
 synchronizations per step), so bytes a compressed cache saves do not show as speed. Here:
 
-- `Decoder` holds a model's static cache for (batch, capacity) (`harness.static_kcache`: the
-  pruned K cache of a softmax model realized with a selection, or its dense twin for a plain
-  model), the step's input and output buffers, and the step captured once in a CUDA graph: the
-  decoder layers' forward over one token per row, the cache's append and attention kernels, the
-  lengths' advance, the next token (greedy, or sampled with temperature / top-k / top-p), the end
-  of sequence bookkeeping. Everything the step reads is a device tensor: a replay needs no host.
+- `Decoder` holds a model's decode state for (batch, capacity) (`harness.decode_state`: for Llama
+  and Qwen2 the static pruned K cache of `harness.static_kcache`, or its dense twin for a plain
+  model; for fla DeltaNet and Gated DeltaNet their recurrent and short-convolution states, allocated
+  once for the batch), the step's input and output buffers, and the step captured once in a CUDA
+  graph: the model's forward over one token per row with the state updated in place, the next
+  token (greedy, or sampled with temperature / top-k / top-p), the end of sequence bookkeeping.
+  Everything the step reads is a device tensor: a replay needs no host.
 - Prefill runs the model eagerly on the prompts, rows of one length together (at most
-  `prefill_tokens` tokens per forward), and each layer writes its keys and values into the
-  stores before the next layer runs: no row's whole dense K is ever held beside them.
+  `prefill_tokens` tokens per forward), each row's prompt written into the state: a softmax
+  model's layers write their keys and values into the stores before the next layer runs (no row's
+  whole dense K is ever held beside them); a recurrent model's final states are copied into their rows.
 - EOS is checked on the device; the host reads it every `check_every` steps (one synchronization
   per `check_every` tokens), and the output is trimmed to where `generate` would have stopped.
 
@@ -28,20 +30,16 @@ whole loop against eager `generate` there and, on a GPU, the captured graph agai
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from harness.kcache import KeyChannelPlan
-from harness.static_kcache import ATTN_IMPLEMENTATION, StaticKCache, all_channels
+from harness.decode_state import plans, reason, state_for  # noqa: F401 (re-exported: the loop's public names)
 
-SOFTMAX_MODEL_TYPES = ("llama", "qwen2")
 CAPACITY_ALIGN = 64  # cache capacity (prompt + new tokens) rounded up to this many tokens
 PREFILL_TOKENS = 32768  # tokens per prefill forward (rows of one length grouped up to this)
-DENSE_WINDOW = (16, 64)  # sink, recent of a plain model's dense twin (any window gives the same attention)
 
 
 @dataclass(frozen=True)
@@ -67,53 +65,6 @@ class DecodeResult:
     step_s: list[float] = field(default_factory=list)  # seconds per decode step (timed runs, CUDA)
 
 
-def reason(model) -> str | None:
-    """Why the decode loop does not apply to `model` (None when it does)."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SOFTMAX_MODEL_TYPES:
-        return f"model type {model_type!r} (the static decode loop covers {', '.join(SOFTMAX_MODEL_TYPES)})"
-    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        return "sliding-window attention layers"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if "dynamic" in str(rope.get("rope_type", "")) or rope.get("rope_type") == "longrope":
-        return f"rope type {rope.get('rope_type')!r} recomputes frequencies on the host"
-    if any(getattr(m, "key_scale_override", None) is not None for m in _attention_modules(model)):
-        return "a trainable key scale is installed (LeanK training)"
-    return None
-
-
-def _attention_modules(model):
-    from harness.families.hf_softmax import attention_modules
-
-    return attention_modules(model)
-
-
-def plans(model) -> dict[int, KeyChannelPlan]:
-    """Each attention layer's plan by its layer index: the installed one (a realized selection) or,
-    for a plain model, the dense twin (every channel kept)."""
-    config = model.config
-    out = {}
-    for module in _attention_modules(model):
-        plan = getattr(module, "key_plan", None)
-        if plan is None:
-            hkv = config.num_key_value_heads
-            d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            plan = all_channels(KeyChannelPlan(hkv, d, d, None, sink=DENSE_WINDOW[0], recent=DENSE_WINDOW[1]))
-        out[module.layer_idx] = plan
-    return out
-
-
-@contextlib.contextmanager
-def attention_implementation(model, name: str):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 def rows_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
     """Each row's real tokens (left padding removed)."""
     if attention_mask is None:
@@ -127,26 +78,21 @@ def rows_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> lis
 
 
 class Decoder:
-    """A model's static cache for `batch` rows of up to `capacity` tokens, and its decode step
+    """A model's decode state for `batch` rows of up to `capacity` tokens, and its decode step
     (captured in a CUDA graph when `graphs`)."""
 
     def __init__(self, model, batch: int, capacity: int, *, max_new_tokens: int, sampling: Sampling = Sampling(),
                  eos: tuple[int, ...] = (), pad: int = 0, record_logits: bool = False, graphs: bool | None = None,
                  prefill_tokens: int = PREFILL_TOKENS):
-        why = reason(model)
-        if why is not None:
-            raise ValueError(f"the static decode loop does not apply: {why}")
         sampling.check()
-        param = next(model.parameters())
-        self.model, self.device, self.batch, self.capacity = model, param.device, batch, capacity
+        self.model, self.batch, self.capacity = model, batch, capacity
+        self.state = state_for(model, batch, capacity)
+        self.device = self.state.device
         self.max_new_tokens, self.sampling, self.pad = max_new_tokens, sampling, pad
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA model")
         self.prefill_tokens = prefill_tokens
-        self.cache = StaticKCache(plans(model), batch, capacity, param.dtype, self.device)
-        layer = model.model.layers[0]
-        self.cache_kw = "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
         dev = self.device
         self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long, device=dev) if eos else None
         self.min_new = torch.zeros(1, dtype=torch.long, device=dev)
@@ -166,21 +112,9 @@ class Decoder:
         return (self.batch, self.capacity, self.max_new_tokens, self.sampling, eos, self.pad,
                 self.logits is not None, self.graphs)
 
-    # --- the model's forward over the static cache ------------------------------------------------
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits of each row's last position; ids, positions (n, L)."""
-        inner = self.model.model
-        hidden = inner.embed_tokens(ids)
-        embeddings = inner.rotary_emb(hidden, positions)
-        for layer in inner.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=embeddings,
-                           **{self.cache_kw: self.cache})
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return self.model.lm_head(inner.norm(hidden[:, -1:]))[:, -1]
-
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Fill the cache with the prompts (left-padded ids); the logits of each row's last token (B, V)."""
+        """Fill the state with the prompts (left-padded ids); the logits of each row's last token (B, V)."""
         rows = rows_of(input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device))
         if len(rows) != self.batch:
             raise ValueError(f"this decoder holds {self.batch} rows, got {len(rows)} prompts")
@@ -188,7 +122,7 @@ class Decoder:
             raise ValueError("every prompt needs at least one token")
         if max(len(r) for r in rows) + self.max_new_tokens > self.capacity:
             raise ValueError(f"prompt + {self.max_new_tokens} new tokens exceed the cache's {self.capacity}")
-        self.cache.reset()
+        self.state.reset()
         first = torch.empty(self.batch, self.model.config.vocab_size, device=self.device)
         by_length: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
@@ -202,14 +136,9 @@ class Decoder:
 
     @torch.no_grad()
     def prefill_rows(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
-        """One forward over the prompts `ids` (n, P) of cache rows `rows`, writing them into the
-        cache; the logits of their last tokens (n, V) fp32."""
-        length = ids.shape[1]
-        positions = torch.arange(length, device=self.device)[None, :].expand(len(rows), -1)
-        with attention_implementation(self.model, ATTN_IMPLEMENTATION), self.cache.prefilling(rows):
-            logits = self._forward(ids.to(self.device), positions).float()
-        self.cache.set_lengths(rows, length)
-        return logits
+        """One forward over the prompts `ids` (n, P) of rows `rows`, writing them into the state;
+        the logits of their last tokens (n, V) fp32."""
+        return self.state.prefill_rows(rows, ids.to(self.device))
 
     # --- one step ---------------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -245,14 +174,12 @@ class Decoder:
         self.step.add_(1)
 
     def _step(self) -> None:
-        logits = self._forward(self.next_ids, self.cache.lengths[:, None].long())
-        self.cache.advance()
-        self._emit(logits)
+        self._emit(self.state.step(self.next_ids))
 
     def _capture(self) -> None:
-        """Warm up (compiles the kernels) and capture `_step`. Both write the stores at each row's
-        current length, so they run on the empty cache, which the prefill overwrites."""
-        with attention_implementation(self.model, ATTN_IMPLEMENTATION), torch.no_grad():
+        """Warm up (compiles the kernels) and capture `_step`. Both write the state (a softmax
+        cache at each row's current length), so they run before the prefill, which overwrites it."""
+        with self.state.context(), torch.no_grad():
             self._reset_outputs()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -263,7 +190,7 @@ class Decoder:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self._step()
-        self.cache.reset()
+        self.state.reset()
         self._reset_outputs()
 
     def _reset_outputs(self) -> None:
@@ -287,7 +214,7 @@ class Decoder:
         n = 1
         with contextlib.ExitStack() as stack:
             if self.graph is None:
-                stack.enter_context(attention_implementation(self.model, ATTN_IMPLEMENTATION))
+                stack.enter_context(self.state.context())
             while n < max_new_tokens:
                 if self.graph is not None:
                     self.graph.replay()

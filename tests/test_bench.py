@@ -50,7 +50,11 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
     assert "Random weights" in markdown and "| llama-tiny (zoo) | dense |" in markdown
     log = (tmp_path / "bench.log").read_text()  # a timestamped line per measurement, with its figures
     assert "llama-tiny (zoo) | dense | 2 x 128: prefill " in log and " ms/token, cache " in log
-    assert "deltanet-tiny (zoo): built with variants dense, pruned" in log and "table e2e-deltanet written" in log
+    assert "deltanet-tiny (zoo): built with variants dense, dense, static loop, pruned" in log
+    assert "table e2e-deltanet written" in log
+    deltanet = {r["variant"]: r for r in tables["e2e-deltanet"]["rows"]}
+    assert [r["engine"] for r in deltanet.values()] == ["generate", "static", "static"]
+    assert deltanet["pruned (d_k 32 -> 16), static loop"]["decode_vs_twin"] > 0
 
 
 def test_bench_without_gpu_needs_quick(tmp_path, no_gpu):

@@ -64,8 +64,37 @@ def test_plain_model_decodes_like_generate_through_its_dense_twin(kind):
     (seq, scores), (seq2, scores2) = both(model, *long_batch())
     assert torch.equal(seq2, seq)
     torch.testing.assert_close(scores2, scores, atol=2e-5, rtol=1e-5)
-    cache = model._harness_decoder.cache
+    cache = model._harness_decoder.state.cache
     assert all(layer.dense and layer.capacity > 0 for layer in cache.layers.values())
+
+
+def linear(family: str, pruned: bool):
+    """A tiny fla model, dense or with half of each head's key channels sliced away."""
+    from conftest import tiny_model
+    from harness.families import adapter_for
+    from harness.selection import ChannelSelection, LayerSelection
+
+    model = tiny_model(family)
+    if pruned:
+        adapter = adapter_for(model)
+        layers = {i: LayerSelection(d, dv, tuple(tuple(range(1, d, 2)) for _ in range(h)))
+                  for i, (h, d, dv) in adapter.geometry(model).items()}
+        adapter.apply(model, ChannelSelection(adapter.family, layers, "odd", 0.5))
+    return model
+
+
+@pytest.mark.parametrize("family", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_linear_model_decodes_like_generate(family, pruned):
+    """Rows prefilled on their own (no padding: linear attention has no positions), their states
+    copied into the batch's, then decoded together with no mask."""
+    model = linear(family, pruned)
+    ids, mask = padded_batch(vocab=128)
+    (seq, scores), (seq2, scores2) = both(model, ids, mask)
+    assert torch.equal(seq2, seq)
+    torch.testing.assert_close(scores2, scores, atol=2e-5, rtol=1e-5)
+    recurrent = model._harness_decoder.state.cache.layers[0].state["recurrent_state"]
+    assert recurrent.shape[0] == 3 and (16 if pruned else 32) in recurrent.shape[-2:]  # d_k 32, or 16 sliced
 
 
 def test_end_of_sequence_pads_finished_rows_and_stops_where_generate_stops():
@@ -132,9 +161,9 @@ def test_the_decoder_is_reused_for_the_same_shapes_and_replaced_for_others():
 
 
 def test_what_the_loop_does_not_take(tmp_path):
-    from conftest import tiny_model
+    from test_hybrid import tiny_hybrid
 
-    assert "model type 'delta_net'" in graph_decode.reason(tiny_model("deltanet"))
+    assert "model type 'qwen3_5_text'" in graph_decode.reason(tiny_hybrid("qwen3_5_text"))
     with pytest.raises(ValueError, match="left-padded"):
         graph_decode.rows_of(torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
     model = realized("llama")
@@ -192,6 +221,28 @@ def test_plain_model_graph_decodes_like_generate_on_cuda(kind):
     (seq, scores), (seq2, scores2) = both(model, ids, mask, device="cuda", new=40)
     assert torch.equal(seq2, seq)
     torch.testing.assert_close(scores2, scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("family", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_linear_graph_replays_decode_like_generate_on_cuda(family, pruned):
+    model = linear(family, pruned).cuda()
+    ids, mask = padded_batch(vocab=128)
+    reference, ours = both(model, ids, mask, device="cuda")
+    assert model._harness_decoder.graph is not None
+    assert torch.equal(ours[0], reference[0])
+    torch.testing.assert_close(ours[1], reference[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_fla_decode_step_is_refused_by_the_loop(monkeypatch):
+    from harness.kernels import fla_decode
+
+    monkeypatch.setenv(fla_decode.ENV, "fla")
+    assert "new state tensor" in graph_decode.reason(linear("deltanet", False).cuda())
 
 
 @pytest.mark.gpu

@@ -36,11 +36,11 @@ def free_bytes() -> int:
 
 def row_bytes(model, capacity: int) -> int:
     """Cache bytes one row of `capacity` tokens takes (a cache on the meta device: no memory)."""
-    from harness import graph_decode
+    from harness.decode_state import plans
     from harness.static_kcache import StaticKCache
 
     dtype = next(model.parameters()).dtype
-    return sum(StaticKCache(graph_decode.plans(model), 1, capacity, dtype, "meta").nbytes().values())
+    return sum(StaticKCache(plans(model), 1, capacity, dtype, "meta").nbytes().values())
 
 
 def probe(model, batch: int, context: int, new_tokens: int, prompt: torch.Tensor) -> int | None:
@@ -59,7 +59,7 @@ def probe(model, batch: int, context: int, new_tokens: int, prompt: torch.Tensor
             return None
         dec.graphs = True
         dec._capture()
-        dec.cache.set_lengths(list(range(batch)), context)
+        dec.state.set_lengths(list(range(batch)), context)
         dec.decode(first.expand(batch, -1).contiguous(), new_tokens)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()

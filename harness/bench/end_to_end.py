@@ -8,9 +8,9 @@ On a GPU (bf16, random weights: speed and memory do not depend on the weight val
   static K/V cache, every step replayed from a CUDA graph; the fair twin) and LeanK-masked through
   the same loop (the published mask, or a synthetic one, applied by the softmax family adapter: a
   static pruned K cache; the prompt attends with all channels, LeanK's deployment);
-- DeltaNet-1.3B config: dense and 50% pruned (d_k 128 -> 64, sliced by the fla family adapter),
-  each with fla's decode step and with ours (HARNESS_FLA_DECODE=fla / ours, read at every call),
-  through `generate`.
+- DeltaNet-1.3B config: dense through stock `generate`, dense and 50% pruned (d_k 128 -> 64, sliced
+  by the fla family adapter) through the static decode loop (the model's own conv and recurrent
+  states allocated once for the batch, updated in place by a replayed step).
 The variants of one model share its weight tensors (a deep copy that reuses every parameter;
 slicing replaces only the pruned q/k projections), so one copy of the weights is resident and
 each variant's peak memory is those weights plus its own cache and activations; a static
@@ -42,10 +42,8 @@ from typing import Any
 import torch
 
 from harness.bench import Table, log
-from harness.kernels import fla_decode
 
 WINDOW = {"sink": 16, "recent": 64, "full_prefill": True}  # LeanK's deployment: the prompt attends fully
-FLA_DECODE = fla_decode.ENV  # read by harness.kernels.fla_decode at every call
 # (batch, context) per model; "full" is sized for a 139 GB H200 (the memory plan above)
 SHAPES = {
     "full": {"llama": ((8, 32768), (52, 4096)), "deltanet": ((64, 2048),)},
@@ -150,16 +148,14 @@ def deltanet_case(device: str, shapes) -> Case:
     adapter.apply(pruned, ChannelSelection(adapter.family, layers, "first-half", 0.5))
     d = next(iter(geometry.values()))[1]
     label = f"pruned (d_k {d} -> {d // 2})"
-    notes = ["channels 0 to d_k/2 - 1 of every head kept (which ones does not change the speed)."]
-    if device == "cuda":
-        variants = {"dense, fla decode": Variant(dense, env={FLA_DECODE: "fla"}),
-                    "dense, our decode": Variant(dense, env={FLA_DECODE: "ours"}),
-                    f"{label}, fla decode": Variant(pruned, twin="dense, fla decode", env={FLA_DECODE: "fla"}),
-                    f"{label}, our decode": Variant(pruned, twin="dense, our decode", env={FLA_DECODE: "ours"})}
-        notes.append(f"decode step: fla's `fused_recurrent_delta_rule` ({FLA_DECODE}=fla) or ours "
-                     f"(`harness.kernels.delta_decode`, {FLA_DECODE}=ours); prefill is fla's chunk kernel in both.")
-    else:
-        variants = {"dense": Variant(dense), label: Variant(pruned, twin="dense")}
+    notes = ["channels 0 to d_k/2 - 1 of every head kept (which ones does not change the speed).",
+             "\"dense\" is stock `generate` (its decode step on our kernel, the default); the static variants run "
+             "`harness.graph_decode` (the model's conv and recurrent states allocated once, each decode step replayed "
+             "from a CUDA graph); the pruned variant's twin is the dense model through the same loop. Prefill is fla's "
+             "chunk kernel in all of them."]
+    loop = "static graph" if device == "cuda" else "static loop"
+    variants = {"dense": Variant(dense), f"dense, {loop}": Variant(dense, engine="static"),
+                f"{label}, {loop}": Variant(pruned, twin=f"dense, {loop}", engine="static")}
     return Case("deltanet-tiny (zoo)" if device == "cpu" else "DeltaNet-1.3B config", variants, shapes, notes)
 
 

@@ -1,0 +1,208 @@
+"""What a model keeps between decode steps, allocated once for (batch, capacity), per family: the
+state the static decode loop (`harness.graph_decode`) prefills and then steps.
+
+Both kinds give the loop the same interface: `prefill_rows` (a forward over some rows' prompts,
+of one length, writing them into the state; their last logits), `step` (one token a row, the
+state updated in place; the logits), `context` (what the model must run inside), `reset`, and
+their bytes. A step reads and writes only tensors allocated here, so a CUDA graph replays it.
+
+- `SoftmaxState`: Llama and Qwen2 (plain, or realized with a channel selection): the static
+  pruned K cache (`harness.static_kcache`; a plain model gets its dense twin). The decoder
+  layers run one by one with the cache as their cache; positions are the rows' lengths.
+- `RecurrentState`: fla DeltaNet and Gated DeltaNet (dense or with a sliced d_k): the model's own
+  fla Cache, whose short-convolution and recurrent states are allocated for the whole batch once
+  and overwritten row by row by each prefill. A decode step is the model's own forward over one
+  token a row with no mask: the convolution's decode step and the delta-rule decode step
+  (`harness.kernels.fla_decode`, ours on CUDA) both update the state in place. Linear attention
+  has no positions, so rows of different lengths need no padding: each row's prompt is
+  prefilled on its own (rows of one length together) and its final state copied into its row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+from harness.kcache import KeyChannelPlan
+from harness.static_kcache import ATTN_IMPLEMENTATION, StaticKCache, all_channels
+
+SOFTMAX_MODEL_TYPES = ("llama", "qwen2")
+RECURRENT_MODEL_TYPES = ("delta_net", "gated_deltanet")
+DENSE_WINDOW = (16, 64)  # sink, recent of a plain model's dense twin (any window gives the same attention)
+
+
+def reason(model) -> str | None:
+    """Why the static decode loop does not apply to `model` (None when it does)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in RECURRENT_MODEL_TYPES:
+        from harness.kernels import fla_decode
+
+        if next(model.parameters()).is_cuda and fla_decode.decode_backend() == "fla":
+            return (f"{fla_decode.ENV}=fla: fla's decode step returns a new state tensor at every step, which a "
+                    "replayed step cannot follow (ours updates it in place)")
+        return None
+    if model_type not in SOFTMAX_MODEL_TYPES:
+        return (f"model type {model_type!r} (the static decode loop covers "
+                f"{', '.join(SOFTMAX_MODEL_TYPES + RECURRENT_MODEL_TYPES)})")
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention layers"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if "dynamic" in str(rope.get("rope_type", "")) or rope.get("rope_type") == "longrope":
+        return f"rope type {rope.get('rope_type')!r} recomputes frequencies on the host"
+    if any(getattr(m, "key_scale_override", None) is not None for m in _attention_modules(model)):
+        return "a trainable key scale is installed (LeanK training)"
+    return None
+
+
+def state_for(model, batch: int, capacity: int):
+    """The decode state of `model` for `batch` rows of up to `capacity` tokens."""
+    why = reason(model)
+    if why is not None:
+        raise ValueError(f"the static decode loop does not apply: {why}")
+    kind = RecurrentState if model.config.model_type in RECURRENT_MODEL_TYPES else SoftmaxState
+    return kind(model, batch, capacity)
+
+
+def _attention_modules(model):
+    from harness.families.hf_softmax import attention_modules
+
+    return attention_modules(model)
+
+
+def plans(model) -> dict[int, KeyChannelPlan]:
+    """Each attention layer's plan by its layer index: the installed one (a realized selection) or,
+    for a plain model, the dense twin (every channel kept)."""
+    config = model.config
+    out = {}
+    for module in _attention_modules(model):
+        plan = getattr(module, "key_plan", None)
+        if plan is None:
+            hkv = config.num_key_value_heads
+            d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            plan = all_channels(KeyChannelPlan(hkv, d, d, None, sink=DENSE_WINDOW[0], recent=DENSE_WINDOW[1]))
+        out[module.layer_idx] = plan
+    return out
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class SoftmaxState:
+    """Llama / Qwen2: the static pruned K cache, the decoder layers run one by one over it."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        self.cache = StaticKCache(plans(model), batch, capacity, param.dtype, self.device)
+        layer = model.model.layers[0]
+        self.cache_kw = "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+
+    def context(self):
+        return attention_implementation(self.model, ATTN_IMPLEMENTATION)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits of each row's last position; ids, positions (n, L)."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(ids)
+        embeddings = inner.rotary_emb(hidden, positions)
+        for layer in inner.layers:
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=embeddings,
+                           **{self.cache_kw: self.cache})
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return self.model.lm_head(inner.norm(hidden[:, -1:]))[:, -1]
+
+    def prefill_rows(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        positions = torch.arange(length, device=self.device)[None, :].expand(len(rows), -1)
+        with self.context(), self.cache.prefilling(rows):
+            logits = self._forward(ids, positions).float()
+        self.cache.set_lengths(rows, length)
+        return logits
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self._forward(ids, self.cache.lengths[:, None].long())
+        self.cache.advance()
+        return logits
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def set_lengths(self, rows: list[int], length: int) -> None:
+        self.cache.set_lengths(rows, length)
+
+    def nbytes(self) -> dict[str, int]:
+        return self.cache.nbytes()
+
+    def read_bytes(self, length: int) -> int:
+        """Bytes a decode step reads from the cache at `length` tokens a row."""
+        return self.cache.read_bytes(length)
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    """The tensors of one fla cache layer's state (a dict of tensors and tuples of tensors), in order."""
+    if torch.is_tensor(state):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in _tensors(state[key])]
+    if isinstance(state, (tuple, list)):
+        return [t for item in state for t in _tensors(item)]
+    return []
+
+
+def _cache_of(output):
+    return getattr(output, "past_key_values", None) or getattr(output, "cache", None)
+
+
+class RecurrentState:
+    """fla DeltaNet / Gated DeltaNet: the model's fla Cache for the whole batch, written in place."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        self.model = model
+        self.device = next(model.parameters()).device
+        with torch.no_grad():  # one token a row gives every state its shape for this batch
+            out = model(torch.zeros(batch, 1, dtype=torch.long, device=self.device), use_cache=True, logits_to_keep=1)
+        self.cache = _cache_of(out)
+        self.layers = [_tensors(layer.state) for layer in self.cache.layers]
+        self.reset()
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def prefill_rows(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(ids, use_cache=True, logits_to_keep=1)
+        index = torch.tensor(rows, device=self.device)
+        for mine, theirs in zip(self.layers, (_tensors(layer.state) for layer in _cache_of(out).layers)):
+            if len(mine) != len(theirs):
+                raise RuntimeError("the prefill's cache holds other states than the batch's")
+            for dst, src in zip(mine, theirs):
+                dst.index_copy_(0, index, src.to(dst.dtype))
+        return out.logits[:, -1].float()
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def reset(self) -> None:
+        for tensors in self.layers:
+            for t in tensors:
+                t.zero_()
+
+    def set_lengths(self, rows: list[int], length: int) -> None:
+        """Nothing to do: a recurrent state does not grow with the rows' lengths."""
+
+    def nbytes(self) -> dict[str, int]:
+        size = sum(t.numel() * t.element_size() for tensors in self.layers for t in tensors)
+        return {"state": size}
+
+    def read_bytes(self, length: int) -> int:
+        """Bytes a decode step moves through the state: all of it read and written, whatever the length."""
+        return 2 * self.nbytes()["state"]
