@@ -46,9 +46,9 @@ def padded_batch(n_tokens=20, vocab=100, seed=0):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def generate(model, ids, mask, **kw):
+def generate(model, ids, mask, new=12, **kw):
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True,
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
                              return_dict_in_generate=True, pad_token_id=0, **kw)
     return out.sequences, torch.stack(out.scores, 1)
 
