@@ -9,6 +9,10 @@ their bytes. A step reads and writes only tensors allocated here, so a CUDA grap
 - `SoftmaxState`: Llama and Qwen2 (plain, or realized with a channel selection): the static
   pruned K cache (`harness.static_kcache`; a plain model gets its dense twin). The decoder
   layers run one by one with the cache as their cache; positions are the rows' lengths.
+- `HybridState`: transformers' Qwen3.5 text models (Gated DeltaNet layers and attention layers):
+  the attention layers' static pruned K cache (the same one) and the linear layers' conv and
+  recurrent states, transformers' own linear-attention cache layers allocated once for the batch
+  (they copy every update into place); each row's prompt is prefilled into fresh ones and copied in.
 - `RecurrentState`: fla DeltaNet and Gated DeltaNet (dense or with a sliced d_k): the model's own
   fla Cache, whose short-convolution and recurrent states are allocated for the whole batch once
   and overwritten row by row by each prefill. A decode step is the model's own forward over one
@@ -30,6 +34,7 @@ from harness.static_kcache import ATTN_IMPLEMENTATION, StaticKCache, all_channel
 
 SOFTMAX_MODEL_TYPES = ("llama", "qwen2")
 RECURRENT_MODEL_TYPES = ("delta_net", "gated_deltanet")
+HYBRID_MODEL_TYPES = ("qwen3_5_text",)  # Gated DeltaNet layers + attention layers (transformers)
 DENSE_WINDOW = (16, 64)  # sink, recent of a plain model's dense twin (any window gives the same attention)
 
 
@@ -44,9 +49,9 @@ def reason(model) -> str | None:
             return (f"{fla_decode.ENV}=fla: fla's decode step returns a new state tensor at every step, which a "
                     "replayed step cannot follow (ours updates it in place)")
         return None
-    if model_type not in SOFTMAX_MODEL_TYPES:
+    if model_type not in SOFTMAX_MODEL_TYPES + HYBRID_MODEL_TYPES:
         return (f"model type {model_type!r} (the static decode loop covers "
-                f"{', '.join(SOFTMAX_MODEL_TYPES + RECURRENT_MODEL_TYPES)})")
+                f"{', '.join(SOFTMAX_MODEL_TYPES + RECURRENT_MODEL_TYPES + HYBRID_MODEL_TYPES)})")
     if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         return "sliding-window attention layers"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -62,7 +67,9 @@ def state_for(model, batch: int, capacity: int):
     why = reason(model)
     if why is not None:
         raise ValueError(f"the static decode loop does not apply: {why}")
-    kind = RecurrentState if model.config.model_type in RECURRENT_MODEL_TYPES else SoftmaxState
+    model_type = model.config.model_type
+    kind = (RecurrentState if model_type in RECURRENT_MODEL_TYPES
+            else HybridState if model_type in HYBRID_MODEL_TYPES else SoftmaxState)
     return kind(model, batch, capacity)
 
 
@@ -103,9 +110,12 @@ class SoftmaxState:
     def __init__(self, model, batch: int, capacity: int):
         param = next(model.parameters())
         self.model, self.device = model, param.device
-        self.cache = StaticKCache(plans(model), batch, capacity, param.dtype, self.device)
+        self.cache = self._make_cache(batch, capacity, param.dtype)
         layer = model.model.layers[0]
         self.cache_kw = "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+
+    def _make_cache(self, batch: int, capacity: int, dtype):
+        return StaticKCache(plans(self.model), batch, capacity, dtype, self.device)
 
     def context(self):
         return attention_implementation(self.model, ATTN_IMPLEMENTATION)
@@ -146,6 +156,103 @@ class SoftmaxState:
     def read_bytes(self, length: int) -> int:
         """Bytes a decode step reads from the cache at `length` tokens a row."""
         return self.cache.read_bytes(length)
+
+
+class HybridCache(StaticKCache):
+    """The attention layers' static pruned K cache, and the linear layers' states: transformers'
+    `LinearAttentionLayer`s holding the whole batch (the methods a Gated DeltaNet layer calls on
+    its cache are here). While `prefilling(rows)`, the linear layers get fresh layers for those
+    rows, whose final states are then copied into the batch's."""
+
+    def __init__(self, plans, linear_ids: list[int], batch: int, capacity: int, dtype, device):
+        from transformers.cache_utils import LinearAttentionLayer
+
+        super().__init__(plans, batch, capacity, dtype, device)
+        self._new_layer = LinearAttentionLayer
+        self.linear = {i: LinearAttentionLayer() for i in linear_ids}
+        self._prefill_linear: dict | None = None
+
+    def _layer(self, layer_idx: int):
+        return (self._prefill_linear if self._prefill_linear is not None else self.linear)[layer_idx]
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        layer = self._layer(layer_idx)
+        return layer.conv_states[state_idx] if layer.has_previous_state[state_idx] else None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        layer = self._layer(layer_idx)
+        return layer.recurrent_states[state_idx] if layer.has_previous_state[state_idx] else None
+
+    def update_conv_state(self, conv_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        return self._layer(layer_idx).update_conv_state(conv_states, state_idx, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        return self._layer(layer_idx).update_recurrent_state(recurrent_states, state_idx, **kwargs)  # a copy, in place
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False
+
+    def linear_states(self, layer) -> list[torch.Tensor]:
+        return [t for t in (*layer.conv_states.values(), *layer.recurrent_states.values()) if torch.is_tensor(t)]
+
+    @contextlib.contextmanager
+    def prefilling(self, rows: list[int]):
+        fresh = {i: self._new_layer() for i in self.linear}
+        self._prefill_linear = fresh
+        try:
+            with super().prefilling(rows):
+                yield
+        finally:
+            self._prefill_linear = None
+        index = torch.tensor(rows, device=self.lengths.device)
+        for i, layer in self.linear.items():
+            if not layer.has_previous_state[0]:  # the first prefill allocates the batch's states
+                for name in ("conv_states", "recurrent_states"):
+                    src = getattr(fresh[i], name)[0]
+                    getattr(layer, name)[0] = src.new_zeros(self.batch, *src.shape[1:])
+                layer.conv_kernel_size, layer.has_previous_state[0] = fresh[i].conv_kernel_size, True
+                layer.is_conv_states_initialized[0] = layer.is_recurrent_states_initialized[0] = True
+            for dst, src in zip(self.linear_states(layer), self.linear_states(fresh[i])):
+                dst.index_copy_(0, index, src.to(dst.dtype))
+
+    def reset(self) -> None:
+        super().reset()
+        for layer in self.linear.values():
+            for t in self.linear_states(layer):
+                t.zero_()
+
+    def nbytes(self) -> dict[str, int]:
+        state = sum(t.numel() * t.element_size() for layer in self.linear.values() for t in self.linear_states(layer))
+        return {**super().nbytes(), "state": state}
+
+    def read_bytes(self, length: int) -> int:
+        """Attention layers' cache read at `length`, linear layers' states read and written."""
+        return super().read_bytes(length) + 2 * self.nbytes()["state"]
+
+
+class HybridState(SoftmaxState):
+    """Qwen3.5 text models: `HybridCache` under the model's own layer stack. Its inner model runs
+    with no masks (a dict of None per layer type: no mask is built) and the rows' positions."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        super().__init__(model, batch, capacity)
+        with torch.no_grad():  # one token a row gives the linear layers' states their shapes for this batch
+            self.prefill_rows(list(range(batch)), torch.zeros(batch, 1, dtype=torch.long, device=self.device))
+        self.reset()
+
+    def _make_cache(self, batch: int, capacity: int, dtype):
+        from harness.families.hf_linear import gdn_layers
+
+        linear_ids = [i for i, _ in gdn_layers(self.model)]
+        return HybridCache(plans(self.model), linear_ids, batch, capacity, dtype, self.device)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model.model(input_ids=ids, attention_mask={"full_attention": None, "linear_attention": None},
+                               position_ids=positions, past_key_values=self.cache, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1]
+
+    def nbytes(self) -> dict[str, int]:
+        return self.cache.nbytes()
 
 
 def _tensors(state) -> list[torch.Tensor]:

@@ -165,7 +165,7 @@ class SpeedSuite(Suite):
             # cache at the end, which holds all but the last token)
             read = nbytes
             if engine == "static":
-                read = model.__dict__["_harness_decoder"].cache.read_bytes(prompt.shape[1] + self.new_tokens // 2)
+                read = model.__dict__["_harness_decoder"].state.read_bytes(prompt.shape[1] + self.new_tokens // 2)
         finally:
             if engine == "static":
                 from harness import graph_decode
@@ -205,7 +205,7 @@ class SpeedSuite(Suite):
 
         seconds = timed(prefill, prompt.device)
         _, steps = dec.decode(first, self.new_tokens, timed=True)
-        return seconds, steps, sum(dec.cache.nbytes().values())
+        return seconds, steps, sum(dec.state.nbytes().values())
 
     def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
         from harness.provenance import device_name

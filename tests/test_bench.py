@@ -28,7 +28,8 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
     assert "Device: cpu" in markdown and "Command: `harness bench" in markdown and "--quick" in markdown
     assert {"torch", "triton", "fla", "transformers", "date", "command"} <= set(data["header"])
     tables = {t["name"]: t for t in data["tables"]}
-    assert list(tables) == ["pruned", "linear", "prefill", "e2e-llama", "capacity", "e2e-deltanet"]
+    assert list(tables) == ["pruned", "linear", "prefill", "e2e-llama", "capacity", "e2e-deltanet", "e2e-gated-deltanet",
+                            "e2e-qwen35"]
     for name in ("pruned", "linear", "prefill", "capacity"):
         assert "CUDA" in tables[name]["skipped"] and not tables[name]["rows"]
         assert f"Skipped: {tables[name]['skipped']}" in markdown
@@ -52,9 +53,10 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
     assert "llama-tiny (zoo) | dense | 2 x 128: prefill " in log and " ms/token, cache " in log
     assert "deltanet-tiny (zoo): built with variants dense, dense, static loop, pruned" in log
     assert "table e2e-deltanet written" in log
-    deltanet = {r["variant"]: r for r in tables["e2e-deltanet"]["rows"]}
-    assert [r["engine"] for r in deltanet.values()] == ["generate", "static", "static"]
-    assert deltanet["pruned (d_k 32 -> 16), static loop"]["decode_vs_twin"] > 0
+    for name in ("e2e-deltanet", "e2e-gated-deltanet", "e2e-qwen35"):  # stock generate, dense and pruned in the loop
+        linear = tables[name]["rows"]
+        assert [r["engine"] for r in linear] == ["generate", "static", "static"], name
+        assert linear[2]["decode_vs_twin"] > 0 and linear[2]["cache_bytes"] < linear[1]["cache_bytes"], name
 
 
 def test_bench_without_gpu_needs_quick(tmp_path, no_gpu):

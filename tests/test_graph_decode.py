@@ -7,7 +7,7 @@ replays from a CUDA graph."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 import pytest
 import torch
@@ -97,6 +97,36 @@ def test_linear_model_decodes_like_generate(family, pruned):
     assert recurrent.shape[0] == 3 and (16 if pruned else 32) in recurrent.shape[-2:]  # d_k 32, or 16 sliced
 
 
+def hybrid(compressed: bool):
+    """The tiny Qwen3.5 hybrid (3 Gated DeltaNet layers, 1 attention layer), plain or with half of
+    its linear key channels sliced away and a K-cache selection on its attention layer."""
+    from harness.families import adapter_for
+    from harness.methods.random import RandomChannels
+    from test_hybrid import linear_selection, tiny_hybrid
+
+    model = tiny_hybrid("qwen3_5_text")
+    if compressed:
+        adapter = adapter_for(model)
+        softmax = RandomChannels().select(adapter.part("softmax").capture(model, [], frozenset()), 0.75, "attention")
+        softmax = dataclasses.replace(softmax, meta={**softmax.meta, "cache": {"sink": 3, "recent": 5}})
+        adapter.apply(model, adapter.combine(model, linear_selection(model, 0.5, RandomChannels()), softmax))
+    return model
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_hybrid_model_decodes_like_generate(compressed):
+    """Attention layers through the static pruned K cache, linear layers through their states
+    allocated once for the batch; left-padded rows of 20, 16 and 13 tokens past sink 3 + recent 5."""
+    model = hybrid(compressed)
+    ids, mask = padded_batch(vocab=128)
+    (seq, scores), (seq2, scores2) = both(model, ids, mask)
+    assert torch.equal(seq2, seq)
+    torch.testing.assert_close(scores2, scores, atol=2e-5, rtol=1e-5)
+    cache = model._harness_decoder.state.cache
+    assert sorted(cache.layers) == [3] and sorted(cache.linear) == [0, 1, 2]
+    assert cache.linear[0].recurrent_states[0].shape[0] == 3  # one state per row, allocated once
+
+
 def test_end_of_sequence_pads_finished_rows_and_stops_where_generate_stops():
     model = realized("llama")
     ids, mask = padded_batch()
@@ -163,7 +193,7 @@ def test_the_decoder_is_reused_for_the_same_shapes_and_replaced_for_others():
 def test_what_the_loop_does_not_take(tmp_path):
     from test_hybrid import tiny_hybrid
 
-    assert "model type 'qwen3_5_text'" in graph_decode.reason(tiny_hybrid("qwen3_5_text"))
+    assert "model type 'olmo_hybrid'" in graph_decode.reason(tiny_hybrid("olmo_hybrid"))
     with pytest.raises(ValueError, match="left-padded"):
         graph_decode.rows_of(torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
     model = realized("llama")
@@ -229,6 +259,18 @@ def test_plain_model_graph_decodes_like_generate_on_cuda(kind):
 @pytest.mark.parametrize("pruned", [False, True])
 def test_linear_graph_replays_decode_like_generate_on_cuda(family, pruned):
     model = linear(family, pruned).cuda()
+    ids, mask = padded_batch(vocab=128)
+    reference, ours = both(model, ids, mask, device="cuda")
+    assert model._harness_decoder.graph is not None
+    assert torch.equal(ours[0], reference[0])
+    torch.testing.assert_close(ours[1], reference[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("compressed", [False, True])
+def test_hybrid_graph_replays_decode_like_generate_on_cuda(compressed):
+    model = hybrid(compressed).cuda()
     ids, mask = padded_batch(vocab=128)
     reference, ours = both(model, ids, mask, device="cuda")
     assert model._harness_decoder.graph is not None

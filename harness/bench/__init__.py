@@ -57,6 +57,8 @@ TABLES: dict[str, str] = {
     "e2e-llama": "harness.bench.end_to_end:run_llama",
     "capacity": "harness.bench.capacity:run",
     "e2e-deltanet": "harness.bench.end_to_end:run_deltanet",
+    "e2e-gated-deltanet": "harness.bench.end_to_end:run_gated_deltanet",
+    "e2e-qwen35": "harness.bench.end_to_end:run_qwen35",
 }
 TITLES = {  # for tables that were skipped (a table that runs gives its own title)
     "pruned": "Softmax attention: decode over the pruned K cache",
@@ -65,6 +67,8 @@ TITLES = {  # for tables that were skipped (a table that runs gives its own titl
     "e2e-llama": "End to end: dense vs LeanK-masked Llama-3.1-8B config, same run",
     "capacity": "Largest batch that fits: Llama-3.1-8B config through the static decode loop",
     "e2e-deltanet": "End to end: dense vs 50%-pruned DeltaNet-1.3B config, same run",
+    "e2e-gated-deltanet": "End to end: dense vs 50%-pruned Gated DeltaNet-1.3B config, same run",
+    "e2e-qwen35": "End to end: dense vs 50%-pruned Qwen3.5-0.8B geometry (hybrid), same run",
 }
 GPU_ONLY = frozenset({"pruned", "linear", "prefill", "capacity"})  # op-level Triton timings: nothing to run on CPU
 

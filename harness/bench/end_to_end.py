@@ -46,9 +46,12 @@ from harness.bench import Table, log
 WINDOW = {"sink": 16, "recent": 64, "full_prefill": True}  # LeanK's deployment: the prompt attends fully
 # (batch, context) per model; "full" is sized for a 139 GB H200 (the memory plan above)
 SHAPES = {
-    "full": {"llama": ((8, 32768), (52, 4096)), "deltanet": ((64, 2048),)},
-    "quick": {"llama": ((2, 1024),), "deltanet": ((8, 512),)},  # a GPU smoke test
-    "cpu": {"llama": ((2, 128),), "deltanet": ((2, 128),)},  # zoo models; 128 > sink + recent: a real middle
+    "full": {"llama": ((8, 32768), (52, 4096)), "deltanet": ((64, 2048),), "gated-deltanet": ((64, 2048),),
+             "qwen35": ((64, 2048),)},
+    "quick": {"llama": ((2, 1024),), "deltanet": ((8, 512),), "gated-deltanet": ((8, 512),),
+              "qwen35": ((8, 512),)},  # a GPU smoke test
+    # zoo models; 128 > sink + recent: a real middle
+    "cpu": {"llama": ((2, 128),), "deltanet": ((2, 128),), "gated-deltanet": ((2, 128),), "qwen35": ((2, 128),)},
 }
 
 
@@ -136,27 +139,53 @@ def llama_case(device: str, mask_path, shapes) -> Case:
                  "channel kept)."])
 
 
-def deltanet_case(device: str, shapes) -> Case:
-    from harness.families import adapter_for
+# linear and hybrid models: key -> (zoo stand-in on CPU, published geometry on a GPU, label)
+LINEAR_MODELS = {
+    "deltanet": ("deltanet-tiny", "deltanet-1.3b", "DeltaNet-1.3B config"),
+    "gated-deltanet": ("gated-deltanet-tiny", "gated-deltanet-1.3b", "Gated DeltaNet-1.3B config"),
+    "qwen35": ("qwen35-hybrid-tiny", "qwen3.5-0.8b", "Qwen3.5-0.8B geometry"),
+}
+
+
+def first_half(geometry: dict, family: str, meta: dict | None = None):
+    """A selection keeping channels 0 .. d/2 - 1 of every head of every layer of `geometry`."""
     from harness.selection import ChannelSelection, LayerSelection
 
-    dense = base_model(device, "deltanet-tiny", "deltanet-1.3b")
-    adapter = adapter_for(dense)
-    geometry = adapter.geometry(dense)
     layers = {i: LayerSelection(d, dv, tuple(tuple(range(d // 2)) for _ in range(h))) for i, (h, d, dv) in geometry.items()}
+    return ChannelSelection(family, layers, "first-half", 0.5, meta=meta or {})
+
+
+def linear_case(device: str, shapes, kind: str = "deltanet") -> Case:
+    """A linear (or hybrid) model dense through stock `generate` and through the static loop, and
+    with half of its key channels pruned through the same loop."""
+    from harness.families import adapter_for
+    from harness.method import ATTENTION_PART
+
+    zoo, shape, name = LINEAR_MODELS[kind]
+    dense = base_model(device, zoo, shape)
+    adapter = adapter_for(dense)
     pruned = shared_copy(dense)
-    adapter.apply(pruned, ChannelSelection(adapter.family, layers, "first-half", 0.5))
+    notes = ["channels 0 to d_k/2 - 1 of every head kept (which ones does not change the speed)."]
+    if kind == "qwen35":
+        linear, attention = adapter.part("linear"), adapter.part("softmax")
+        geometry = linear.geometry(dense)
+        both = adapter.combine(dense, first_half(geometry, linear.family),
+                               first_half(attention.geometry(dense), ATTENTION_PART, {"cache": dict(WINDOW)}))
+        adapter.apply(pruned, both)
+        notes.append(f"Its attention layers keep half of each KV head's channels in a static pruned K cache "
+                     f"(sink {WINDOW['sink']} + recent {WINDOW['recent']} full, the prompt attending fully).")
+    else:
+        geometry = adapter.geometry(dense)
+        adapter.apply(pruned, first_half(geometry, adapter.family))
     d = next(iter(geometry.values()))[1]
-    label = f"pruned (d_k {d} -> {d // 2})"
-    notes = ["channels 0 to d_k/2 - 1 of every head kept (which ones does not change the speed).",
-             "\"dense\" is stock `generate` (its decode step on our kernel, the default); the static variants run "
-             "`harness.graph_decode` (the model's conv and recurrent states allocated once, each decode step replayed "
-             "from a CUDA graph); the pruned variant's twin is the dense model through the same loop. Prefill is fla's "
-             "chunk kernel in all of them."]
+    notes.append("\"dense\" is stock `generate` (fla's layers decode through our delta-rule step, the default); "
+                 "the static variants run `harness.graph_decode` (conv and recurrent states allocated once for the "
+                 "batch, each decode step replayed from a CUDA graph); the pruned variant's twin is the dense model "
+                 "through the same loop.")
     loop = "static graph" if device == "cuda" else "static loop"
     variants = {"dense": Variant(dense), f"dense, {loop}": Variant(dense, engine="static"),
-                f"{label}, {loop}": Variant(pruned, twin=f"dense, {loop}", engine="static")}
-    return Case("deltanet-tiny (zoo)" if device == "cpu" else "DeltaNet-1.3B config", variants, shapes, notes)
+                f"pruned (d_k {d} -> {d // 2}), {loop}": Variant(pruned, twin=f"dense, {loop}", engine="static")}
+    return Case(f"{zoo} (zoo)" if device == "cpu" else name, variants, shapes, notes)
 
 
 @contextlib.contextmanager
@@ -253,13 +282,23 @@ def twin_limits(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def run_llama(quick: bool = False, mask_path=None, bars=None) -> Table:
-    """Llama-3.1-8B config: dense (DynamicCache), dense (StaticCache), LeanK-masked."""
+    """Llama-3.1-8B config: dense (stock generate, static loop), LeanK-masked (static loop)."""
     return run(quick, mask_path, bars, models=("llama",))
 
 
 def run_deltanet(quick: bool = False, bars=None) -> Table:
-    """DeltaNet-1.3B config: dense vs 50% pruned, fla's decode step and ours."""
+    """DeltaNet-1.3B config: dense (stock generate, static loop) vs 50% pruned (static loop)."""
     return run(quick, None, bars, models=("deltanet",))
+
+
+def run_gated_deltanet(quick: bool = False, bars=None) -> Table:
+    """Gated DeltaNet-1.3B config: the same rows as DeltaNet's."""
+    return run(quick, None, bars, models=("gated-deltanet",))
+
+
+def run_qwen35(quick: bool = False, bars=None) -> Table:
+    """Qwen3.5-0.8B geometry (Gated DeltaNet + attention layers): the same rows."""
+    return run(quick, None, bars, models=("qwen35",))
 
 
 def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltanet")) -> Table:
@@ -278,7 +317,7 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
     # is built, before anything is timed; the median of 3 runs leaves out a first run's one-time costs
     suite = SpeedSuite(new_tokens={"full": 32, "quick": 8, "cpu": 4}[size], warmup=0, repeats=3)
     cases = {"llama": lambda: llama_case(device, mask_path, SHAPES[size]["llama"]),
-             "deltanet": lambda: deltanet_case(device, SHAPES[size]["deltanet"])}
+             **{kind: (lambda kind=kind: linear_case(device, SHAPES[size][kind], kind)) for kind in LINEAR_MODELS}}
     builders = [cases[m] for m in models]
     rows, notes = [], []
     copy = None

@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     from harness.bench import end_to_end
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("llama", "deltanet"), required=True)
+    parser.add_argument("--model", choices=("llama", "deltanet", "gated-deltanet", "qwen35"), required=True)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     shapes = ((args.batch, args.context),)
     torch.manual_seed(0)
     case = (end_to_end.llama_case(device, args.mask, shapes) if args.model == "llama"
-            else end_to_end.deltanet_case(device, shapes))
+            else end_to_end.linear_case(device, shapes, args.model))
     vocab = next(iter(case.variants.values())).model.config.vocab_size
     prompt = torch.randint(3, vocab, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
     results, seen = {}, set()
