@@ -4,10 +4,11 @@ reference (`SuiteContext.reference`) measured interleaved in the same cell, so t
 taken side by side on the same machine at the same time.
 
 End to end, through one of two engines (`engine`):
-- `static` (`auto` picks it on CUDA for the models it covers: Llama and Qwen2, plain or with a
-  pruned K cache): `harness.graph_decode`, a static cache filled by a prefill that writes straight
-  into it and each decode step replayed from a CUDA graph; the uncompressed reference runs through
-  its dense twin (a static K/V cache, the same loop). Prefill time: the prefill call (CUDA events);
+- `static` (`auto` picks it on CUDA for the models it covers: Llama and Qwen2, fla DeltaNet and
+  Gated DeltaNet, the Qwen3.5 hybrid; `harness.decode_state.reason` says why another is not):
+  `harness.graph_decode`, a static cache or state filled by a prefill that writes straight into
+  it and each decode step replayed from a CUDA graph; the uncompressed reference runs the same
+  loop (a softmax model's dense twin: a static K/V cache). Prefill time: the prefill call (CUDA events);
   decode: CUDA events around each replayed step.
 - `generate` (`auto` elsewhere, CPU included): the model's own `generate` (a compressed softmax
   model decodes with its pruned K cache, a pruned linear model with its smaller state); a streamer
