@@ -253,24 +253,19 @@ def test_plain_model_graph_decodes_like_generate_on_cuda(kind):
     torch.testing.assert_close(scores2, scores, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.gpu
-@CUDA
-@pytest.mark.parametrize("family", ["deltanet", "gated_deltanet"])
-@pytest.mark.parametrize("pruned", [False, True])
-def test_linear_graph_replays_decode_like_generate_on_cuda(family, pruned):
-    model = linear(family, pruned).cuda()
-    ids, mask = padded_batch(vocab=128)
-    reference, ours = both(model, ids, mask, device="cuda")
-    assert model._harness_decoder.graph is not None
-    assert torch.equal(ours[0], reference[0])
-    torch.testing.assert_close(ours[1], reference[1], atol=1e-4, rtol=1e-4)
+STATE_MODELS = {  # models whose decode state is not (only) a K cache
+    "deltanet": lambda: linear("deltanet", False), "deltanet-sliced": lambda: linear("deltanet", True),
+    "gated_deltanet": lambda: linear("gated_deltanet", False),
+    "gated_deltanet-sliced": lambda: linear("gated_deltanet", True),
+    "hybrid": lambda: hybrid(False), "hybrid-compressed": lambda: hybrid(True),
+}
 
 
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.parametrize("compressed", [False, True])
-def test_hybrid_graph_replays_decode_like_generate_on_cuda(compressed):
-    model = hybrid(compressed).cuda()
+@pytest.mark.parametrize("name", list(STATE_MODELS))
+def test_recurrent_state_graph_replays_decode_like_generate_on_cuda(name):
+    model = STATE_MODELS[name]().cuda()
     ids, mask = padded_batch(vocab=128)
     reference, ours = both(model, ids, mask, device="cuda")
     assert model._harness_decoder.graph is not None
