@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from . import launch_settings
 from .delta_rule import gdn_gate
+
+KERNEL = "delta_decode"
 
 try:  # triton ships with torch on Linux; the CPU path never needs it
     import triton
@@ -109,12 +112,20 @@ if triton is not None:
         tl.store(O + bh * DV + offs_v, o.to(O.dtype.element_ty), mask=mv)
 
 
+def launch(device, d_k: int) -> dict[str, int]:
+    """The step's launch settings on `device` for key dim `d_k`."""
+    from .pruned_decode import device_name
+
+    return launch_settings.settings(KERNEL, device_name(device), launch_settings.key_dim_class(d_k))
+
+
 def delta_rule_step(q, k, v, beta, state, g=None, *, scale: float | None = None, l2norm: bool = True,
                     A_log=None, dt_bias=None, beta_sigmoid: bool = False, allow_neg_eigval: bool = False,
-                    state_v_first: bool = False, block_v: int | None = None, num_warps: int = 4):
+                    state_v_first: bool = False, block_v: int | None = None, num_warps: int | None = None):
     """One decode step for every (sequence, head): Triton on CUDA (or under TRITON_INTERPRET),
     the torch twin otherwise. Returns o in v's dtype; `state` is updated in place. No autotuning:
-    the kernel writes the state in place, so benchmarking configs would run it several times."""
+    the kernel writes the state in place, so benchmarking configs would run it several times;
+    `block_v` and `num_warps` default to this GPU's tuned settings (`launch_settings`, by d_k)."""
     import os
 
     options = dict(scale=scale, l2norm=l2norm, A_log=A_log, dt_bias=dt_bias, beta_sigmoid=beta_sigmoid,
@@ -135,7 +146,10 @@ def delta_rule_step(q, k, v, beta, state, g=None, *, scale: float | None = None,
     # beta stands in (a valid pointer, never read) for the optional tensors a constexpr switch leaves out
     g, A_log, dt_bias = (x.contiguous() if x is not None else beta for x in (g, A_log, dt_bias))
     out = torch.empty(b, hv, dv, dtype=v.dtype, device=v.device)
-    bv = block_v or min(triton.next_power_of_2(dv), 32 if dk > 64 else 64)  # a d_k x BV fp32 tile in registers
+    tuned = launch(state.device, dk)
+    # a d_k x BV fp32 tile in registers
+    bv = block_v or tuned["BLOCK_V"] or min(triton.next_power_of_2(dv), 32 if dk > 64 else 64)
+    num_warps = num_warps or tuned["NUM_WARPS"]
     _delta_step_kernel[(b * hv, triton.cdiv(dv, bv))](
         q, k, v, beta, g, A_log, dt_bias, state, out, dk ** -0.5 if scale is None else scale, 1e-6, hv, hv // h,
         DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv, HAS_G=has_g, L2NORM=l2norm,

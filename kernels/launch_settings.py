@@ -11,8 +11,9 @@ settings up by (kernel, device name, shape class), in this order:
    named in it, with the command that produced them);
 4. `DEFAULTS`.
 
-A shape class names the regime a setting was tuned for (`shape_class`): for the pruned decode
-kernel, how many middle tokens one (row, KV head) streams. Lookups are cached per process; a
+A shape class names the regime a setting was tuned for: for the pruned decode kernel, how many
+middle tokens one (row, KV head) streams (`shape_class`); for the linear decode step, its key dim
+(`key_dim_class`). Lookups are cached per process; a
 sweep that writes the user cache calls `forget()`.
 """
 
@@ -30,6 +31,8 @@ DEFAULTS: dict[str, dict[str, int]] = {
     # tuned on an H100 at Llama-3.1-8B shapes, bf16 (docs/benchmarks.md): 128-token blocks, 4 warps,
     # 2 stages, about 8 middle work items per SM, each at least 4 blocks long
     "pruned_decode": {"BLOCK_N": 128, "NUM_WARPS": 4, "NUM_STAGES": 2, "ITEMS_PER_SM": 8, "MIN_BLOCKS_PER_SPLIT": 4},
+    # the linear decode step: BLOCK_V d_v columns per program (0: 32 for d_k > 64, else 64), warps
+    "delta_decode": {"BLOCK_V": 0, "NUM_WARPS": 4},
 }
 OVERRIDE: dict[str, dict[str, int]] = {}
 LONG_CONTEXT = 16384  # middle tokens per (row, head) from which the "long" class applies
@@ -39,6 +42,11 @@ def shape_class(middle_tokens: int) -> str:
     """The pruned decode kernel's regime: "long" (>= 16k middle tokens per row and head: few
     rows, long streams) or "short" (many rows, short streams)."""
     return "long" if middle_tokens >= LONG_CONTEXT else "short"
+
+
+def key_dim_class(d_k: int) -> str:
+    """The linear decode step's regime: its key dim (the state tile's height)."""
+    return f"d_k {d_k}"
 
 
 def user_cache() -> Path:

@@ -152,3 +152,22 @@ def test_capacity_search_bisects_to_the_largest_batch(monkeypatch):
     assert tried[0] == 50 and 37 in tried and 38 in tried and len(tried) < 12
     monkeypatch.setattr(capacity, "probe", lambda model, b, *a: 1 if b <= 80 else None)
     assert capacity.largest_batch(model, context=8, new_tokens=2)["batch"] == 80  # grows past the estimate
+
+
+def test_tune_table_plumbing_without_a_gpu(monkeypatch):
+    """`harness bench --tune`'s table around its two sweeps, the sweeps replaced by fixed rows."""
+    from harness.bench import linear_decode, pruned_decode
+    from harness.kernels import pruned_decode as kernel
+    from harness.progress import bars
+
+    monkeypatch.setattr(kernel, "device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(pruned_decode, "tune", lambda mask, shapes, grid, advance=None: [
+        {"shape": "2 x 4096", "class": "short", "BLOCK_N": 128, "graph_us": 10.0, "best": True}])
+    monkeypatch.setattr(linear_decode, "tune_decode", lambda quick, advance=None: [
+        {"d_k": 128, "BLOCK_V": 32, "NUM_WARPS": 4, "delta_us": 50.0, "gated_us": 51.0, "best": True},
+        {"d_k": 128, "BLOCK_V": 64, "NUM_WARPS": 4, "delta_us": 60.0, "gated_us": 61.0}])
+    with bars(False) as bar:
+        table = pruned_decode.tune_table(None, quick=True, bars=bar)
+    assert [r["kernel"] for r in table.rows] == ["pruned_decode", "delta_decode", "delta_decode"]
+    assert "Fake GPU" in table.title and {"kernel", "d_k", "BLOCK_V", "delta_us"} <= set(table.columns)
+    assert any("d_k 128: BLOCK_V 32, 4 warps, 50.0 + 51.0 us" in n for n in table.notes)

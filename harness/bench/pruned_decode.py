@@ -217,15 +217,28 @@ def tune_table(mask_path=None, quick: bool = False, bars=None):
     total = len(shapes) * (len(grid) if grid else len(TUNE_TILES) * len(TUNE_ITEMS))
     advance = bars.task("launch settings sweep", total) if bars is not None else None
     rows = tune(mask, shapes, grid, advance=advance)
+    from harness.bench.linear_decode import TUNE_GRID, tune_decode
+
+    linear_advance = bars.task("linear decode sweep", (4 if quick else len(TUNE_GRID) * 4)) if bars is not None else None
+    linear = tune_decode(quick, advance=linear_advance)
     keys = ["BLOCK_N", "NUM_WARPS", "NUM_STAGES", "ITEMS_PER_SM", "MIN_BLOCKS_PER_SPLIT"]
+    rows = [{"kernel": "pruned_decode", **r} for r in rows] + [{"kernel": "delta_decode", **r} for r in linear]
     return Table(
-        title=f"Launch settings sweep: static pruned decode, typical layer, {device_name('cuda')}",
-        columns=["shape", "class", *keys, "graph_us", "eager_us", "gbps", "best", "error"], rows=rows,
-        labels={"graph_us": "us (graphs)", "eager_us": "us (eager)", "gbps": "GB/s"},
-        formats={"graph_us": "{:.1f}", "eager_us": "{:.1f}", "gbps": "{:.0f}"},
+        title=f"Launch settings sweep: static pruned decode (typical layer) and linear decode, {device_name('cuda')}",
+        columns=["kernel", "shape", "class", "d_k", *keys, "BLOCK_V", "graph_us", "eager_us", "gbps", "delta_us",
+                 "gated_us", "best", "error"], rows=rows,
+        labels={"graph_us": "us (graphs)", "eager_us": "us (eager)", "gbps": "GB/s", "delta_us": "delta rule us",
+                "gated_us": "gated us"},
+        formats={"graph_us": "{:.1f}", "eager_us": "{:.1f}", "gbps": "{:.0f}", "delta_us": "{:.1f}",
+                 "gated_us": "{:.1f}"},
         notes=[f"Mask: {source}; the typical layer (kept fraction nearest the mask's) at each shape; medians of "
                "do_bench_cudagraph. The fastest setting per shape class is written to the user's launch-settings "
-               f"cache ({launch_settings.user_cache()}), which the kernels read from then on."],
+               f"cache ({launch_settings.user_cache()}), which the kernels read from then on.",
+               "The linear decode step (`delta_rule_step`, batch 64, 16 heads, d_v 128) was swept too, per d_k "
+               "(BLOCK_V x NUM_WARPS, both rules; the least total time wins): "
+               + "; ".join(f"d_k {r['d_k']}: BLOCK_V {r['BLOCK_V']}, {r['NUM_WARPS']} warps, {r['delta_us']:.1f} + "
+                           f"{r['gated_us']:.1f} us" for r in linear if r.get("best"))
+               + ". Its timings are the table's delta_decode rows."],
     )
 
 
