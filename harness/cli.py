@@ -104,7 +104,21 @@ STORE = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP)
 ONLY_MODEL = typer.Option(None, help="only this model (as named in the run)")
 ONLY_METHOD = typer.Option(None, help="only this method")
 ONLY_SUITE = typer.Option(None, help="only this suite")
-DETAIL = typer.Option(False, help="also the breakdown metrics (per layer/head, per task/length)")
+DETAIL = typer.Option(False, "--detail", help="the full table: every metric, breakdowns (per layer/head, per task/length) "
+                                            "included, instead of the headline summary")
+
+
+def print_results(rows, title: str, detail: bool) -> None:
+    """The headline summary per model, or with `detail` the full table (every metric, breakdowns)."""
+    from harness.report import LEGEND, rich_table, summary_tables
+
+    if detail:
+        out_console.print(rich_table(rows, title=title, detail=True))
+        return
+    out_console.print(Text(title, style="bold"))
+    for table in summary_tables(rows):
+        out_console.print(table)
+    out_console.print(Text(LEGEND))
 
 
 @app.command()
@@ -137,13 +151,13 @@ def run(
     lora_lr: float = typer.Option(1e-3, help="LoRA learning rate"),
     lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="comma-separated module names LoRA adapts"),
     trust_remote_code: bool = TRUST,
+    detail: bool = DETAIL,
     quiet: bool = QUIET,
 ) -> None:
-    """Compress a model and evaluate it; print the results table."""
+    """Compress a model and evaluate it; print the headline results (the full table with --detail)."""
     from harness.calibration import CalibrationSpec
     from harness.params import parse_pairs
     from harness.pipeline import run as run_pipeline
-    from harness.report import rich_table
 
     with user_errors():
         suite_params = _dotted(suite_param, "--suite-param", "suite")
@@ -165,7 +179,7 @@ def run(
             force=force, progress=not quiet, lora=lora,
         )
     title = method if attn_method is None else f"{method} (linear) + {attn_method} (attention)"
-    out_console.print(rich_table(report.rows, title=f"{title} on {model or 'deltanet-tiny'}"))
+    print_results(report.rows, f"{title} on {model or 'deltanet-tiny'}", detail)
     out_console.print(f"{report.computed} cells computed, {report.reused} reused from {store}")
     for folder in report.saved:
         out_console.print(Text(f"saved {folder}"))
@@ -352,8 +366,8 @@ def show(
     suite: Optional[str] = ONLY_SUITE,
     detail: bool = DETAIL,
 ) -> None:
-    """Print the results in the store as a table (and any failed or incomplete cells)."""
-    from harness.report import rich_table
+    """Print the results in the store: the headline summary, or the full table with --detail (and
+    any failed or incomplete cells)."""
     from harness.store import COMPLETE, ResultStore
 
     with user_errors():
@@ -361,7 +375,7 @@ def show(
             raise HarnessError(f"no results store at {store}; run `harness run ...` first or pass --store")
         rows = ResultStore(store, read_only=True).table(model=model, method=method, suite=suite)
     complete = [r for r in rows if r["status"] == COMPLETE]
-    out_console.print(rich_table(complete, title=str(store), detail=detail))
+    print_results(complete, str(store), detail)
     other = {r["run_key"]: r for r in rows if r["status"] != COMPLETE}
     if other:
         table = Table(title="incomplete or failed cells")

@@ -21,6 +21,18 @@ class Metric:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A metric a suite puts in the short summary table: its name, how it reads, which way is
+    better ("higher", "lower" or "" when neither is), and how to show the value ("" a number,
+    "bytes", "percent" for a 0-100 value, "fraction" for a 0-1 value shown as a percentage)."""
+
+    metric: str
+    label: str
+    better: str = ""
+    kind: str = ""
+
+
 @dataclass
 class SuiteContext:
     family: str
@@ -38,6 +50,7 @@ class Suite:
     name: ClassVar[str] = ""
     families: ClassVar[tuple[str, ...]] = (ALL_FAMILIES,)
     description: ClassVar[str] = ""
+    headlines: ClassVar[tuple[Headline, ...]] = ()  # the few metrics the summary table shows
 
     def __post_init__(self) -> None:
         self.validate()

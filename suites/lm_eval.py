@@ -27,7 +27,7 @@ from pathlib import Path
 
 from harness.calibration import load_text
 from harness.errors import HarnessError
-from harness.suite import Metric, Suite, SuiteContext
+from harness.suite import Headline, Metric, Suite, SuiteContext
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 PPL_TASK = "kc_heldout_ppl"
@@ -243,6 +243,7 @@ def evaluate_tasks(lm, names: list[str], *, data_dir: Path, limit: int = 0, num_
 class LmEvalSuite(Suite):
     name = "lm-eval"
     description = "lm-evaluation-harness tasks over the in-memory model (default: two local tasks on held-out text)"
+    headlines = (Headline("avg_acc", "lm-eval accuracy", "higher", "fraction"),)
 
     tasks: str = ",".join(LOCAL_TASKS)  # comma-separated lm-eval task names (Paper A: PAPER_A_TASKS)
     limit: int = 100  # documents per task at most (0 = all); lm-eval's `limit`

@@ -34,7 +34,7 @@ import torch
 
 from harness import graph_decode
 from harness.errors import HarnessError
-from harness.suite import Metric, Suite, SuiteContext
+from harness.suite import Headline, Metric, Suite, SuiteContext
 
 DATA_HINT = ("get LongBench's data from https://huggingface.co/datasets/THUDM/LongBench (data.zip) "
              "and pass its data folder as data_dir")
@@ -272,6 +272,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 class LongBenchSuite(Suite):
     name = "longbench"
     description = "LongBench subsets from local JSONL, official metrics (prompts: official file or generic)"
+    headlines = (Headline("avg", "LongBench", "higher", "percent"),)
 
     data_dir: str | None = None  # folder with LongBench's <subset>.jsonl files (none: no rows)
     subsets: str = "en"  # comma-separated names, or a group: all (21), en (16 English + code), e (LongBench-E)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from harness.params import parse_ints
-from harness.suite import Metric, Suite, SuiteContext
+from harness.suite import Headline, Metric, Suite, SuiteContext
 from harness.suites.ruler import model_device
 
 
@@ -112,6 +112,7 @@ def recall_hits(model, batch: MqarBatch, value_ids: torch.Tensor) -> tuple[torch
 class MqarSuite(Suite):
     name = "mqar"
     description = "multi-query associative recall (Zoology): accuracy per (kv pairs, sequence length)"
+    headlines = (Headline("acc", "MQAR recall", "higher", "fraction"),)
 
     kv_pairs: str = "4,8,16,32"  # comma-separated key-value counts
     seq_lens: str = "128,256"  # comma-separated sequence lengths; settings with seq_len < 4 * kv are skipped

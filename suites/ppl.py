@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from harness.calibration import load_text
-from harness.suite import Metric, Suite, SuiteContext
+from harness.suite import Headline, Metric, Suite, SuiteContext
 
 
 @dataclass
 class PerplexitySuite(Suite):
     name = "ppl"
     description = "token-weighted perplexity on held-out text (sliding window)"
+    headlines = (Headline("ppl", "perplexity", "lower"),)
 
     seq_len: int = 256
     stride: int = 128

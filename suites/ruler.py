@@ -28,7 +28,7 @@ import torch
 
 from harness import graph_decode
 from harness.calibration import load_text
-from harness.suite import Metric, Suite, SuiteContext
+from harness.suite import Headline, Metric, Suite, SuiteContext
 from harness.suites.ruler_tasks import TASKS, Sample, make_haystack, make_sample
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
@@ -122,6 +122,7 @@ def _names(text: str, what: str, allowed: tuple[str, ...] | None = None) -> list
 class RulerSuite(Suite):
     name = "ruler"
     description = "RULER synthetic tasks (niah x4, vt, cwe, fwe) at chosen token lengths; string-match scores"
+    headlines = (Headline("avg", "RULER", "higher", "percent"),)
 
     lengths: str = "512,1024"  # comma-separated target lengths in tokens (prompt + generation budget)
     tasks: str = "all"  # comma-separated subset of the tasks, or all

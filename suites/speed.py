@@ -34,7 +34,7 @@ import torch
 
 from harness.calibration import load_text
 from harness.params import parse_ints
-from harness.suite import Metric, Suite, SuiteContext
+from harness.suite import Headline, Metric, Suite, SuiteContext
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -112,6 +112,10 @@ ENGINES = ("auto", "generate", "static")
 class SpeedSuite(Suite):
     name = "speed"
     description = "prefill tokens/s, decode ms/token at context x batch, cache bytes, peak memory; vs the uncompressed model in the same cell"
+    headlines = (
+        Headline("decode_ms_per_token", "decode ms/token", "lower"),
+        Headline("prefill_tokens_per_s", "prefill tokens/s", "higher"),
+    )
 
     contexts: str = "128,512"  # prompt lengths, comma-separated
     batches: str = "1,4"

@@ -63,7 +63,7 @@ from harness.calibration import load_text
 from harness.errors import HarnessError
 from harness.method import HYBRID_FAMILIES, LINEAR_FAMILIES, SOFTMAX_FAMILIES
 from harness.kernels import delta_rule
-from harness.suite import Metric, Suite, SuiteContext
+from harness.suite import Headline, Metric, Suite, SuiteContext
 from harness.suites import rank_metrics as rm
 from harness.zoo.train import fixed_threads
 
@@ -370,6 +370,10 @@ class StateRankSuite(Suite):
     families = LINEAR_FAMILIES + SOFTMAX_FAMILIES + HYBRID_FAMILIES
     description = ("rank utilization / effective rank of each head's state (linear) or keys (softmax); "
                    "hybrids: both")
+    headlines = (
+        Headline("u_final_mean", "state rank use", "", "fraction"),
+        Headline("key_u_mean", "key rank use", "", "fraction"),
+    )
 
     num_sequences: int = 8  # held-out windows analysed (the quick-run limit)
     seq_len: int = 256
