@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +24,15 @@ zoo_app = typer.Typer(help="The embedded default models (tiny, trained offline o
                       no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader stopped early (`harness list | head -3`): not an error, exit 0 quietly."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        raise SystemExit(0)
+
+
 # piped output (CI logs, files) gets a wide table instead of rich's 80-column default
-out_console = Console() if sys.stdout.isatty() else Console(width=200)
+out_console = _Console() if sys.stdout.isatty() else _Console(width=200)
 STORE_HELP = "results store (SQLite file); artifacts go beside it"
 
 
@@ -492,7 +500,17 @@ def zoo_list() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # the reader stopped early (`harness list | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        sys.exit(0)
+    except SystemExit as exc:
+        # click turns a broken pipe into exit 1 after wrapping stdout in PacifyFlushWrapper: that
+        # wrapper is how to tell it from a real failure
+        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            sys.exit(0)
+        raise
 
 
 if __name__ == "__main__":

@@ -97,3 +97,16 @@ def test_help_for_every_command():
                  ["zoo", "build", "--help"]):
         result = harness(*args)
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`harness list | head -3`: the pipe closes while harness still writes; exit 0, nothing on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "from harness.cli import main; main()", "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
