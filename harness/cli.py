@@ -316,9 +316,6 @@ def leaderboard(
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
 ) -> None:
     """Open the Streamlit leaderboard over a results store (read only)."""
-    import os
-    import subprocess
-
     from harness.leaderboard import APP
 
     with user_errors():
@@ -327,7 +324,11 @@ def leaderboard(
     env = {**os.environ, "HARNESS_STORE": str(store.resolve())}
     command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
                "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    raise typer.Exit(subprocess.call(command, env=env))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the server replaces this process: a signal to `harness leaderboard` reaches Streamlit itself,
+    # so stopping it never leaves an orphaned server answering on the port
+    os.execve(sys.executable, command, env)
 
 
 @app.command("list")
