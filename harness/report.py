@@ -138,8 +138,9 @@ def summary_tables(rows: Iterable[dict[str, Any]]) -> list[Table]:
             continue
         name = _variant(row)
         values.setdefault(row["model"], {}).setdefault(name, {})[(row["suite"], row["metric"])] = row["value"]
+        recovery = row.get("recovery", "none")
         variants.setdefault(row["model"], {})[name] = (row["method"] != "dense", row["method"], row["ratio"],
-                                                       row.get("recovery", "none"))
+                                                       recovery != "none", recovery)
     suites = {suite for per_model in values.values() for v in per_model.values() for suite, _ in v}
     order = [COMPRESSION, *SUITE_ORDER, *sorted(suites - {COMPRESSION, *SUITE_ORDER})]
     tables = []
