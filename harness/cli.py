@@ -500,7 +500,23 @@ def zoo_list() -> None:
     list_("models")
 
 
+# warnings about library internals the user cannot act on (deprecations inside transformers, fla,
+# peft, lm-eval, torch); the command line hides them, the Python API leaves warnings alone
+QUIET_WARNINGS = r"(transformers|fla|peft|lm_eval|torch|datasets)(\.|$)"
+
+
+def quiet_libraries() -> None:
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=QUIET_WARNINGS)
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # e.g. "falling back to its reference PyTorch ..."
+
+
 def main() -> None:
+    quiet_libraries()
     try:
         app()
     except BrokenPipeError:  # the reader stopped early (`harness list | head`): not an error

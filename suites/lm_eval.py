@@ -131,10 +131,15 @@ def heldout_continuation_dataset(**metadata):
 @contextlib.contextmanager
 def hub_access(allow_download: bool):
     """Hub offline mode for the duration of the run (unless downloads are allowed), and lm-eval's
-    INFO chatter silenced. Both libraries read their offline flag at call time from these
-    module attributes; the environment variables are only read at import."""
+    INFO chatter and its tqdm bars silenced (the suite's own bar shows progress). Both libraries
+    read their offline flag at call time from these module attributes; the environment variables
+    are only read at import. lm-eval's modules pass `disable=False` to tqdm themselves, so their
+    `tqdm` names are pointed at one that is always disabled while the run lasts."""
+    import sys
+
     import datasets.config
     import huggingface_hub.constants as hub_constants
+    from tqdm import tqdm as tqdm_class
 
     saved = (hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
     logger = logging.getLogger("lm_eval")
@@ -142,10 +147,21 @@ def hub_access(allow_download: bool):
     if not allow_download:
         hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     logger.setLevel(logging.ERROR)
+
+    def silent(*args, **kwargs):
+        return tqdm_class(*args, **{**kwargs, "disable": True})
+
+    bars = [m for name, m in list(sys.modules.items()) if name.startswith("lm_eval")
+            and isinstance(getattr(m, "tqdm", None), type) and issubclass(m.tqdm, tqdm_class)]
+    originals = [m.tqdm for m in bars]
+    for m in bars:
+        m.tqdm = silent
     try:
         yield
     finally:
         hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+        for m, original in zip(bars, originals):
+            m.tqdm = original
         logger.setLevel(level)
 
 

@@ -110,3 +110,17 @@ def test_a_reader_that_stops_early_is_not_an_error():
     proc.stdout.close()
     assert proc.wait(timeout=120) == 0
     assert proc.stderr.read() == b""
+
+
+def test_the_command_line_hides_library_deprecations_only():
+    import warnings
+
+    from harness.cli import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        for module in ("transformers.modeling_utils", "fla.layers.utils", "harness.pipeline"):
+            warnings.warn_explicit("old API", FutureWarning, "x.py", 1, module=module)
+        warnings.warn_explicit("a real problem", UserWarning, "x.py", 1, module="transformers.generation")
+    assert [(str(w.message), w.category) for w in seen] == [("old API", FutureWarning), ("a real problem", UserWarning)]

@@ -139,12 +139,18 @@ def test_lm_eval_perplexity_equals_ppl_suite(tmp_path, model_name):
     assert rows[f"{PPL_TASK}.word_perplexity"].value == pytest.approx(expected_word_ppl, rel=1e-3)
 
 
-def test_default_run_beats_chance_and_writes_nothing_outside_artifacts(tmp_path, monkeypatch):
+def test_default_run_beats_chance_and_writes_nothing_outside_artifacts(tmp_path, monkeypatch, capfd):
     from harness.loader import load_model
 
     loaded = load_model("llama-tiny")
     monkeypatch.chdir(tmp_path)
     rows = {r.name: r for r in LmEvalSuite().run(loaded.model, loaded.tokenizer, _ctx(tmp_path, loaded.family))}
+    printed = capfd.readouterr()
+    assert "it/s" not in printed.err + printed.out  # lm-eval's own tqdm bars stay quiet (the suite has its bar)
+    import lm_eval.models.huggingface as hf_module
+    from tqdm import tqdm
+
+    assert hf_module.tqdm is tqdm  # and are restored after the run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]  # no caches in the working folder
     assert sorted((tmp_path / "artifacts" / "lm_eval_data").iterdir())  # the task rows stay with the run
     acc = rows[f"{CHOICE_TASK}.acc"]
