@@ -197,7 +197,7 @@ def test_qrcp_is_drrqr_without_swaps():
     layer, _ = planted_layer(4)
     for ratio in (0.25, 0.5, 0.75):
         # an f no swap can beat: DRRQR stops at its QRCP start (same subsample, same permutation)
-        for params in ({}, {"max_rows": 600}, {"permute": True}):
+        for params in ({}, {"permute": True}):
             a = QRCP(seed=3, **params).select([layer], ratio, "deltanet")
             b = DRRQR(seed=3, f=1e300, **params).select([layer], ratio, "deltanet")
             assert a.layers[0].kept == b.layers[0].kept
@@ -262,8 +262,8 @@ def test_listed():
 
 
 def test_bad_parameters():
-    with pytest.raises(ValueError, match="max_rows must be >= 1"):
-        QRCP(max_rows=0)
+    with pytest.raises(ValueError, match="max_swaps must be >= 0"):
+        DRRQR(max_swaps=-1)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_cli_run(name, store):
     # a small calibration set keeps the CPU reference kernels fast; the capture path is the same
     calib = ["--calib-samples", "2", "--calib-seq-len", "128"]
     result = CliRunner().invoke(app, ["run", "--method", name, "--ratio", "0.5", "--suite", "ppl",
-                                      "--suite-param", "ppl.limit=1024", "--store", str(store), "-q", *calib],
+                                      "--suite-param", "ppl.limit=1024", "--store", str(store), "-q", "--detail", *calib],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if re.search(rf"\b{name}\b.*\b0\.5\b", line))

@@ -60,10 +60,23 @@ def test_drrqr_records_certificate_and_is_deterministic():
     assert all(c["max_rho"] <= 1.2 or c["hit_swap_cap"] for c in certs)
 
 
-def test_drrqr_row_subsample_keeps_answer():
+def test_drrqr_on_gram_exact_factors_equals_drrqr_on_every_token():
+    """The harness streams calibration tokens into triangular factors (R^T R = X^T X); pivoted QR
+    sees M only through M^T M, so the choice is the one over every token, certificate included."""
+    import dataclasses
+
+    from harness.families.base import stream_factor
+
     layer, planted = planted_layer(7)
-    found = DRRQR(max_rows=600).select([layer], 0.75, "deltanet").layers[0].kept
-    assert [set(k) for k in found] == planted
+    factor = lambda x: stream_factor(None, x.transpose(0, 1).double()).transpose(0, 1).float()  # noqa: E731
+    compact = dataclasses.replace(layer, q=factor(layer.q), k=factor(layer.k))
+    assert compact.q.shape[0] == layer.head_dim < layer.q.shape[0]
+    rows, exact = (DRRQR(seed=1).select([x], 0.75, "deltanet") for x in (layer, compact))
+    assert exact.layers[0].kept == rows.layers[0].kept and [set(k) for k in exact.layers[0].kept] == planted
+    for a, b in zip(rows.meta["certificate"], exact.meta["certificate"]):
+        assert a["swaps"] == b["swaps"] and abs(a["max_rho"] - b["max_rho"]) < 1e-6 * max(1.0, a["max_rho"])
+    assert "max_rows" not in {f.name for f in dataclasses.fields(DRRQR)}  # no subsample that would degrade it
+
 
 
 def test_random_is_seeded_and_uniformish():
