@@ -49,6 +49,7 @@ with st.sidebar:
     suites = st.multiselect("suite", sorted({data.suite_of(c) for c in board.metrics}), key="suite")
 
 view, shown = data.filtered(board.table, board.metrics, suites=suites, **chosen) if not board.table.empty else (board.table, [])
+shown = data.ordered_metrics(view, shown)  # headlines first; columns empty for these rows left out
 with tab_table:
     table.render(board, view, shown)
 with tab_pareto:

@@ -72,6 +72,37 @@ def with_deltas(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return out
 
 
+def headline_columns() -> list[str]:
+    """`suite.metric` of every headline (the results summary's rows), most important first."""
+    from harness.report import COMPRESSION, SUITE_ORDER, suite_headlines
+
+    return [f"{suite}.{h.metric}" for suite in (COMPRESSION, *SUITE_ORDER) for h in suite_headlines(suite)]
+
+
+def ordered_metrics(view: pd.DataFrame, metrics: list[str]) -> list[str]:
+    """The metric columns worth a column for the rows shown: those with at least one value, the
+    headlines first (what a cell compresses, then quality, then speed), then the rest by suite."""
+    from harness.report import COMPRESSION, SUITE_ORDER
+
+    present = [c for c in metrics if c in view and view[c].notna().any()]
+    heads = [c for c in headline_columns() if c in present]
+    rank = {suite: i for i, suite in enumerate((COMPRESSION, *SUITE_ORDER))}
+    rest = sorted((c for c in present if c not in heads), key=lambda c: (rank.get(suite_of(c), len(rank)), c))
+    return heads + rest
+
+
+def pareto_defaults(rows: pd.DataFrame, size: list[str], quality: list[str]) -> tuple[list[str], list[str]]:
+    """The x and y choices for one model's rows: only columns with values for it, headlines first
+    (so the chart opens on axes that have points)."""
+    heads = headline_columns()
+
+    def usable(columns):
+        have = [c for c in columns if c in rows and rows[c].notna().sum() >= 1]
+        return sorted(have, key=lambda c: (heads.index(c) if c in heads else len(heads), c))
+
+    return usable(size), usable(quality)
+
+
 def pareto_axes(view: pd.DataFrame, metrics: list[str]) -> tuple[list[str], list[str]]:
     """(size-or-speed columns for x, quality columns for y) among the numeric metrics shown."""
     numeric = [c for c in metrics if pd.api.types.is_numeric_dtype(view[c]) and view[c].notna().any()]

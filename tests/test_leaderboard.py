@@ -160,3 +160,36 @@ def test_the_app_only_reads(leaderboard_store, monkeypatch):
         import sqlite3
 
         data.load(leaderboard_store).store._connect().execute("DELETE FROM runs")
+
+
+def test_first_screen_leads_with_headlines_that_have_values(leaderboard_store, monkeypatch):
+    """The first metric columns are the headlines (what a cell keeps, then quality), columns empty
+    for every shown row are left out, and the Pareto tab opens on axes with points."""
+    at = app(leaderboard_store, monkeypatch)
+    table = at.dataframe[0].value
+    metrics = [c for c in table.columns if "." in c]
+    assert metrics[:3] == ["compression.kept_ratio", "compression.state_bytes", "ppl.ppl"]
+    assert all(table[c].notna().any() for c in metrics)
+    assert table[metrics[0]].notna().sum() >= 3  # dense, drrqr, random
+    at.sidebar.multiselect(key="method").set_value(["drrqr"]).run()
+    shown = [c for c in at.dataframe[0].value.columns if "." in c]
+    assert all(at.dataframe[0].value[c].notna().all() for c in shown)  # the hand-written cell's gaps are gone
+    at = app(leaderboard_store, monkeypatch)  # defaults, untouched
+    assert at.selectbox(key="pareto_x").value == "compression.kept_ratio"
+    assert at.selectbox(key="pareto_y").value == "ppl.ppl"
+    (rows,) = [chart_rows(at, i) for i, s in enumerate(charts(at)) if s.get("encoding", {}).get("y", {}).get("title") == "ppl.ppl"]
+    assert len(rows) == 5 and all(r["x"] is not None and r["y"] is not None for r in rows)
+
+
+def test_ordered_metrics_and_pareto_defaults():
+    import pandas as pd
+
+    view = pd.DataFrame({"model": ["m", "m"], "speed.decode_ms_per_token": [2.0, 1.0], "ppl.nll": [3.0, 3.5],
+                         "zz.other": [None, None], "ppl.ppl": [20.0, 30.0], "compression.kv_bytes": [10, 5],
+                         "compression.attention_kept_ratio": [None, None]})
+    metrics = [c for c in view.columns if "." in c]
+    assert data.ordered_metrics(view, metrics) == ["compression.kv_bytes", "ppl.ppl", "speed.decode_ms_per_token",
+                                                   "ppl.nll"]
+    size, quality = data.pareto_axes(view, data.ordered_metrics(view, metrics))
+    x, y = data.pareto_defaults(view, size, quality)
+    assert x[0] == "compression.kv_bytes" and y[0] == "ppl.ppl"

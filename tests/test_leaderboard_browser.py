@@ -77,11 +77,17 @@ def test_table_and_plot_render_in_chromium(server, evil_name, tmp_path):
             # the data grid draws on a canvas and mirrors its cells in an accessible table
             for text in ("drrqr", "random", "dense", "deltanet-tiny"):
                 expect(table.get_by_text(text, exact=True).first).to_be_attached()
+            # the first screen leads with a headline metric that has values (the grid's accessible mirror)
+            headers = table.locator("th").all_text_contents()
+            first = next(i for i, h in enumerate(headers) if "." in h)
+            assert headers[first] == "compression.kept_ratio", headers
+            column = [row.locator("td").all_text_contents()[first] for row in table.locator("tbody tr").all()]
+            assert sum(cell.strip() != "" for cell in column) >= 3, column  # dense, drrqr, random
             page.screenshot(path=str(tmp_path / "leaderboard.png"), full_page=True)
 
             page.get_by_role("tab", name="pareto").click()
             chart = page.locator('[data-testid="stVegaLiteChart"]').first
-            expect(chart).to_be_visible(timeout=60_000)
+            expect(chart).to_be_visible(timeout=60_000)  # the default axes (nothing chosen): points below
             # Vega draws SVG: one point mark per (method, ratio) row, and axes with numeric ticks
             points = chart.locator("g.mark-symbol.role-mark path")
             expect(points).to_have_count(5, timeout=30_000)  # dense; drrqr and random each at 0 and 0.5

@@ -19,6 +19,10 @@ def render(view, shown: list[str]) -> None:
         return
     left, middle, right = st.columns(3)
     model = left.selectbox("model", sorted(view["model"].unique()), key="pareto_model")
+    size, quality = data.pareto_defaults(view[view["model"] == model], size, quality)
+    if not size or not quality:
+        st.info("this model has no size and quality metrics to plot: choose another model")
+        return
     x = middle.selectbox("x: size or speed", size, key="pareto_x")
     y = right.selectbox("y: quality", quality, key="pareto_y")
     rows = view[view["model"] == model][["method", "ratio", "recovery", x, y]].dropna()
