@@ -52,12 +52,16 @@ def _csv(values: List[str]) -> list[str]:
 
 
 def _ratios(values: List[str]) -> list[float]:
+    from harness.params import shown
+
     ratios = []
     for v in _csv(values):
         try:
             ratios.append(float(v))
         except ValueError:
-            raise HarnessError(f"--ratio expects numbers such as 0.5 or 0.25,0.5; got {v!r}") from None
+            raise HarnessError(f"--ratio expects numbers such as 0.5 or 0.25,0.5; got {shown(v)}") from None
+    if values and not ratios:  # `--ratio ""` would run nothing new and look like success
+        raise HarnessError("--ratio is empty: give one or more numbers such as 0.5 or 0.25,0.5")
     return ratios
 
 

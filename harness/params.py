@@ -7,6 +7,7 @@ coercion and validation, so both give the same one-line errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -28,6 +29,13 @@ def describe(cls: type) -> list[tuple[str, str, Any]]:
     return out
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A user's value as an error message quotes it: repr, cut to `limit` characters (a 100 kB
+    value is not echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     if kind is bool:
         if isinstance(value, bool):
@@ -37,16 +45,18 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             return True
         if text in _FALSE:
             return False
-        raise HarnessError(f"{where} must be true or false, got {value!r}")
+        raise HarnessError(f"{where} must be true or false, got {shown(value)}")
     if kind in (int, float):
         if isinstance(value, bool):
-            raise HarnessError(f"{where} must be a number, got {value!r}")
+            raise HarnessError(f"{where} must be a number, got {shown(value)}")
         try:
             number = kind(value) if kind is float or not isinstance(value, str) else int(value, 0)
         except (TypeError, ValueError):
-            raise HarnessError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+            raise HarnessError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {shown(value)}") from None
         if kind is int and isinstance(value, float) and not value.is_integer():
-            raise HarnessError(f"{where} must be an integer, got {value!r}")
+            raise HarnessError(f"{where} must be an integer, got {shown(value)}")
+        if kind is float and not math.isfinite(number):  # "nan", "inf", "1e100000"
+            raise HarnessError(f"{where} must be a finite number, got {shown(value)}")
         return number
     if kind is str:
         return str(value)
@@ -54,7 +64,7 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     if origin is typing.Literal:
         choices = typing.get_args(kind)
         if value not in choices:
-            raise HarnessError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            raise HarnessError(f"{where} must be one of {', '.join(map(str, choices))}; got {shown(value)}")
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -86,7 +96,7 @@ def parse_pairs(pairs: list[str] | None, *, flag: str) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise HarnessError(f"{flag} expects key=value, got {pair!r} (for example {flag} seed=1)")
+            raise HarnessError(f"{flag} expects key=value, got {shown(pair)} (for example {flag} seed=1)")
         out[key.strip()] = value.strip()
     return out
 
@@ -96,9 +106,9 @@ def parse_ints(text: str, what: str) -> list[int]:
     try:
         values = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{what} must be comma-separated integers, got {shown(text)}") from None
     if not values or min(values) < 1:
-        raise ValueError(f"{what} must list positive integers, got {text!r}")
+        raise ValueError(f"{what} must list positive integers, got {shown(text)}")
     return sorted(set(values))
 
 

@@ -28,6 +28,10 @@ def harness(*args):
     (["run", "--method", "random", "--suite-param", "ppl.stride=0"], "bad parameters for suite ppl"),
     (["run", "--method", "random", "--device", "tpu"], "unknown device 'tpu'"),
     (["list", "widgets"], "unknown listing 'widgets'"),
+    (["run", "--method", "drrqr", "-p", "f=nan"], "parameter 'f' of method drrqr must be a finite number, got 'nan'"),
+    (["run", "--method", "drrqr", "-p", "f=1e100000"], "must be a finite number, got '1e100000'"),
+    (["run", "--method", "random", "--ratio", ""], "--ratio is empty"),
+    (["run", "--method", "random", "-p", "seed=" + "9" * 100_000], "... (100002 characters)"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
     result = harness(*args, "--store", str(tmp_path / "r.sqlite")) if args[0] == "run" else harness(*args)
@@ -36,6 +40,7 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert message in " ".join(lines)
     assert "Traceback" not in result.output
+    assert len(lines[0]) < 400  # a huge value is not echoed whole
 
 
 def test_method_not_supporting_family(tmp_path):
