@@ -23,6 +23,7 @@ from harness.suite import Metric
 
 SCHEMA_VERSION = 1
 RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+APPLICATION_ID = 0x4B434853  # "KCHS" in SQLite's header: a file this harness created
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,12 +57,21 @@ class ResultStore:
         if read_only and not self.path.is_file():
             raise HarnessError(f"no results store at {self.path}; run `harness run ...` first or pass --store")
         if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise HarnessError(f"results store {self.path}: cannot create its folder ({exc.strerror or exc}); "
+                                   "pass a writable --store") from None
         self.artifacts_root = self.path.parent / "artifacts"
         try:
             with closing(self._connect()) as db, db:
+                self._check_owner(db)
                 if not read_only:
                     db.executescript(_SCHEMA)
+                    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    db.execute("PRAGMA journal_mode=WAL")  # kept in the file: every later connection uses it
+                if not read_only:  # a store that cannot take a write fails now, before any model loads
+                    db.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
                 row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None and not read_only:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -71,7 +81,23 @@ class ResultStore:
                         f"{SCHEMA_VERSION}; use another --store"
                     )
         except sqlite3.DatabaseError as exc:
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise HarnessError(f"results store {self.path} is read only ({exc}); pass a writable --store") from None
             raise HarnessError(f"results store {self.path} is not a usable SQLite file ({exc}); pass another --store") from None
+
+    def _check_owner(self, db: sqlite3.Connection) -> None:
+        """Refuse another program's database: a harness store carries APPLICATION_ID (or, made by
+        an earlier version, its `meta` table with a schema version); an empty file is adopted."""
+        if db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
+            return
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        if not tables:
+            return
+        if "meta" in tables and db.execute("SELECT 1 FROM meta WHERE key='schema_version'").fetchone():
+            return
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise HarnessError(f"{self.path} is another program's SQLite database (tables: {listed}), not a harness "
+                           "results store; pass a new --store path")
 
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:
@@ -80,8 +106,6 @@ class ResultStore:
             db = sqlite3.connect(self.path, timeout=30)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA foreign_keys=ON")
-        if not self.read_only:
-            db.execute("PRAGMA journal_mode=WAL")
         return db
 
     def artifacts_dir(self, key: RunKey | str, *, create: bool = True) -> Path:

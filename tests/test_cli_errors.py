@@ -129,3 +129,26 @@ def test_the_command_line_hides_library_deprecations_only():
             warnings.warn_explicit("old API", FutureWarning, "x.py", 1, module=module)
         warnings.warn_explicit("a real problem", UserWarning, "x.py", 1, module="transformers.generation")
     assert [(str(w.message), w.category) for w in seen] == [("old API", FutureWarning), ("a real problem", UserWarning)]
+
+
+def test_another_programs_database_is_refused_and_left_alone(tmp_path):
+    import sqlite3
+
+    other = tmp_path / "app.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    before = other.read_bytes()
+    result = runner.invoke(app, ["run", "--method", "random", "--suite", "ppl", "--store", str(other)])
+    assert result.exit_code == 2 and "another program's SQLite database (tables: users)" in result.stderr
+    assert other.read_bytes() == before  # no harness table added
+    shown = runner.invoke(app, ["show", "--store", str(other)])
+    assert shown.exit_code == 2 and "not a harness results store" in shown.stderr
+
+
+def test_a_store_that_cannot_be_written_fails_before_any_model_loads(tmp_path, monkeypatch):
+    from harness import pipeline
+
+    monkeypatch.setattr(pipeline, "plan", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(app, ["run", "--method", "random", "--suite", "ppl", "--store", str(tmp_path / "afile" / "r.sqlite")])
+    assert result.exit_code == 2 and "cannot create its folder" in result.stderr and "pass a writable --store" in result.stderr
