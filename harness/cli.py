@@ -193,6 +193,10 @@ def run(
     title = method if attn_method is None else f"{method} (linear) + {attn_method} (attention)"
     print_results(report.rows, f"{title} on {model or 'deltanet-tiny'}", detail)
     out_console.print(f"{report.computed} cells computed, {report.reused} reused from {store}")
+    for failure in report.failed:
+        typer.echo(f"failed cell: {failure}", err=True)
+    if report.failed:  # stored as failed with their reason (`harness show` lists them); the others stand
+        raise typer.Exit(1)
     for folder in report.saved:
         out_console.print(Text(f"saved {folder}"))
 

@@ -9,6 +9,7 @@ cells finished before it stay in the store.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,14 @@ class RunReport:
     computed: int = 0  # cells computed by this call
     reused: int = 0  # cells found complete in the store
     saved: list[str] = field(default_factory=list)  # folders written by save
+    failed: list[str] = field(default_factory=list)  # "<cell>: <reason>" of cells stored as failed
+
+
+def non_finite(suite, metrics: list[Metric]) -> list[str]:
+    """The suite's headline metrics that came out NaN or infinite (a model whose outputs are not
+    finite: such a cell is a failure, not a result)."""
+    heads = {h.metric for h in getattr(suite, "headlines", ())}
+    return [f"{m.name}={m.value}" for m in metrics if m.name in heads and not math.isfinite(float(m.value))]
 
 
 def suites_for(names: Sequence[str], suite_params: dict[str, dict[str, Any]]) -> list[Suite]:
@@ -170,6 +179,13 @@ def run(
             except BaseException as exc:  # Ctrl-C too: the cell is marked, finished cells stay
                 results.fail(k, f"{type(exc).__name__}: {exc}")
                 raise
+            bad = non_finite(suite, metrics) if suite is not None else []
+            if bad:
+                reason = (f"non-finite {', '.join(bad)}: the model's outputs are not finite "
+                          "(NaN or infinite weights?)")
+                results.fail(k, reason)
+                report.failed.append(f"{k.method} {k.ratio} {k.suite}: {reason}")
+                continue
             results.finish(k, metrics, prov={**prov, "duration_s": time.perf_counter() - started},
                            duration_s=time.perf_counter() - started)
             record(k, metrics, False)

@@ -152,3 +152,32 @@ def test_a_store_that_cannot_be_written_fails_before_any_model_loads(tmp_path, m
     (tmp_path / "afile").write_text("x")
     result = runner.invoke(app, ["run", "--method", "random", "--suite", "ppl", "--store", str(tmp_path / "afile" / "r.sqlite")])
     assert result.exit_code == 2 and "cannot create its folder" in result.stderr and "pass a writable --store" in result.stderr
+
+
+def test_weights_that_give_nan_make_failed_cells_with_their_reason(tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from harness.store import ResultStore
+    from harness.zoo import default_path
+
+    folder = tmp_path / "nan-model"
+    loaded = AutoTokenizer.from_pretrained(default_path("deltanet-tiny"))
+    from transformers import AutoModelForCausalLM
+
+    from harness.loader import _register_fla
+
+    _register_fla()
+    model = AutoModelForCausalLM.from_pretrained(default_path("deltanet-tiny"))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    loaded.save_pretrained(folder)
+    store = tmp_path / "r.sqlite"
+    result = runner.invoke(app, ["run", "--method", "random", "--model", str(folder), "--suite", "ppl",
+                                 "--suite-param", "ppl.limit=256", "--store", str(store), "-q"])
+    assert result.exit_code == 1, result.output
+    assert "failed cell: dense 0.0 ppl: non-finite ppl=nan" in result.stderr
+    cells = {(r["method"], r["suite"]): r for r in ResultStore(store).table(suite="ppl")}
+    assert {r["status"] for r in cells.values()} == {"failed"}
+    assert all("NaN or infinite weights" in r["error"] for r in cells.values())
