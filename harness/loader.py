@@ -184,6 +184,12 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "f
         first = str(exc).strip().splitlines()
         detail = next((line for line in first if "size mismatch" in line), first[0] if first else type(exc).__name__)
         raise HarnessError(f"checkpoint {name} does not match its config: {detail.strip()}") from None
+    except Exception as exc:  # safetensors' SafetensorError (a truncated or garbage file) is none of the above
+        if "safetensor" not in type(exc).__name__.lower() and "safetensor" not in str(exc).lower():
+            raise
+        raise HarnessError(f"the weights of {name} are unreadable ({type(exc).__name__}: "
+                           f"{str(exc).strip().splitlines()[0][:120]}): the file is truncated or not a safetensors "
+                           "file; save or download it again") from None
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         kind, keys = next(iter(problems.items()))

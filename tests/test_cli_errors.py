@@ -181,3 +181,20 @@ def test_weights_that_give_nan_make_failed_cells_with_their_reason(tmp_path):
     cells = {(r["method"], r["suite"]): r for r in ResultStore(store).table(suite="ppl")}
     assert {r["status"] for r in cells.values()} == {"failed"}
     assert all("NaN or infinite weights" in r["error"] for r in cells.values())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_weights_are_one_line(tmp_path, damage):
+    import shutil
+
+    from harness.zoo import default_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(default_path("deltanet-tiny"), folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x07" * 4096)
+    result = harness("run", "--method", "random", "--model", str(folder), "--store", str(tmp_path / "r.sqlite"))
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "weights of" in lines[0] and "save or download it again" in lines[0], lines
