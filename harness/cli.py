@@ -167,6 +167,12 @@ def run(
     quiet: bool = QUIET,
 ) -> None:
     """Compress a model and evaluate it; print the headline results (the full table with --detail)."""
+    from harness import registry
+
+    with user_errors():  # names first: a typo is refused before torch and the models are imported
+        for name in filter(None, (method, attn_method)):
+            for part in name.split("+"):
+                registry.require(registry.METHODS, part)
     from harness.calibration import CalibrationSpec
     from harness.params import parse_pairs
     from harness.pipeline import run as run_pipeline

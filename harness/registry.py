@@ -84,14 +84,23 @@ def describe(entry: Entry) -> dict[str, Any]:
     return card
 
 
+def require(group: str, name: str) -> None:
+    """A one-line HarnessError unless `name` is registered in `group` (reads the entry points
+    only: nothing is imported, so a typo is refused before any heavy import)."""
+    if name not in names(group):
+        kind = _kind(group)
+        known = ", ".join(names(group)) or "none"
+        raise HarnessError(f"unknown {kind} {name!r}; registered {kind}s: {known} (see `harness list`)")
+
+
 def get(group: str, name: str) -> Any:
     """The registered class, or a one-line HarnessError naming the alternatives."""
     kind = _kind(group)
+    require(group, name)
     try:
         entry = _entry(group, name)
-    except KeyError:
-        known = ", ".join(names(group)) or "none"
-        raise HarnessError(f"unknown {kind} {name!r}; registered {kind}s: {known} (see `harness list`)") from None
+    except KeyError:  # pragma: no cover - listed a moment ago
+        raise HarnessError(f"unknown {kind} {name!r} (see `harness list`)") from None
     if not entry.ok:
         raise HarnessError(
             f"{kind} {name!r} from package {entry.distribution!r} failed to load ({entry.error}); "

@@ -198,3 +198,15 @@ def test_unreadable_weights_are_one_line(tmp_path, damage):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "weights of" in lines[0] and "save or download it again" in lines[0], lines
+
+
+def test_an_unknown_method_is_refused_before_torch_is_imported():
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+            "from harness.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "run", "--method", "nope"], capture_output=True, text=True,
+                          timeout=120, cwd="/")
+    assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr
+    assert "torch imported: False" in proc.stdout
