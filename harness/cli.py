@@ -297,9 +297,11 @@ def sweep(
         out_console.print(table)
     else:
         out_console.print(f"{report.computed} cells computed, {report.done_before} already in {store}")
-        for cell, error in report.failed:
-            out_console.print(Text(f"failed: {cell}: {error}"), style="red")
+    for cell, error in report.failed:
+        out_console.print(Text(f"{'invalid' if dry_run else 'failed'}: {cell}: {error}"), style="red")
     out_console.print(f"{report.total} cells: {counts['done']} done, {counts['failed']} failed, {counts['missing']} missing")
+    if report.failed:  # a dry run that found refused methods or parameters (2), a sweep with failed cells (1)
+        raise typer.Exit(2 if dry_run else 1)
 
 
 @app.command()

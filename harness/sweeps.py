@@ -82,8 +82,8 @@ class Grid:
         bad = set(self.recovery) - {"none", "lora"}
         if bad or not self.recovery:
             raise HarnessError(f"recovery must be a list of none and/or lora, got {self.recovery!r}")
-        self.ratios = [float(r) for r in self.ratios]
-        self.seeds = [int(s) for s in self.seeds]
+        self.ratios = [_number(r, float, "ratios", "0.5") for r in self.ratios]
+        self.seeds = [_number(s, int, "seeds", "0") for s in self.seeds]
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "Grid":
@@ -143,6 +143,18 @@ class SweepReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell, error) recorded failed by this sweep
     status: dict[str, str] = field(default_factory=dict)  # run key -> done / failed / missing (dry run and after)
     labels: dict[str, str] = field(default_factory=dict)  # run key -> readable cell name
+
+
+def _number(value, kind, key: str, example: str):
+    """A sweep file's number (`ratios: [abc]` is a one-line error, not a traceback)."""
+    from harness.params import shown
+
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise HarnessError(f"{key} must be numbers such as {example}; got {shown(value)}") from None
 
 
 def _cell_label(key: RunKey) -> str:
@@ -279,6 +291,8 @@ def status(grid: Grid, store: str | Path, tasks: list[Task] | None = None) -> Sw
     report = SweepReport()
     reader = ResultStore(store, read_only=True) if Path(store).is_file() else None
     for task in tasks:
+        if task.error is not None:  # the method or its parameters are refused: every cell would fail
+            report.failed += [(task.labels[key.digest], task.error) for key in task.keys]
         for key in task.keys:
             state = reader.status(key) if reader is not None else None
             report.labels[key.digest] = task.labels[key.digest]

@@ -110,6 +110,17 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path):
     # dry run (harness sweep --dry-run) shows the same states and runs nothing
     status = sweeps.status(grid, store)
     assert sweeps.describe(status) == {"done": 4, "failed": 2, "missing": 0}
+    # on the command line: a sweep with failed cells exits 1; a dry run that finds them refused, 2
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    common = ["sweep", "--models", "deltanet-tiny", "--ratios", "0.5", "--suite", "ppl", "--suite-param",
+              f"ppl.limit={SMALL['ppl']['limit']}", "--methods", "random,l1", "--param", "l1.nope=1", "--store", str(store)]
+    rerun = CliRunner().invoke(app, common)
+    assert rerun.exit_code == 1 and "failed: deltanet-tiny · l1" in rerun.output
+    dry = CliRunner().invoke(app, [*common, "--dry-run"])
+    assert dry.exit_code == 2 and "invalid: deltanet-tiny · l1" in dry.output and "unknown parameter 'nope'" in dry.output
 
 
 def dies_once(job):
@@ -160,6 +171,9 @@ def test_sweep_files_and_flags(tmp_path):
     tasks = sweeps.expand(a)
     assert len(tasks) == 2 * 2 * 2 and sum(t.dense for t in tasks) == 2  # dense once per (model, seed)
     assert sweeps.MethodSpec.parse("drrqr+leank") == sweeps.MethodSpec("drrqr", attn="leank")
+    (tmp_path / "abc.yaml").write_text("models: [deltanet-tiny]\nmethods: [random]\nratios: [abc]\n")
+    with pytest.raises(HarnessError, match="ratios must be numbers such as 0.5; got 'abc'"):
+        sweeps.Grid.load(tmp_path / "abc.yaml")
     (tmp_path / "bad.yaml").write_text("modles: [x]\n")
     with pytest.raises(HarnessError, match="unknown key 'modles'"):
         sweeps.Grid.load(tmp_path / "bad.yaml")
