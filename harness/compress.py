@@ -183,6 +183,8 @@ def plan(model: str | None, method: str, ratios: Sequence[float], *, method_para
     assigned = assign(loaded.name, loaded.family, method, selector, attn_method, attn_selector)
     parts = [Part(kind, adapter if kind is None else adapter.part(kind), sel) for kind, sel in assigned]
     ratios = run_ratios(assigned, ratios)
+    for part in parts:
+        part.selector.check_geometry(part.adapter.geometry(loaded.model))
     for ratio in ratios:
         for part in parts:
             for _heads, head_dim, _dv in part.adapter.geometry(loaded.model).values():

@@ -172,6 +172,11 @@ class Method:
         """A ratio fixed by the method's parameters (a loaded mask), overriding the requested ones."""
         return None
 
+    def check_geometry(self, geometry: dict[int, tuple[int, int, int]]) -> None:
+        """Raise HarnessError when the method's parameters cannot fit the loaded model, whose
+        prunable layers are `geometry` (layer -> (key heads, head dim, value dim)): called once
+        the model is loaded, before any cell runs."""
+
     def record(self, key: str, value) -> None:
         """Keep a diagnostic (for example a certificate) in the selection's meta."""
         self._meta.setdefault(key, []).append(value)

@@ -38,6 +38,8 @@ def load_mask(path: str | Path) -> torch.Tensor:
     if not torch.is_tensor(mask) or mask.dim() != 3 or not torch.all((mask == 0) | (mask == 1)):
         raise HarnessError(f"{path}: expected a 0/1 tensor [layers, kv_heads, head_dim], got "
                            f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
+    if not bool(mask.any()):
+        raise HarnessError(f"{path} keeps no key channel at all (every entry is 0); a mask must keep some")
     return mask.float()
 
 
@@ -160,6 +162,15 @@ class LeanK(CacheWindow, Method):
 
     def implied_ratio(self) -> float | None:
         return round(1.0 - float(load_mask(self.mask).mean()), 6) if self.mask else None
+
+    def check_geometry(self, geometry) -> None:
+        if not self.mask:
+            return
+        shape = tuple(load_mask(self.mask).shape)
+        heads, head_dim, _ = geometry[min(geometry)]
+        if shape != (len(geometry), heads, head_dim):
+            raise HarnessError(f"the LeanK mask {self.mask} is {list(shape)} [layers, KV heads, head_dim], the model's "
+                               f"attention is {[len(geometry), heads, head_dim]}: use the mask made for this model")
 
     # --- stage 1 ------------------------------------------------------------------------------
     def fit(self, model, tokenizer, progress) -> None:

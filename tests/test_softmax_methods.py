@@ -157,9 +157,9 @@ def test_published_llama_mask_on_the_real_llama_31_8b_geometry():
 
 @needs_masks
 def test_a_mask_for_another_model_is_a_clear_error():
-    p = plan("llama-tiny", "leank", [0.5], method_params={"mask": str(MASKS / "qwen2.5-7b-instruct.pth")})
-    with pytest.raises(HarnessError, match=r"\[28, 4, 128\] but the model has \[4, 4, 32\]"):
-        select(p)
+    with pytest.raises(HarnessError, match=r"is \[28, 4, 128\] \[layers, KV heads, head_dim\], the model's attention "
+                                           r"is \[4, 4, 32\]"):  # at planning: before any cell runs
+        plan("llama-tiny", "leank", [0.5], method_params={"mask": str(MASKS / "qwen2.5-7b-instruct.pth")})
 
 
 def test_cli_runs_leank_with_a_mask_file(tmp_path):
@@ -182,3 +182,13 @@ def test_cli_runs_leank_with_a_mask_file(tmp_path):
     bad = CliRunner().invoke(app, ["run", "--model", "llama-tiny", "--method", "leank", "--mask", str(tmp_path / "nope.pth"),
                                    "--store", str(store), "-q"])
     assert bad.exit_code == 2 and "not found" in bad.output
+    torch.save(torch.zeros(4, 4, 32), tmp_path / "zeros.pth")
+    zeros = CliRunner().invoke(app, ["run", "--model", "llama-tiny", "--method", "leank", "--mask", str(tmp_path / "zeros.pth"),
+                                     "--store", str(store), "-q"])
+    assert zeros.exit_code == 2 and "keeps no key channel at all" in zeros.output
+    torch.save(torch.ones(3, 4, 32), tmp_path / "other.pth")
+    fresh = tmp_path / "fresh.sqlite"
+    shape = CliRunner().invoke(app, ["run", "--model", "llama-tiny", "--method", "leank", "--mask", str(tmp_path / "other.pth"),
+                                     "--suite", "ppl", "--store", str(fresh), "-q"])
+    assert shape.exit_code == 2 and "the model's attention is [4, 4, 32]" in shape.output
+    assert ResultStore(fresh).table() == []  # refused before the dense cells ran
