@@ -145,6 +145,22 @@ def _register_fla() -> None:
     fla_cpu.install()  # routes fla's Triton ops to torch references for CPU tensors
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (a library's multi-line message whole, not its first
+    line cut mid-sentence), at most `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _has_auto_map(source) -> bool:
+    import json
+
+    try:
+        return "auto_map" in json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "float32",
                trust_remote_code: bool = False) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -162,9 +178,10 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "f
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     except ValueError as exc:
-        msg = str(exc).splitlines()[0]
-        if "trust_remote_code" in msg:
-            raise HarnessError(f"{name} needs custom code; rerun with --trust-remote-code if you trust its source") from None
+        msg = one_line(exc)
+        if "trust_remote_code" in msg or (_has_auto_map(source) and not trust_remote_code):
+            raise HarnessError(f"{name} needs custom code (its config.json has an auto_map); rerun with "
+                               "--trust-remote-code if you trust its source") from None
         raise HarnessError(f"unsupported architecture in {name}: {msg}") from None
     except OSError as exc:
         raise HarnessError(f"cannot load {name!r}: {str(exc).splitlines()[0]}") from None
@@ -201,6 +218,6 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "f
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
-        raise HarnessError(f"no usable tokenizer in {name}: {str(exc).splitlines()[0]}") from None
+        raise HarnessError(f"no usable tokenizer in {name}: {one_line(exc)}") from None
     model.to(device).eval()
     return LoadedModel(model, tokenizer, family, name, source, weights_digest(source), device, dtype)

@@ -210,3 +210,26 @@ def test_an_unknown_method_is_refused_before_torch_is_imported():
                           timeout=120, cwd="/")
     assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr
     assert "torch imported: False" in proc.stdout
+
+
+def test_custom_code_architecture_and_a_broken_tokenizer_say_what_to_do(tmp_path):
+    import json
+    import shutil
+
+    from harness.zoo import default_path
+
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(
+        {"model_type": "my_new_arch", "auto_map": {"AutoConfig": "configuration_mine.MyConfig"}}))
+    result = harness("run", "--method", "random", "--model", str(tmp_path / "custom"), "--store", str(tmp_path / "r.sqlite"))
+    assert result.exit_code == 2 and "--trust-remote-code" in result.stderr and "auto_map" in result.stderr
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(default_path("deltanet-tiny"), folder)
+    for f in folder.iterdir():
+        if "token" in f.name:
+            f.unlink()
+    result = harness("run", "--method", "random", "--model", str(folder), "--store", str(tmp_path / "r.sqlite"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "no usable tokenizer" in lines[0], result.stderr
+    assert not lines[0].rstrip().endswith(":")  # the library's message whole, not cut before its list
