@@ -9,13 +9,61 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from harness.errors import HarnessError
 
+def _exception_types(name: str) -> tuple[type, ...]:
+    """A click exception class as the installed typer raises it: typer >= 0.2x vendors click
+    (`typer._click`), older ones use click itself; both are caught."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions", "typer.exceptions"):
+        try:
+            kind = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(kind, type):
+            found.append(kind)
+    return tuple(found)
+
+
+USAGE_ERRORS, CLICK_ERRORS = _exception_types("UsageError"), _exception_types("ClickException")
+NO_ARGS, ABORTS = _exception_types("NoArgsIsHelpError"), _exception_types("Abort")
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's usage errors (a flag's value of the wrong type, an unknown option, a missing
+    argument) as one line on stderr with exit 2, like the harness's own errors, instead of a usage
+    panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NO_ARGS:  # `harness` alone: the help, as click shows it
+            return super().main(args, prog_name, complete_var, standalone_mode=True, **extra)
+        except USAGE_ERRORS as exc:
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "harness"
+            typer.echo(f"error: {' '.join(exc.format_message().split())} (see `{where} --help`)", err=True)
+            sys.exit(2)
+        except ABORTS:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except CLICK_ERRORS as exc:
+            typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Key-channel compression of attention: compress a model with a registered method, "
     "evaluate it with registered suites, and keep every result in a local store.",
     no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,

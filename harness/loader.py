@@ -124,10 +124,7 @@ def identify(name: str | None = None) -> tuple[str, str, str]:
     import json
 
     source, _from_hub = resolve_source(name or DEFAULT_MODEL)
-    try:
-        model_type = json.loads((Path(source) / "config.json").read_text())["model_type"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise HarnessError(f"cannot read the model type of {name} from its config.json ({exc})") from None
+    model_type = read_config(source, name)["model_type"]
     family = FAMILY_OF_MODEL_TYPE.get(model_type)
     if family is None:
         raise HarnessError(f"unsupported architecture {model_type!r} in {name}; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}")
@@ -152,12 +149,23 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _has_auto_map(source) -> bool:
+def read_config(source, name) -> dict:
+    """A checkpoint's config.json as a dict with a model_type (anything else: a HarnessError)."""
     import json
 
     try:
-        return "auto_map" in json.loads((Path(source) / "config.json").read_text())
-    except (OSError, ValueError):
+        data = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise HarnessError(f"cannot read the config.json of {name} ({one_line(exc, 120)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise HarnessError(f"the config.json of {name} has no model_type: not a transformers model config")
+    return data
+
+
+def _has_auto_map(source) -> bool:
+    try:
+        return "auto_map" in read_config(source, "")
+    except HarnessError:
         return False
 
 
@@ -175,8 +183,12 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "f
     source, _from_hub = resolve_source(name)
     local_files_only = True  # resolve_source already has every file on disk
     _register_fla()
+    model_type = read_config(source, name)["model_type"]
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    except (TypeError, KeyError, AttributeError) as exc:  # a known model type whose fields hold the wrong kinds
+        raise HarnessError(f"the config.json of {name} is not a valid {model_type} config "
+                           f"({type(exc).__name__}: {one_line(exc, 160)})") from None
     except ValueError as exc:
         msg = one_line(exc)
         if "trust_remote_code" in msg or (_has_auto_map(source) and not trust_remote_code):

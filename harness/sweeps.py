@@ -43,12 +43,21 @@ class MethodSpec:
         if isinstance(item, str):
             name, _, attn = item.partition("+")
             return cls(name.strip(), attn=attn.strip() or None)
-        if not isinstance(item, dict) or "name" not in item:
-            raise HarnessError(f"a sweep method is a name or a table with 'name' (and params, attn, attn_params), got {item!r}")
+        from harness.params import shown
+
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise HarnessError("a sweep method is a name or a table with 'name' (and params, attn, attn_params), "
+                               f"got {shown(item)}")
         unknown = set(item) - {"name", "params", "attn", "attn_params"}
         if unknown:
-            raise HarnessError(f"unknown key {sorted(unknown)[0]!r} in sweep method {item['name']!r}; use params, attn, attn_params")
-        name, _, attn = str(item["name"]).partition("+")
+            raise HarnessError(f"unknown key {sorted(map(str, unknown))[0]!r} in sweep method {item['name']!r}; "
+                               "use params, attn, attn_params")
+        for key in ("params", "attn_params"):
+            if not isinstance(item.get(key) or {}, dict):
+                raise HarnessError(f"{key} of sweep method {item['name']!r} must be a table, got {shown(item[key])}")
+        if item.get("attn") is not None and not isinstance(item["attn"], str):
+            raise HarnessError(f"attn of sweep method {item['name']!r} must be a method name, got {shown(item['attn'])}")
+        name, _, attn = item["name"].partition("+")
         return cls(name, dict(item.get("params") or {}), item.get("attn") or attn or None, dict(item.get("attn_params") or {}))
 
     @property
@@ -74,6 +83,7 @@ class Grid:
     threads: int | None = 1  # torch CPU threads per task: values then do not depend on where a task ran
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.methods = [m if isinstance(m, MethodSpec) else MethodSpec.parse(m) for m in self.methods]
         if not self.methods:
             raise HarnessError("a sweep needs at least one method (--methods or 'methods' in the sweep file)")
@@ -84,6 +94,33 @@ class Grid:
             raise HarnessError(f"recovery must be a list of none and/or lora, got {self.recovery!r}")
         self.ratios = [_number(r, float, "ratios", "0.5") for r in self.ratios]
         self.seeds = [_number(s, int, "seeds", "0") for s in self.seeds]
+
+    def _check_types(self) -> None:
+        """What a sweep file can hold, key by key (a scalar where a list is expected is one item)."""
+        from harness.params import shown
+
+        for key in ("models", "methods", "ratios", "suites", "seeds", "recovery"):
+            value = getattr(self, key)
+            if isinstance(value, (str, int, float, dict)) and not isinstance(value, bool):
+                value = [value]
+            if not isinstance(value, (list, tuple)):
+                raise HarnessError(f"{key} must be a list, got {shown(value)}")
+            setattr(self, key, list(value))
+        for key in ("models", "suites", "recovery"):
+            for item in getattr(self, key):
+                if not isinstance(item, str) or not item.strip():
+                    raise HarnessError(f"{key} must list names, got {shown(item)}")
+        for key in ("suite_params", "lora", "calibration"):
+            if not isinstance(getattr(self, key), dict):
+                raise HarnessError(f"{key} must be a table of keys, got {shown(getattr(self, key))}")
+        for suite, params in self.suite_params.items():
+            if not isinstance(params, dict):
+                raise HarnessError(f"suite_params.{suite} must be a table of parameters, got {shown(params)}")
+        for key in ("device", "dtype"):
+            if not isinstance(getattr(self, key), str):
+                raise HarnessError(f"{key} must be a name, got {shown(getattr(self, key))}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)):
+            raise HarnessError(f"threads must be an integer, got {shown(self.threads)}")
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "Grid":
@@ -113,7 +150,8 @@ class Grid:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise HarnessError(f"unknown key {sorted(unknown)[0]!r} in sweep file {path}; known: {', '.join(sorted(known))}")
+            raise HarnessError(f"unknown key {sorted(map(str, unknown))[0]!r} in sweep file {path}; "
+                               f"known: {', '.join(sorted(known))}")
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 
