@@ -126,10 +126,14 @@ class Grid:
     def load(cls, path: str | Path, **overrides) -> "Grid":
         """A sweep file (.yaml/.yml or .toml); keyword overrides replace its keys."""
         path = Path(path)
+        if path.suffix not in (".toml", ".yaml", ".yml"):
+            raise HarnessError(f"sweep file {path} must end in .yaml, .yml or .toml")
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise HarnessError(f"cannot read sweep file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise HarnessError(f"sweep file {path} is not UTF-8 text") from None
         try:
             if path.suffix == ".toml":
                 import tomllib

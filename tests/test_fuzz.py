@@ -87,12 +87,16 @@ SWEEP_KEYS = ["models", "methods", "ratios", "suites", "suite_params", "seeds", 
 
 @FUZZ
 @given(data=st.dictionaries(st.sampled_from(SWEEP_KEYS) | TEXTS, sweep_values(), max_size=5) | sweep_values(),
-       raw=st.booleans(), text=st.text(max_size=120))
-def test_sweep_files(tmp_path, data, raw, text):
+       form=st.sampled_from(["yaml", "text", "bytes"]), text=st.text(max_size=120), payload=st.binary(max_size=120),
+       suffix=st.sampled_from([".yaml", ".toml", ".sqlite"]))
+def test_sweep_files(tmp_path, data, form, text, payload, suffix):
     from harness.sweeps import Grid
 
-    path = tmp_path / "grid.yaml"
-    path.write_text(text if raw else yaml.safe_dump(data), encoding="utf-8")
+    path = tmp_path / f"grid{suffix}"
+    if form == "bytes":
+        path.write_bytes(payload)
+    else:
+        path.write_text(text if form == "text" else yaml.safe_dump(data), encoding="utf-8")
     refused_or(Grid.load, path)
 
 
