@@ -94,16 +94,6 @@ def plans(model) -> dict[int, KeyChannelPlan]:
     return out
 
 
-@contextlib.contextmanager
-def attention_implementation(model, name: str):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 class SoftmaxState:
     """Llama / Qwen2: the static pruned K cache, the decoder layers run one by one over it."""
 
@@ -118,6 +108,8 @@ class SoftmaxState:
         return StaticKCache(plans(self.model), batch, capacity, dtype, self.device)
 
     def context(self):
+        from harness.families.hf_softmax import attention_implementation
+
         return attention_implementation(self.model, ATTN_IMPLEMENTATION)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -250,9 +242,6 @@ class HybridState(SoftmaxState):
         out = self.model.model(input_ids=ids, attention_mask={"full_attention": None, "linear_attention": None},
                                position_ids=positions, past_key_values=self.cache, use_cache=True)
         return self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1]
-
-    def nbytes(self) -> dict[str, int]:
-        return self.cache.nbytes()
 
 
 def _tensors(state) -> list[torch.Tensor]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -61,8 +61,6 @@ class DecodeResult:
     sequences: torch.Tensor  # (B, prompt width + new), like generate: left-padded prompt, then new tokens
     new_tokens: torch.Tensor  # (B, new): pad after a row's end of sequence
     logits: torch.Tensor | None = None  # (B, new, vocab) fp32, the raw logits each token was chosen from
-    prefill_s: float | None = None  # timed runs only
-    step_s: list[float] = field(default_factory=list)  # seconds per decode step (timed runs, CUDA)
 
 
 def rows_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
@@ -105,12 +103,6 @@ class Decoder:
         self.graph = None
         if self.graphs:
             self._capture()
-
-    @property
-    def key(self) -> tuple:
-        eos = () if self.eos is None else tuple(self.eos.tolist())
-        return (self.batch, self.capacity, self.max_new_tokens, self.sampling, eos, self.pad,
-                self.logits is not None, self.graphs)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,18 +264,14 @@ def capacity_for(prompt_tokens: int, max_new_tokens: int) -> int:
 def decoder(model, batch: int, capacity: int, **options) -> Decoder:
     """The model's decoder for these shapes, reused while they stay the same (one kept per model:
     a new shape frees the old cache first)."""
+    options = {**options, "eos": tuple(sorted(set(options.get("eos", ()))))}
+    key = (batch, capacity, tuple(sorted(options.items())))
     held: Decoder | None = model.__dict__.get("_harness_decoder")
-    probe = dict(max_new_tokens=options.get("max_new_tokens"), sampling=options.get("sampling", Sampling()),
-                 eos=tuple(sorted(set(options.get("eos", ())))), pad=options.get("pad", 0),
-                 record_logits=options.get("record_logits", False))
-    graphs = options.get("graphs")
-    if held is not None:
-        want = (batch, capacity, probe["max_new_tokens"], probe["sampling"], probe["eos"], probe["pad"],
-                probe["record_logits"], held.device.type == "cuda" if graphs is None else graphs)
-        if held.key == want:
-            return held
+    if held is not None and held.made_with == key:
+        return held
     release(model)
     made = Decoder(model, batch, capacity, **options)
+    made.made_with = key  # what `decoder` built it for
     model.__dict__["_harness_decoder"] = made
     return made
 

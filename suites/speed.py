@@ -137,11 +137,13 @@ class SpeedSuite(Suite):
         from harness import graph_decode
 
         engine = engine or self.engine
+        if engine == "generate":
+            return engine
+        why = graph_decode.reason(model)
         if engine == "auto":
-            on_cuda = next(model.parameters()).is_cuda
-            return "static" if on_cuda and graph_decode.reason(model) is None else "generate"
-        if engine == "static" and graph_decode.reason(model) is not None:
-            raise ValueError(f"the static engine does not apply: {graph_decode.reason(model)}")
+            return "static" if next(model.parameters()).is_cuda and why is None else "generate"
+        if why is not None:
+            raise ValueError(f"the static engine does not apply: {why}")
         return engine
 
     def prompts(self, tokenizer, context: int, batch: int) -> torch.Tensor:

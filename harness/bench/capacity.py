@@ -127,6 +127,7 @@ def run(quick: bool = False, mask_path=None, bars=None) -> Table:
     for r in rows:
         r["vs_dense"] = r["largest_batch"] / dense if dense else None
     weights = end_to_end.unique_bytes(v.model for v in variants.values())
+    mask_note = next(n for n in case.notes if n.startswith("mask:"))
     del case, variants
     torch.cuda.empty_cache()
     return Table(
@@ -140,14 +141,8 @@ def run(quick: bool = False, mask_path=None, bars=None) -> Table:
                "tokens a row. A probe at batch B: the static cache for B rows, one row's real prefill (the transient "
                "each row's prefill has), the step captured in a CUDA graph, every row at the context, "
                f"{NEW_TOKENS} decode steps; it fits when no allocation fails.",
-               f"{case_notes(mask_path)}",
+               mask_note,
                "Stock `generate` is not probed: it prefills the whole batch in one forward, so its limit is set by "
                "the prefill's activations, not the cache."],
     )
 
-
-def case_notes(mask_path) -> str:
-    from harness.bench.masks import leank_mask
-
-    _, source, _ = leank_mask(mask_path, (32, 8, 128))
-    return f"LeanK mask: {source}."

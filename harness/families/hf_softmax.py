@@ -99,6 +99,18 @@ def _generate_with_pruned_cache(self, *args, **kwargs):
     return type(self).generate(self, *args, **kwargs)
 
 
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """Context: the model's attention runs through the registered implementation `name` (the
+    previous one restored after)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def attention_modules(model) -> list[torch.nn.Module]:
     """The softmax-attention modules, in layer order (in a hybrid model: only its attention layers)."""
     return [b.self_attn for b in decoder_layers(model) if getattr(b, "self_attn", None) is not None]
@@ -154,18 +166,10 @@ class SoftmaxAdapter(FamilyAdapter):
             out.append(data)
         return out
 
-    class realized:
+    @staticmethod
+    def realized(model):
         """Context: the model runs through `harness_kcache` (restores the previous implementation)."""
-
-        def __init__(self, model):
-            self.model = model
-
-        def __enter__(self):
-            self.previous = self.model.config._attn_implementation
-            self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
-
-        def __exit__(self, *exc):
-            self.model.set_attn_implementation(self.previous)
+        return attention_implementation(model, ATTN_IMPLEMENTATION)
 
     @contextlib.contextmanager
     def key_scaling(self, model, scales: torch.Tensor, *, sink: int, recent: int, full_queries: int = 0):
