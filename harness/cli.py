@@ -72,11 +72,15 @@ zoo_app = typer.Typer(help="The embedded default models (tiny, trained offline o
                       no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
+def _reader_left() -> None:
+    """The reader stopped early (`harness list | head -3`): not an error, exit 0 quietly."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+    sys.exit(0)
+
+
 class _Console(Console):
     def on_broken_pipe(self) -> None:
-        """The reader stopped early (`harness list | head -3`): not an error, exit 0 quietly."""
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
-        raise SystemExit(0)
+        _reader_left()
 
 
 # piped output (CI logs, files) gets a wide table instead of rich's 80-column default
@@ -583,12 +587,11 @@ def main() -> None:
     quiet_libraries()
     try:
         app()
-    except BrokenPipeError:  # the reader stopped early (`harness list | head`): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
-        sys.exit(0)
+    except BrokenPipeError:  # a plain echo's write
+        _reader_left()
     except SystemExit as exc:
-        # click turns a broken pipe into exit 1 after wrapping stdout in PacifyFlushWrapper: that
-        # wrapper is how to tell it from a real failure
+        # click's standalone mode (the help of a bare `harness`) turns a broken pipe into exit 1
+        # after wrapping stdout in PacifyFlushWrapper: that wrapper tells it from a real failure
         if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
             sys.exit(0)
         raise
