@@ -171,3 +171,17 @@ def test_tune_table_plumbing_without_a_gpu(monkeypatch):
     assert [r["kernel"] for r in table.rows] == ["pruned_decode", "delta_decode", "delta_decode"]
     assert "Fake GPU" in table.title and {"kernel", "d_k", "BLOCK_V", "delta_us"} <= set(table.columns)
     assert any("d_k 128: BLOCK_V 32, 4 warps, 50.0 + 51.0 us" in n for n in table.notes)
+
+
+def test_static_loop_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
+    """`--engine static`: wall and GPU-busy time per step of each static-loop variant (no kernels on CPU: busy 0)."""
+    from harness.bench import profile
+
+    out = tmp_path / "static.json"
+    profile.main(["--model", "deltanet", "--batch", "2", "--context", "40", "--steps", "3", "--engine", "static",
+                  "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results) == {"dense, static loop", "pruned (d_k 32 -> 16), static loop"}
+    for r in results.values():
+        assert r["step_ms"] > 0 and r["gpu_busy_ms"] == 0 and r["busy_share"] == 0
+    assert "GPU busy 0.00 ms/step (0%)" in capsys.readouterr().out

@@ -203,6 +203,8 @@ def environ(values: dict[str, str]):
 
 
 def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
+    from harness.bench import profile
+
     vocab = next(iter(case.variants.values())).model.config.vocab_size
     advance = bars.task(case.model, len(case.shapes) * len(case.variants)) if bars is not None else (lambda: None)
     rows = []
@@ -215,6 +217,8 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
             try:
                 with environ(variant.env):
                     found[label] = suite.measure(variant.model, prompt, engine=variant.engine)
+                    if variant.engine == "static" and device == "cuda":  # a separate, profiled run
+                        found[label]["busy"] = profile.static_busy(variant.model, prompt.to(device))
             except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
                 found[label] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"}
             log.info("%s | %s | %d x %d: %s (%.1f s)", case.model, label, batch, context,
@@ -231,8 +235,9 @@ def summary(found: dict, batch: int, context: int) -> str:
     if "error" in found:
         return found["error"]
     peak = f", peak {found['peak_memory'] / 1e9:.2f} GB" if "peak_memory" in found else ""
+    busy = f", GPU busy {found['busy']['busy_share']:.0%} of a step" if "busy" in found else ""
     return (f"prefill {batch * context / found['prefill']['median']:,.0f} tokens/s, decode "
-            f"{found['decode']['median'] * 1e3:.2f} ms/token, cache {found['cache_bytes'] / 1e9:.4g} GB{peak}")
+            f"{found['decode']['median'] * 1e3:.2f} ms/token, cache {found['cache_bytes'] / 1e9:.4g} GB{peak}{busy}")
 
 
 def shape_rows(case: Case, batch: int, context: int, found: dict[str, dict]) -> list[dict[str, Any]]:
@@ -251,6 +256,8 @@ def shape_rows(case: Case, batch: int, context: int, found: dict[str, dict]) -> 
             "peak_memory_bytes": r.get("peak_memory"), "peak_gb": r["peak_memory"] / 1e9 if "peak_memory" in r else None,
             "prefill": r["prefill"], "decode": r["decode"],
         })
+        if "busy" in r:
+            row["gpu_busy"] = r["busy"]["busy_share"]
         if case.copy_gbps:  # the bandwidth limit: weights + cache read per step at copy speed
             read = weight_read_bytes(case.variants[label].model) + r["cache_read_bytes"]
             limit_s = read / (case.copy_gbps * 1e9)
@@ -360,6 +367,9 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
                "cache_gb", "peak_gb", "decode_vs_dense", "decode_vs_twin", "cache_vs_dense"]
     if copy:
         columns[8:8] = ["read_gb", "limit_ms", "of_limit"]
+        columns.insert(columns.index("decode_tokens_per_s"), "gpu_busy")
+        notes.append("\"GPU busy\": static rows only, a separate run of 8 decode steps under torch.profiler: the sum of "
+                     "the GPU's kernel times over the wall time (a host-bound loop leaves the GPU idle between launches).")
         notes += twin_limits(rows)
     if any("error" in r for r in rows):
         columns.append("error")
@@ -368,11 +378,11 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
         title="End to end: dense vs compressed models, same run" + (f" ({', '.join(models)})" if len(models) < 2 else ""),
         columns=columns, rows=rows, notes=notes,
         labels={"shape": "batch x context", "prefill_tokens_per_s": "prefill tokens/s", "read_gb": "read GB/step",
-                "limit_ms": "limit ms", "of_limit": "of limit",
+                "limit_ms": "limit ms", "of_limit": "of limit", "gpu_busy": "GPU busy",
                 "decode_ms_per_token": "decode ms/token", "decode_tokens_per_s": "decode tokens/s",
                 "cache_gb": "cache GB", "peak_gb": "peak GB", "decode_vs_dense": "vs dense",
                 "decode_vs_twin": "vs twin", "cache_vs_dense": "cache / dense"},
-        formats={"read_gb": "{:.2f}", "limit_ms": "{:.2f}", "of_limit": "{:.0%}", "prefill_tokens_per_s": "{:,.0f}", "decode_ms_per_token": "{:.2f}", "decode_tokens_per_s": "{:,.0f}",
+        formats={"gpu_busy": "{:.0%}", "read_gb": "{:.2f}", "limit_ms": "{:.2f}", "of_limit": "{:.0%}", "prefill_tokens_per_s": "{:,.0f}", "decode_ms_per_token": "{:.2f}", "decode_tokens_per_s": "{:,.0f}",
                  "cache_gb": "{:.4g}", "peak_gb": "{:.2f}", "decode_vs_dense": "{:.2f}x", "decode_vs_twin": "{:.2f}x",
                  "cache_vs_dense": "{:.3f}"},
     )

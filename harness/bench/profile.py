@@ -5,6 +5,11 @@ through `generate`: the eager path whose host cost the loop removes).
 
     python -m harness.bench.profile --model llama --batch 4 --context 16384 [--mask PATH]
     python -m harness.bench.profile --model deltanet --batch 64 --context 64
+    python -m harness.bench.profile --model deltanet --batch 64 --context 2048 --engine static
+
+With `--engine static`, each variant the table runs through the static loop is profiled there
+instead (graph replays on CUDA): wall and GPU-busy time per step, the share the acceptance of a
+host-free loop is about.
 
 Per variant it prints the wall time per decode step, the GPU's busy time per step (the sum of its
 kernels' times: a step far longer than that is bound by the host, launching work), the host's
@@ -53,10 +58,44 @@ def _device_us(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
 
 
-def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[str, Any]:
-    from torch.autograd import DeviceType
+def _profiler():
     from torch.profiler import ProfilerActivity, profile
 
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+
+
+def _kernels(events) -> list:
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA]  # the GPU's own events
+
+
+def static_busy(model, prompt: torch.Tensor, steps: int = 8) -> dict[str, float]:
+    """Wall and GPU-busy time per step of `steps` decode steps of the static loop (graph replays on
+    CUDA), after a prefill of `prompt`: the share of a step the GPU is busy, which a host-bound loop
+    (launches, synchronizations) keeps low. The model's decoder is released afterwards."""
+    from harness import graph_decode
+
+    batch, context = prompt.shape
+    try:
+        dec = graph_decode.decoder(model, batch, graph_decode.capacity_for(context, steps + 1), max_new_tokens=steps + 1)
+        first = dec.prefill(prompt)
+        profiler = _profiler()
+        _sync()
+        profiler.start()
+        start = time.perf_counter()
+        dec.decode(first, steps + 1)  # the first token comes from the prefill's logits, then `steps` steps
+        _sync()
+        elapsed = time.perf_counter() - start
+        profiler.stop()
+    finally:
+        graph_decode.release(model)
+    busy_us = sum(_device_us(e) for e in _kernels(profiler.key_averages()))
+    step_ms, busy_ms = 1e3 * elapsed / steps, busy_us / 1e3 / steps
+    return {"step_ms": step_ms, "gpu_busy_ms": busy_ms, "busy_share": busy_ms / step_ms}
+
+
+def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[str, Any]:
     pad = getattr(model.generation_config, "pad_token_id", None) or 0
     generate = lambda n, streamer=None: model.generate(  # noqa: E731
         prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad, streamer=streamer)
@@ -64,13 +103,12 @@ def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[s
     generate(steps + 1)  # warm-up: compiles, autotunes, allocator
     _sync()
     warmup_s = time.perf_counter() - start
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    profiler = profile(activities=activities)
+    profiler = _profiler()
     window = DecodeWindow(profiler)
     generate(steps + 2, window)
     events = profiler.key_averages()
     n = steps  # decode steps inside the window (the forwards of tokens 3 .. steps + 2)
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # the GPU's own events
+    kernels = _kernels(events)
     gpu_us = sum(_device_us(e) for e in kernels)
     count = lambda name: sum(e.count for e in events if e.key == name)  # noqa: E731
     by_host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)[:top]
@@ -95,6 +133,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
     parser.add_argument("--mask", default=None, help="LeanK mask .pth (llama; default: a synthetic mask)")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--engine", choices=("generate", "static"), default="generate",
+                        help="generate: each model through `generate`; static: each static-loop variant through the loop "
+                             "(wall and GPU-busy time per step only)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,6 +147,13 @@ def main(argv=None) -> None:
     prompt = torch.randint(3, vocab, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
     results, seen = {}, set()
     for label, variant in case.variants.items():
+        if args.engine == "static":
+            if variant.engine == "static":
+                with torch.no_grad():
+                    r = results[label] = static_busy(variant.model, prompt, args.steps)
+                print(f"== {case.model} | {label} | {args.batch} x {args.context}: {r['step_ms']:.2f} ms/step wall, "
+                      f"GPU busy {r['gpu_busy_ms']:.2f} ms/step ({r['busy_share']:.0%})", flush=True)
+            continue
         if id(variant.model) in seen:
             continue  # a model the table also runs through another engine: profiled once, through generate
         seen.add(id(variant.model))
