@@ -9,10 +9,14 @@ their bytes. A step reads and writes only tensors allocated here, so a CUDA grap
 - `SoftmaxState`: Llama and Qwen2 (plain, or realized with a channel selection): the static
   pruned K cache (`harness.static_kcache`; a plain model gets its dense twin). The decoder
   layers run one by one with the cache as their cache; positions are the rows' lengths.
-- `HybridState`: transformers' Qwen3.5 text models (Gated DeltaNet layers and attention layers):
+- `HybridState`: transformers' Gated DeltaNet hybrids (Qwen3.5 and its MoE, Qwen3-Next,
+  OLMo-hybrid: Gated DeltaNet layers and attention layers):
   the attention layers' static pruned K cache (the same one) and the linear layers' conv and
   recurrent states, transformers' own linear-attention cache layers allocated once for the batch
   (they copy every update into place); each row's prompt is prefilled into fresh ones and copied in.
+  A mixture-of-experts MLP steps through transformers' `batched_mm` experts (each token gathers
+  its experts' weights: fixed shapes), since the default routing reads on the host which experts
+  were hit, which a replayed step cannot do; prefill keeps the model's own.
 - `RecurrentState`: fla DeltaNet and Gated DeltaNet (dense or with a sliced d_k): the model's own
   fla Cache, whose short-convolution and recurrent states are allocated for the whole batch once
   and overwritten row by row by each prefill. A decode step is the model's own forward over one
@@ -34,7 +38,9 @@ from harness.static_kcache import ATTN_IMPLEMENTATION, StaticKCache, all_channel
 
 SOFTMAX_MODEL_TYPES = ("llama", "qwen2")
 RECURRENT_MODEL_TYPES = ("delta_net", "gated_deltanet")
-HYBRID_MODEL_TYPES = ("qwen3_5_text",)  # Gated DeltaNet layers + attention layers (transformers)
+# Gated DeltaNet layers + attention layers (transformers); the MoE ones step with graph-safe experts
+HYBRID_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid")
+GRAPH_SAFE_EXPERTS = "batched_mm"  # transformers' experts forward with no host-read routing (fixed shapes)
 DENSE_WINDOW = (16, 64)  # sink, recent of a plain model's dense twin (any window gives the same attention)
 
 
@@ -223,8 +229,9 @@ class HybridCache(StaticKCache):
 
 
 class HybridState(SoftmaxState):
-    """Qwen3.5 text models: `HybridCache` under the model's own layer stack. Its inner model runs
-    with no masks (a dict of None per layer type: no mask is built) and the rows' positions."""
+    """transformers' Gated DeltaNet hybrids: `HybridCache` under the model's own layer stack. Its
+    inner model runs with no masks (a dict of None per layer type: no mask is built) and the rows'
+    positions."""
 
     def __init__(self, model, batch: int, capacity: int):
         super().__init__(model, batch, capacity)
@@ -237,6 +244,17 @@ class HybridState(SoftmaxState):
 
         linear_ids = [i for i, _ in gdn_layers(self.model)]
         return HybridCache(plans(self.model), linear_ids, batch, capacity, dtype, self.device)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        config = self.model.config
+        if getattr(config, "num_experts", None) is None:
+            return super().step(ids)
+        saved = config._experts_implementation
+        config._experts_implementation = GRAPH_SAFE_EXPERTS
+        try:
+            return super().step(ids)
+        finally:
+            config._experts_implementation = saved
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model.model(input_ids=ids, attention_mask={"full_attention": None, "linear_attention": None},

@@ -5,7 +5,8 @@ taken side by side on the same machine at the same time.
 
 End to end, through one of two engines (`engine`):
 - `static` (`auto` picks it on CUDA for the models it covers: Llama and Qwen2, fla DeltaNet and
-  Gated DeltaNet, the Qwen3.5 hybrid; `harness.decode_state.reason` says why another is not):
+  Gated DeltaNet, transformers' Gated DeltaNet hybrids; `harness.decode_state.reason` says why
+  another is not):
   `harness.graph_decode`, a static cache or state filled by a prefill that writes straight into
   it and each decode step replayed from a CUDA graph; the uncompressed reference runs the same
   loop (a softmax model's dense twin: a static K/V cache). Prefill time: the prefill call (CUDA events);

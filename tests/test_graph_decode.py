@@ -8,6 +8,7 @@ replays from a CUDA graph."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -97,14 +98,14 @@ def test_linear_model_decodes_like_generate(family, pruned):
     assert recurrent.shape[0] == 3 and (16 if pruned else 32) in recurrent.shape[-2:]  # d_k 32, or 16 sliced
 
 
-def hybrid(compressed: bool):
-    """The tiny Qwen3.5 hybrid (3 Gated DeltaNet layers, 1 attention layer), plain or with half of
-    its linear key channels sliced away and a K-cache selection on its attention layer."""
+def hybrid(compressed: bool, model_type: str = "qwen3_5_text"):
+    """A tiny hybrid (3 Gated DeltaNet layers, 1 attention layer), plain or with half of its linear
+    key channels sliced away and a K-cache selection on its attention layer."""
     from harness.families import adapter_for
     from harness.methods.random import RandomChannels
     from test_hybrid import linear_selection, tiny_hybrid
 
-    model = tiny_hybrid("qwen3_5_text")
+    model = tiny_hybrid(model_type)
     if compressed:
         adapter = adapter_for(model)
         softmax = RandomChannels().select(adapter.part("softmax").capture(model, [], frozenset()), 0.75, "attention")
@@ -113,11 +114,15 @@ def hybrid(compressed: bool):
     return model
 
 
-@pytest.mark.parametrize("compressed", [False, True])
-def test_hybrid_model_decodes_like_generate(compressed):
+HYBRIDS = [("qwen3_5_text", False), ("qwen3_5_text", True), ("qwen3_5_moe_text", True), ("qwen3_next", True),
+           ("olmo_hybrid", False), ("olmo_hybrid", True)]
+
+
+@pytest.mark.parametrize("model_type, compressed", HYBRIDS)
+def test_hybrid_model_decodes_like_generate(model_type, compressed):
     """Attention layers through the static pruned K cache, linear layers through their states
     allocated once for the batch; left-padded rows of 20, 16 and 13 tokens past sink 3 + recent 5."""
-    model = hybrid(compressed)
+    model = hybrid(compressed, model_type)
     ids, mask = padded_batch(vocab=128)
     (seq, scores), (seq2, scores2) = both(model, ids, mask)
     assert torch.equal(seq2, seq)
@@ -125,6 +130,28 @@ def test_hybrid_model_decodes_like_generate(compressed):
     cache = model._harness_decoder.state.cache
     assert sorted(cache.layers) == [3] and sorted(cache.linear) == [0, 1, 2]
     assert cache.linear[0].recurrent_states[0].shape[0] == 3  # one state per row, allocated once
+
+
+def test_moe_hybrid_steps_through_graph_safe_experts():
+    """Qwen3-Next's experts route on the host by default (which experts were hit); a decode step
+    switches them to the fixed-shape `batched_mm` experts, and back for everything else."""
+    from harness.decode_state import GRAPH_SAFE_EXPERTS
+
+    model = hybrid(False, "qwen3_next")
+    seen = []
+    experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+    assert experts
+    for m in experts:
+        m.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape[0], module.config._experts_implementation)))
+    ids, mask = padded_batch(vocab=128)
+    graph_decode.generate(model, ids, mask, max_new_tokens=4, pad_token_id=0)
+    seen.clear()  # the decoder is kept: the next call is a prefill and its steps only (no sizing forward)
+    graph_decode.generate(model, ids, mask, max_new_tokens=4, pad_token_id=0)
+    steps = [impl for tokens, impl in seen if tokens == 3]  # one token for each of the 3 rows: a decode step
+    prefills = [impl for tokens, impl in seen if tokens > 3]
+    assert steps and set(steps) == {GRAPH_SAFE_EXPERTS}
+    assert prefills and GRAPH_SAFE_EXPERTS not in prefills
+    assert model.config._experts_implementation != GRAPH_SAFE_EXPERTS
 
 
 def test_end_of_sequence_pads_finished_rows_and_stops_where_generate_stops():
@@ -191,9 +218,8 @@ def test_the_decoder_is_reused_for_the_same_shapes_and_replaced_for_others():
 
 
 def test_what_the_loop_does_not_take(tmp_path):
-    from test_hybrid import tiny_hybrid
-
-    assert "model type 'olmo_hybrid'" in graph_decode.reason(tiny_hybrid("olmo_hybrid"))
+    unknown = types.SimpleNamespace(config=types.SimpleNamespace(model_type="mamba2"))
+    assert "model type 'mamba2'" in graph_decode.reason(unknown)
     with pytest.raises(ValueError, match="left-padded"):
         graph_decode.rows_of(torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
     model = realized("llama")
@@ -258,6 +284,7 @@ STATE_MODELS = {  # models whose decode state is not (only) a K cache
     "gated_deltanet": lambda: linear("gated_deltanet", False),
     "gated_deltanet-sliced": lambda: linear("gated_deltanet", True),
     "hybrid": lambda: hybrid(False), "hybrid-compressed": lambda: hybrid(True),
+    "qwen3_next-compressed": lambda: hybrid(True, "qwen3_next"), "olmo_hybrid-compressed": lambda: hybrid(True, "olmo_hybrid"),
 }
 
 
