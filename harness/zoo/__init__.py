@@ -139,6 +139,10 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
         from harness.zoo.mqar import build_mqar_model
 
         return build_mqar_model(out_dir, steps, seed, progress, threads, batch_size)
+    if get(name).task == "retrieval":
+        from harness.zoo.retrieval import build_retrieval_model
+
+        return build_retrieval_model(name, out_dir, steps, seed, progress, threads, batch_size, seq_len)
     import fla
     import tokenizers
     import torch

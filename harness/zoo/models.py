@@ -77,13 +77,25 @@ class TrainRecipe:
 
 
 @dataclass(frozen=True)
+class RetrievalRecipe(TrainRecipe):
+    """A retrieval model's recipe (harness.zoo.retrieval): `batch_size` rows of `seq_len` tokens per
+    step at the longest length; the step lengths cycle through `length_quarters` quarters of seq_len
+    (shorter steps get more rows, so every step sees about the same tokens)."""
+
+    lm_fraction: float = 0.4  # rows of plain corpus text; the rest are retrieval documents
+    answer_weight: float = 4.0  # loss weight of answer tokens
+    length_quarters: tuple[int, ...] = (1, 2, 4, 4)
+
+
+@dataclass(frozen=True)
 class ZooEntry:
     name: str
     family: str  # harness family: "deltanet", "gated_deltanet", "llama"
     make_config: Callable[[], object] = field(repr=False)
     recipe: TrainRecipe
     description: str = ""
-    task: str = "text"  # "text": the corpus LM trainer; "mqar": harness.zoo.mqar (its own recipe)
+    task: str = "text"  # "text": the corpus LM trainer; "mqar": harness.zoo.mqar (its own recipe);
+    # "retrieval": corpus text mixed with synthetic retrieval (harness.zoo.retrieval)
 
     @property
     def needs_fla(self) -> bool:
@@ -110,6 +122,18 @@ ZOO: dict[str, ZooEntry] = {
                  TrainRecipe(steps=450, batch_size=64, lr=1e-2, warmup_steps=20, weight_decay=0.0),
                  "fla DeltaNet, 2 layers x 4 heads, d_k = 32, trained on MQAR (the mqar suite's capacity probe)",
                  task="mqar"),
+        ZooEntry("llama-retrieval-tiny", "llama", _llama_config,
+                 RetrievalRecipe(steps=500, batch_size=8, seq_len=1024, warmup_steps=50),
+                 "llama-tiny's shape, trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 task="retrieval"),
+        ZooEntry("deltanet-retrieval-tiny", "deltanet", _deltanet_config,
+                 RetrievalRecipe(steps=500, batch_size=8, seq_len=1024, warmup_steps=50),
+                 "deltanet-tiny's shape, trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 task="retrieval"),
+        ZooEntry("qwen35-hybrid-retrieval-tiny", "qwen3_5", _qwen35_hybrid_config,
+                 RetrievalRecipe(steps=500, batch_size=8, seq_len=1024, warmup_steps=50),
+                 "qwen35-hybrid-tiny's shape, trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 task="retrieval"),
     )
 }
 

@@ -1,0 +1,86 @@
+"""The retrieval zoo models' training data (harness.zoo.retrieval) and their build."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from harness import zoo
+from harness.suites import ruler_tasks
+from harness.zoo import retrieval
+from harness.zoo.corpus import load_corpus
+from harness.zoo.tokenizer import corpus_tokenizer
+
+RETRIEVAL_MODELS = [n for n in zoo.list_models() if zoo.entry(n).task == "retrieval"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    corpus = load_corpus()
+    tokenizer = corpus_tokenizer(corpus)
+    ids = torch.tensor(tokenizer(corpus.train_text[:200_000], add_special_tokens=False)["input_ids"])
+    return retrieval.RetrievalData(tokenizer, corpus.train_text, ids)
+
+
+def test_there_is_a_retrieval_model_of_each_kind():
+    assert {zoo.family_of(n) for n in RETRIEVAL_MODELS} >= {"llama", "deltanet", "qwen3_5"}
+    for name in RETRIEVAL_MODELS:
+        assert zoo.entry(name).recipe.seq_len >= 1024
+
+
+def test_documents_are_answerable_and_share_no_template_with_ruler(data):
+    rng = random.Random(0)
+    ruler_phrases = ["special magic", "VAR ", "Memorize", "mentioned in the provided text", "variable assignment",
+                     *ruler_tasks.NOISE_SENTENCES]
+    tasks = set()
+    for _ in range(300):
+        make = retrieval.lookup if rng.random() < 0.7 else retrieval.binding
+        doc = make(rng, data.src, rng.randint(0, 300))
+        tasks.add(doc.task)
+        text = doc.prompt + doc.answer
+        assert not [p for p in ruler_phrases if p in text], text[-300:]
+        answers = re.split(r", and |, | and ", doc.answer.strip())
+        for answer in answers:  # every answer is said in the context, before the question
+            assert answer in doc.prompt, (answer, doc.prompt[-300:])
+    assert tasks == {"passkey", "lookup", "multi", "binding"}
+
+
+def test_pairs_repeat_every_key_with_its_value():
+    src = retrieval.Sources(["a line"], [3], ["word"] * 10, 2048, frozenset({0, 1, 2}))
+    head, filler, tail, group = retrieval.pairs(random.Random(3), src, 200)
+    assert len(head) == len(tail) and len(head) % group == 0 and filler[1] == 200 - 2 * len(head)
+    first = {head[i]: head[i + 1] for i in range(0, len(head), group)}
+    again = {tail[i]: tail[i + 1] for i in range(0, len(tail), group)}
+    assert first == again and not {0, 1, 2} & set(head)
+
+
+def test_batches_are_seeded_and_weight_answers(data):
+    a_ids, a_w = data.batch(random.Random(5), 10, 256)
+    b_ids, b_w = data.batch(random.Random(5), 10, 256)
+    c_ids, _ = data.batch(random.Random(6), 10, 256)
+    assert torch.equal(a_ids, b_ids) and torch.equal(a_w, b_w) and not torch.equal(a_ids, c_ids)
+    assert a_ids.shape == a_w.shape == (10, 257)
+    assert (a_w[:4] == 1).sum() == 4 * 256  # 40% corpus rows: plain LM (weight 1, first position unscored)
+    assert (a_w[4:] == data.answer_weight).any(dim=1).all()  # every retrieval row has answer tokens
+    assert (a_w[a_ids == data.pad] == 0).all()
+
+
+def test_build_writes_a_folder_that_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "m"
+    path, model = zoo.build_model("llama-retrieval-tiny", out_dir=out, steps=2, seed=0, progress=False,
+                                  batch_size=1, seq_len=64)
+    info = json.loads((path / "zoo.json").read_text())
+    assert info["task"] == "retrieval" and info["steps"] == 2 and info["train_config"]["lengths"] == [32, 32, 64, 64]
+    assert "none of the RULER suite's" in info["training_data"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    with pytest.raises(Exception, match="seq_len must be >= 32"):
+        zoo.build_model("llama-retrieval-tiny", out_dir=tmp_path / "x", steps=1, progress=False, seq_len=8)
