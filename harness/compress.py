@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from harness import params as params_mod
-from harness import registry
 from harness.calibration import CalibrationSpec, calibration_batches
 from harness.errors import HarnessError
 from harness.method import (ACTIVATIONS, ATTENTION_PART, CALIBRATED, GRADIENTS, HYBRID_FAMILIES, INPUTS, LINEAR_PART,
                             MODEL, LayerData, Method, keep_count)
 from harness.progress import Bars, bars
+from harness.registry import build_method
 from harness.selection import ChannelSelection
 
 
@@ -28,13 +28,6 @@ def check_ratios(ratios: Sequence[float]) -> list[float]:
             raise HarnessError(f"ratio must be in [0, 1) (the fraction of key channels removed), got {ratio}")
         out.append(float(ratio))
     return out
-
-
-def build_method(method: str, method_params: dict[str, Any] | None, seed: int) -> Method:
-    cls = registry.get_method(method)
-    values = {**(method_params or {})}
-    values.setdefault("seed", seed)
-    return params_mod.build(cls, values, what=f"method {method}")
 
 
 @dataclass

@@ -8,7 +8,6 @@ It never touches the model: the family adapter captures what the method `needs` 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -90,18 +89,6 @@ class CacheWindow:
     def select(self, layers, ratio, family, progress=None):
         selection = super().select(layers, ratio, family, progress)
         return dataclasses.replace(selection, meta={**selection.meta, **self.window_meta()})
-
-
-def prefill_chooser(selection: ChannelSelection):
-    """The `choose_at_prefill(query, keys, pads) -> (B, Hkv, n_keep)` of the method that made a
-    query-dependent selection (ThinK), or None for a static selection."""
-    spec = selection.meta.get("prefill_chooser")
-    if not spec:
-        return None
-    from harness.compress import build_method
-
-    return functools.partial(build_method(spec["method"], spec["params"], seed=0).choose_at_prefill,
-                             count=spec["count"])
 
 
 def head_rows(layer: LayerData, head: int) -> slice:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from harness import params as params_mod
 from harness import provenance, registry
 from harness.calibration import CalibrationSpec
-from harness.compress import build_method, check_ratios, plan
+from harness.compress import check_ratios, plan
 from harness.errors import HarnessError
 from harness.progress import Bars, bars
 from harness.results import RunKey
@@ -129,9 +129,9 @@ def run(
     cells are stored under method "<method>+<attn_method>" with the parameters of both.
     """
     # everything that needs no model is checked first: bad input fails in milliseconds
-    build_method(method, method_params, seed)
+    registry.build_method(method, method_params, seed)
     if attn_method is not None:
-        build_method(attn_method, attn_method_params, seed)
+        registry.build_method(attn_method, attn_method_params, seed)
     check_ratios(ratios)
     suite_objs = suites_for(suites, suite_params or {})
     results = ResultStore(store)

@@ -113,5 +113,15 @@ def get_method(name: str):
     return get(METHODS, name)
 
 
+def build_method(method: str, method_params: dict[str, Any] | None, seed: int):
+    """The registered method `method`, built from its parameters (typed and validated; `seed`
+    unless the parameters give one)."""
+    from harness import params
+
+    values = {**(method_params or {})}
+    values.setdefault("seed", seed)
+    return params.build(get_method(method), values, what=f"method {method}")
+
+
 def get_suite(name: str):
     return get(SUITES, name)

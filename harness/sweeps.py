@@ -207,7 +207,8 @@ def _cell_label(key: RunKey) -> str:
 def expand(grid: Grid) -> list[Task]:
     """The grid's tasks with their cells' run keys (models are identified from their files, not loaded)."""
     from harness.calibration import CalibrationSpec
-    from harness.compress import assign, build_method, check_ratios, identity, run_ratios
+    from harness.compress import assign, check_ratios, identity, run_ratios
+    from harness.registry import build_method
     from harness.loader import identify
     from harness.method import CALIBRATED
     from harness.pipeline import RunCells, suites_for

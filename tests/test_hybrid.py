@@ -273,7 +273,7 @@ def test_every_suite_runs_on_the_zoo_hybrid_and_the_leaderboard_shows_both_parts
 
 @pytest.mark.parametrize("method", ["drrqr", "qrcp", "l1", "wanda", "grad", "random", "magnitude"])
 def test_every_linear_method_compresses_the_hybrid_linear_layers(method):
-    from harness.compress import build_method
+    from harness.registry import build_method
 
     model = tiny_hybrid("qwen3_5_text")
     selector = build_method(method, {}, seed=0)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import harness
 from harness import zoo
 from harness.calibration import CalibrationSpec, calibration_batches
-from harness.compress import build_method
+from harness.registry import build_method
 from harness.families import adapter_for
 from harness.recovery import ATTENTION_TARGETS, MLP_TARGETS, LoraSpec, lora_recover
 from harness.suite import SuiteContext

@@ -26,12 +26,23 @@ from harness.families.base import FamilyAdapter, decoder_layers, forward_batches
 from harness.kcache import KeyChannelPlan, PrunedKCache, PrunedKLayer
 from harness.kernels.pruned_attention import masked_attention, pads_from_mask, pruned_cache_attention
 from harness.kernels.pruned_decode import pruned_decode_attention
-from harness.method import ACTIVATIONS, ATTENTION_PART, LayerData, prefill_chooser
+from harness.method import ACTIVATIONS, ATTENTION_PART, LayerData
+from harness.registry import build_method
 from harness.selection import ChannelSelection
 from harness.suite import Metric
 
 ATTN_IMPLEMENTATION = "harness_kcache"
 DEFAULT_SINK, DEFAULT_RECENT = 16, 64  # ours, sized for the tiny zoo models; methods may override
+
+
+def prefill_chooser(selection: ChannelSelection):
+    """The `choose_at_prefill(query, keys, pads) -> (B, Hkv, n_keep)` of the method that made a
+    query-dependent selection (ThinK), or None for a static selection."""
+    spec = selection.meta.get("prefill_chooser")
+    if not spec:
+        return None
+    return functools.partial(build_method(spec["method"], spec["params"], seed=0).choose_at_prefill,
+                             count=spec["count"])
 
 
 def _plain_attention(query, key, value, mask, scaling):
