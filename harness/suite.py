@@ -13,6 +13,14 @@ from typing import Any, Callable, ClassVar
 ALL_FAMILIES = "*"
 
 
+def model_device(model):
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    import torch
+
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str

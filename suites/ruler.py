@@ -28,18 +28,13 @@ import torch
 
 from harness import graph_decode
 from harness.calibration import load_text
-from harness.suite import Headline, Metric, Suite, SuiteContext
+from harness.suite import Headline, Metric, Suite, SuiteContext, model_device
 from harness.suites.ruler_tasks import TASKS, Sample, make_haystack, make_sample
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
 
 
 # ------------------------------------------------------------------------------------ generation
-
-def model_device(model) -> torch.device:
-    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return param.device if param is not None else torch.device("cpu")
-
 
 def pad_id_of(tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):

@@ -12,7 +12,8 @@ import torch
 
 from harness import zoo
 from harness.suite import SuiteContext
-from harness.suites.mqar import MqarSuite, mqar_batch, token_sets
+from harness.mqar_data import mqar_batch, token_sets
+from harness.suites.mqar import MqarSuite
 
 VOCAB = 2048
 SPECIAL = (0, 1, 2)

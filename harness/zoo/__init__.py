@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import uuid
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.zoo.folders import (MANIFEST, WEIGHTS_DIR, clear_target, default_path, prepare_fla, token_streams,
+                                 write_model_folder)
 from harness.zoo.models import ZOO, ZooEntry, get
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MANIFEST = "zoo.json"
 
 __all__ = ["build", "build_model", "default_path", "list_models", "manifest", "family_of", "heldout_text", "train_text",
            "entry", "WEIGHTS_DIR"]
@@ -44,12 +41,6 @@ def entry(name: str) -> ZooEntry:
 
 def family_of(name: str) -> str:
     return get(name).family
-
-
-def default_path(name: str) -> Path:
-    """The shipped weights folder of a zoo model (it may not exist if the model was never built)."""
-    get(name)
-    return WEIGHTS_DIR / name
 
 
 def manifest(name_or_folder: str | Path) -> dict | None:
@@ -72,46 +63,6 @@ def train_text() -> str:
     from harness.zoo.corpus import load_corpus
 
     return load_corpus().train_text
-
-
-def prepare_fla() -> None:
-    """Register fla's models with the Auto classes and, for CPU tensors, route its kernels to torch."""
-    try:
-        import fla.models  # noqa: F401
-    except ImportError as exc:
-        raise HarnessError(f"the fla zoo models need flash-linear-attention: {exc}") from None
-    try:
-        from harness.kernels import fla_cpu
-    except ImportError as exc:
-        raise HarnessError(f"harness.kernels.fla_cpu is not available ({exc}); fla models cannot run on CPU") from None
-    fla_cpu.install()
-
-
-_STREAMS: dict[str, tuple] = {}  # corpus sha256 -> (train ids, held-out ids), this process only
-
-
-def _token_streams(corpus, tokenizer):
-    """The train and held-out splits as 1-D token tensors (each split tokenized as one text)."""
-    import torch
-
-    key = corpus.sha256 + tokenizer.backend_tokenizer.to_str()
-    if key not in _STREAMS:
-        _STREAMS.clear()
-        _STREAMS[key] = tuple(
-            torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            for text in (corpus.train_text, corpus.heldout_text))
-    return _STREAMS[key]
-
-
-def _clear_target(out: Path) -> None:
-    """Refuse to overwrite a folder that is not a model folder."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise HarnessError(f"output path {out} exists and is not a folder")
-    contents = list(out.iterdir())
-    if contents and not (out / MANIFEST).exists() and not (out / "config.json").exists():
-        raise HarnessError(f"output folder {out} is not empty and holds no model; choose another --out")
 
 
 def build(name: str, out_dir: str | Path | None = None, steps: int | None = None, seed: int = 0,
@@ -156,13 +107,13 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
     spec = get(name)
     recipe = spec.recipe
     out = Path(out_dir) if out_dir is not None else default_path(name)
-    _clear_target(out)
+    clear_target(out)
     if spec.needs_fla:
         prepare_fla()
 
     corpus = load_corpus()
     tokenizer = corpus_tokenizer(corpus)
-    train_ids, heldout_ids = _token_streams(corpus, tokenizer)
+    train_ids, heldout_ids = token_streams(corpus, tokenizer)
 
     steps = recipe.steps if steps is None else int(steps)
     if steps < 1:
@@ -221,22 +172,3 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
 
     write_model_folder(out, model, tokenizer, info)
     return out, model
-
-
-def write_model_folder(out: Path, model, tokenizer, info: dict) -> None:
-    """save_pretrained + tokenizer + zoo.json, written next to `out` and swapped in, so that a
-    crash never leaves half a model folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        for path in tmp.iterdir():
-            path.chmod(0o644)  # safetensors writes 0600; these are package data
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,7 @@
 Why it exists: the text-trained zoo models recall nothing in context (on the mqar suite, and on
 a random token sequence repeated twice, they stay at chance), so the mqar suite would measure
 noise on them. This model is trained on exactly what `harness.suites.mqar` asks (the same token
-sets, the same sequence layout), so a compression method's effect on recall is measurable on a
+sets, the same sequence layout: `harness.mqar_data`), so a compression method's effect on recall is measurable on a
 CPU. Same head shape as the other zoo models (hidden 128, 4 heads, key dimension 32, the shared
 zoo tokenizer), 2 layers as in Zoology's MQAR models.
 
@@ -57,7 +57,7 @@ def evaluate(model, sets, settings, seed: int = 12345, sequences: int = 64) -> d
     """Accuracy (value-set argmax) per 'kv{N}/len{L}' on fresh sequences."""
     import numpy as np
 
-    from harness.suites.mqar import mqar_batch, recall_hits
+    from harness.mqar_data import mqar_batch, recall_hits
 
     was_training = model.training
     model.eval()
@@ -85,14 +85,14 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from harness.suites.mqar import mqar_batch, tokenizer_sets
-    from harness.zoo import WEIGHTS_DIR, _clear_target, prepare_fla
+    from harness.mqar_data import mqar_batch, tokenizer_sets
+    from harness.zoo.folders import WEIGHTS_DIR, clear_target, prepare_fla, write_model_folder
     from harness.zoo.models import _deltanet_config
     from harness.zoo.tokenizer import corpus_tokenizer
     from harness.zoo.train import TrainConfig, TrainProgress, fixed_threads, lr_at, make_optimizer
 
     out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR / NAME
-    _clear_target(out)
+    clear_target(out)
     steps = recipe.steps if steps is None else int(steps)
     batch_size = batch_size or recipe.batch_size
     if steps < 1:
@@ -146,7 +146,5 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
         "platform": platform.platform(),
         "eval": "harness.suites.mqar sequences (seed 12345, 64 per setting); accuracy = argmax over the value set",
     }
-    from harness.zoo import write_model_folder
-
     write_model_folder(out, model, tokenizer, info)
     return out, model

@@ -366,7 +366,7 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
     from transformers import AutoModelForCausalLM
 
     from harness.errors import HarnessError
-    from harness.zoo import _clear_target, _token_streams, default_path, prepare_fla, write_model_folder
+    from harness.zoo.folders import clear_target, default_path, prepare_fla, token_streams, write_model_folder
     from harness.zoo.corpus import load_corpus
     from harness.zoo.models import get
     from harness.zoo.tokenizer import VOCAB_SIZE, corpus_tokenizer
@@ -376,7 +376,7 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
     spec = get(name)
     recipe = spec.recipe
     out = Path(out_dir) if out_dir is not None else default_path(name)
-    _clear_target(out)
+    clear_target(out)
     steps = recipe.steps if steps is None else int(steps)
     if steps < 1:
         raise HarnessError(f"steps must be >= 1, got {steps}")
@@ -390,7 +390,7 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
     transformers.utils.logging.disable_progress_bar()
     corpus = load_corpus()
     tokenizer = corpus_tokenizer(corpus)
-    train_ids, heldout_ids = _token_streams(corpus, tokenizer)
+    train_ids, heldout_ids = token_streams(corpus, tokenizer)
     data = RetrievalData(tokenizer, corpus.train_text, train_ids, recipe.lm_fraction, recipe.answer_weight)
     cfg = TrainConfig(steps=steps, batch_size=rows, seq_len=longest, lr=recipe.lr,
                       warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), weight_decay=recipe.weight_decay,
