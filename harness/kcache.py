@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from harness.selection import DEFAULT_RECENT, DEFAULT_SINK
+
 
 @dataclass
 class KeyChannelPlan:
@@ -31,8 +33,8 @@ class KeyChannelPlan:
     head_dim: int
     value_dim: int
     kept: tuple[tuple[int, ...], ...] | None  # per KV head; None = chosen at prefill by `chooser`
-    sink: int = 16
-    recent: int = 64
+    sink: int = DEFAULT_SINK
+    recent: int = DEFAULT_RECENT
     value_sum: bool = True  # heads that keep 0 channels store a running sum of middle values
     full_prefill: bool = False  # the first forward (the prompt) attends with all channels
     chooser: Callable | None = None  # (query_window (B,Hq,W,d), keys (B,Hkv,T,d)) -> kept (B,Hkv,c)

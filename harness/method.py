@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
-from harness.selection import ChannelSelection, LayerSelection
+from harness.selection import DEFAULT_RECENT, DEFAULT_SINK, ChannelSelection, LayerSelection
 
 # What a method can ask the adapter to capture during calibration.
 ACTIVATIONS = "activations"  # q/k activations that feed the recurrence (as a Gram-equivalent factor)
@@ -75,8 +75,8 @@ class CacheWindow:
     the pruned cache (LeanK's deployment); without it, every query reads middle keys through the
     kept channels, so a teacher-forced forward equals step-by-step decoding."""
 
-    sink: int = 16
-    recent: int = 64
+    sink: int = DEFAULT_SINK
+    recent: int = DEFAULT_RECENT
     full_prefill: bool = False
 
     def validate_window(self) -> None:

@@ -18,6 +18,9 @@ import numpy as np
 SCHEMA = "harness.channel_selection/1"
 # meta entries that change how a selection is realized (K-cache window, query-dependent chooser)
 REALIZATION_META = ("cache", "prefill_chooser")
+# the K-cache window (full-channel sink and recent tokens) of a softmax selection whose "cache"
+# meta does not say: ours, sized for the tiny zoo models; methods take others as parameters
+DEFAULT_SINK, DEFAULT_RECENT = 16, 64
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,10 @@ from harness.kernels.pruned_attention import masked_attention, pads_from_mask, p
 from harness.kernels.pruned_decode import pruned_decode_attention
 from harness.method import ACTIVATIONS, ATTENTION_PART, LayerData
 from harness.registry import build_method
-from harness.selection import ChannelSelection
+from harness.selection import DEFAULT_RECENT, DEFAULT_SINK, ChannelSelection
 from harness.suite import Metric
 
 ATTN_IMPLEMENTATION = "harness_kcache"
-DEFAULT_SINK, DEFAULT_RECENT = 16, 64  # ours, sized for the tiny zoo models; methods may override
 
 
 def prefill_chooser(selection: ChannelSelection):
