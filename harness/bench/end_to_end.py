@@ -203,7 +203,7 @@ def environ(values: dict[str, str]):
 
 
 def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
-    from harness.bench import profile
+    from harness.bench.timing import static_busy
 
     vocab = next(iter(case.variants.values())).model.config.vocab_size
     advance = bars.task(case.model, len(case.shapes) * len(case.variants)) if bars is not None else (lambda: None)
@@ -218,7 +218,7 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
                 with environ(variant.env):
                     found[label] = suite.measure(variant.model, prompt, engine=variant.engine)
                     if variant.engine == "static" and device == "cuda":  # a separate, profiled run
-                        found[label]["busy"] = profile.static_busy(variant.model, prompt.to(device))
+                        found[label]["busy"] = static_busy(variant.model, prompt.to(device))
             except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
                 found[label] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"}
             log.info("%s | %s | %d x %d: %s (%.1f s)", case.model, label, batch, context,

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from harness.bench.timing import cuda_kernels, device_us, new_profiler, static_busy, sync
+
 
 class DecodeWindow(BaseStreamer):
     """A `generate` streamer that starts `profiler` after the second new token (past the prompt's
@@ -39,60 +41,14 @@ class DecodeWindow(BaseStreamer):
     def put(self, _tokens) -> None:
         self.puts += 1
         if self.puts == 3:  # 1: the prompt, 2: the prefill's token, 3: the first decode step's token
-            _sync()
+            sync()
             self.profiler.start()
             self.started = time.perf_counter()
 
     def end(self) -> None:
-        _sync()
+        sync()
         self.elapsed = time.perf_counter() - self.started
         self.profiler.stop()
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _device_us(event) -> float:
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
-
-
-def _profiler():
-    from torch.profiler import ProfilerActivity, profile
-
-    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
-
-
-def _kernels(events) -> list:
-    from torch.autograd import DeviceType
-
-    return [e for e in events if e.device_type == DeviceType.CUDA]  # the GPU's own events
-
-
-def static_busy(model, prompt: torch.Tensor, steps: int = 8) -> dict[str, float]:
-    """Wall and GPU-busy time per step of `steps` decode steps of the static loop (graph replays on
-    CUDA), after a prefill of `prompt`: the share of a step the GPU is busy, which a host-bound loop
-    (launches, synchronizations) keeps low. The model's decoder is released afterwards."""
-    from harness import graph_decode
-
-    batch, context = prompt.shape
-    try:
-        dec = graph_decode.decoder(model, batch, graph_decode.capacity_for(context, steps + 1), max_new_tokens=steps + 1)
-        first = dec.prefill(prompt)
-        profiler = _profiler()
-        _sync()
-        profiler.start()
-        start = time.perf_counter()
-        dec.decode(first, steps + 1)  # the first token comes from the prefill's logits, then `steps` steps
-        _sync()
-        elapsed = time.perf_counter() - start
-        profiler.stop()
-    finally:
-        graph_decode.release(model)
-    busy_us = sum(_device_us(e) for e in _kernels(profiler.key_averages()))
-    step_ms, busy_ms = 1e3 * elapsed / steps, busy_us / 1e3 / steps
-    return {"step_ms": step_ms, "gpu_busy_ms": busy_ms, "busy_share": busy_ms / step_ms}
 
 
 def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[str, Any]:
@@ -101,25 +57,25 @@ def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[s
         prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad, streamer=streamer)
     start = time.perf_counter()
     generate(steps + 1)  # warm-up: compiles, autotunes, allocator
-    _sync()
+    sync()
     warmup_s = time.perf_counter() - start
-    profiler = _profiler()
+    profiler = new_profiler()
     window = DecodeWindow(profiler)
     generate(steps + 2, window)
     events = profiler.key_averages()
     n = steps  # decode steps inside the window (the forwards of tokens 3 .. steps + 2)
-    kernels = _kernels(events)
-    gpu_us = sum(_device_us(e) for e in kernels)
+    kernels = cuda_kernels(events)
+    gpu_us = sum(device_us(e) for e in kernels)
     count = lambda name: sum(e.count for e in events if e.key == name)  # noqa: E731
     by_host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)[:top]
-    by_gpu = sorted(kernels, key=lambda e: -_device_us(e))[:top]
+    by_gpu = sorted(kernels, key=lambda e: -device_us(e))[:top]
     return {
         "warmup_s": warmup_s, "step_ms": 1e3 * window.elapsed / n, "gpu_busy_ms": gpu_us / 1e3 / n,
         "syncs_per_step": (count("cudaStreamSynchronize") + count("cudaDeviceSynchronize")) / n,
         "memcpy_per_step": (count("cudaMemcpyAsync") + count("cudaMemcpy")) / n,
         "launches_per_step": (count("cudaLaunchKernel") + count("cuLaunchKernel") + count("cuLaunchKernelEx")) / n,
         "top_host": [(e.key, e.count / n, e.self_cpu_time_total / n) for e in by_host],
-        "top_gpu": [(e.key, e.count / n, _device_us(e) / n) for e in by_gpu],
+        "top_gpu": [(e.key, e.count / n, device_us(e) / n) for e in by_gpu],
     }
 
 
