@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.training import train_step
 from harness.zoo.train import fixed_threads, next_token_loss
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -204,20 +204,14 @@ def lora_recover(model: nn.Module, tokenizer, spec: LoraSpec, *, text_file: str 
             for step in range(spec.steps):
                 starts = torch.randint(0, n_windows, (spec.batch_size,), generator=windows)
                 batch = ids[starts[:, None] + offsets].to(device)
-                lr = lr_at(step, spec)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = next_token_loss(peft_model, batch)  # from the logits: no fused loss kernel
-                if step == 0:
-                    lora_calls.check()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"LoRA training diverged at step {step}: loss {value}; try a smaller lr")
-                losses.append(value)
+                def loss_fn(step=step, batch=batch):  # bound now: no closure over the loop's names
+                    loss = next_token_loss(peft_model, batch)  # from the logits: no fused loss kernel
+                    if step == 0:
+                        lora_calls.check()
+                    return loss
+
+                losses.append(train_step(optimizer, loss_fn, step, lr=lr_at(step, spec), clip=1.0, params=params,
+                                         what="LoRA training", hint="; try a smaller lr"))
                 if advance is not None:
                     advance()
             merged = peft_model.merge_and_unload()

@@ -19,6 +19,7 @@ about 150 steps.
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -86,6 +87,7 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
     from transformers import AutoModelForCausalLM
 
     from harness.mqar_data import mqar_batch, tokenizer_sets
+    from harness.training import train_step
     from harness.zoo.folders import WEIGHTS_DIR, clear_target, prepare_fla, write_model_folder
     from harness.zoo.models import _deltanet_config
     from harness.zoo.tokenizer import corpus_tokenizer
@@ -118,19 +120,12 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
                 n, length = recipe.mixture[step % len(recipe.mixture)]
                 batch = mqar_batch(sets, batch_size, n, length, data_rng)
                 lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = _query_loss(model, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training diverged at step {step}")
-                bar.update(step + 1, loss=loss.item(), lr=lr,
+                loss = train_step(optimizer, functools.partial(_query_loss, model, batch), step, lr=lr,
+                                  clip=cfg.grad_clip, params=model.parameters())
+                bar.update(step + 1, loss=loss, lr=lr,
                            tokens_per_s=(step + 1) * batch.input_ids.numel() / (time.perf_counter() - t0))
                 if (step + 1) % 50 == 0 or step + 1 == steps:
-                    curve.append({"step": step + 1, "train_loss": round(loss.item(), 4)})
+                    curve.append({"step": step + 1, "train_loss": round(loss, 4)})
         wall = time.perf_counter() - t0
         accuracy = evaluate(model, sets, recipe.evals)
         if progress:

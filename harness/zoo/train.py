@@ -19,13 +19,15 @@ result), so the same seed on the same machine and versions gives the same weight
 from __future__ import annotations
 
 import contextlib
-
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from harness.training import train_step
 
 
 @dataclass
@@ -211,18 +213,8 @@ def _train(model, train_ids, heldout_ids, cfg: TrainConfig, progress: bool, voca
 
             # forward, backward, clip, step with the scheduled learning rate
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = next_token_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training diverged at step {step}: loss {loss_value}")
+            loss_value = train_step(optimizer, functools.partial(next_token_loss, model, batch), step, lr=lr,
+                                    clip=cfg.grad_clip, params=model.parameters())
             elapsed = time.perf_counter() - t0
             bar.update(step + 1, loss=loss_value, lr=lr, tokens_per_s=(step + 1) * batch.numel() / elapsed)
 
