@@ -493,7 +493,7 @@ def bench(
                                "--quick runs the end-to-end table on the tiny zoo models on CPU")
         mask_path = default_mask_path(mask)
         if mask_path is not None:
-            from harness.methods.leank import load_mask
+            from harness.leank_mask import load_mask
 
             load_mask(mask_path)  # a bad --mask or $HARNESS_LEANK_MASK fails now, not after the other tables
         command = ["harness", "bench", "--out", str(out), *(["--only", ",".join(names)] if only else []),

@@ -104,7 +104,7 @@ def test_sweep_files(tmp_path, data, form, text, payload, suffix):
 @given(payload=st.binary(max_size=300), shape=st.lists(st.integers(0, 4), max_size=4),
        fill=st.sampled_from([0.0, 1.0, 0.5, 2.0, float("nan")]), as_tensor=st.booleans())
 def test_mask_files(tmp_path, payload, shape, fill, as_tensor):
-    from harness.methods.leank import load_mask
+    from harness.leank_mask import load_mask
 
     path = tmp_path / "mask.pth"
     if as_tensor:

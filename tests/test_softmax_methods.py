@@ -13,7 +13,8 @@ import torch
 from harness.compress import plan
 from harness.errors import HarnessError
 from harness.families.hf_softmax import SoftmaxAdapter
-from harness.methods.leank import LeanK, binarize, heldout_distillation_loss
+from harness.methods.leank import LeanK
+from harness.methods.leank_training import binarize, heldout_distillation_loss
 from harness.methods.think import ThinK
 from harness.progress import bars
 

@@ -1,7 +1,7 @@
 """Held-out LeanK distillation loss of every static selection stored by the table runs."""
 import glob, json, sys
 from harness.loader import load_model
-from harness.methods.leank import heldout_distillation_loss
+from harness.methods.leank_training import heldout_distillation_loss
 from harness.selection import ChannelSelection
 loaded = load_model("llama-tiny")
 seen = {}

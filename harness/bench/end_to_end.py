@@ -114,7 +114,7 @@ def base_model(device: str, zoo_name: str, shape_name: str):
 def llama_case(device: str, mask_path, shapes) -> Case:
     from harness.bench.masks import leank_mask, random_mask
     from harness.families import adapter_for
-    from harness.methods.leank import mask_selection
+    from harness.leank_mask import mask_selection
 
     dense = base_model(device, "llama-tiny", "llama-3.1-8b")
     if device == "cpu":
@@ -311,8 +311,9 @@ def run_qwen35(quick: bool = False, bars=None) -> Table:
 def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltanet")) -> Table:
     """The end-to-end rows of `models` (one table each in `harness bench`, so that each fits one
     10-minute GPU command)."""
-    from harness.suites.speed import SpeedSuite
+    from harness import registry
 
+    speed_suite = registry.get_suite("speed")  # the speed suite's measurement (core reaches suites by entry point)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not quick:
         from harness.errors import HarnessError
@@ -322,7 +323,7 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
     size = "cpu" if device == "cpu" else ("quick" if quick else "full")
     # no warm-up run: a static variant's kernels compile and its step is captured when its decoder
     # is built, before anything is timed; the median of 3 runs leaves out a first run's one-time costs
-    suite = SpeedSuite(new_tokens={"full": 32, "quick": 8, "cpu": 4}[size], warmup=0, repeats=3)
+    suite = speed_suite(new_tokens={"full": 32, "quick": 8, "cpu": 4}[size], warmup=0, repeats=3)
     cases = {"llama": lambda: llama_case(device, mask_path, SHAPES[size]["llama"]),
              **{kind: (lambda kind=kind: linear_case(device, SHAPES[size][kind], kind)) for kind in LINEAR_MODELS}}
     builders = [cases[m] for m in models]

@@ -56,7 +56,7 @@ def random_mask(layers: int, heads: int, head_dim: int, kept: float = 0.5, seed:
 def leank_mask(path: str | Path | None, shape: tuple[int, int, int]) -> tuple[torch.Tensor, str, bool]:
     """(mask, where it came from, synthetic?) for a model of `shape` = (layers, KV heads, head_dim).
     A path that is given but missing or malformed is an error (HarnessError), never a silent fallback."""
-    from harness.methods.leank import load_mask
+    from harness.leank_mask import load_mask
 
     if path is None:
         mask = synthetic_mask(*shape)
