@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from harness.errors import HarnessError
+from harness.store import DEFAULT_STORE
 
 def _exception_types(name: str) -> tuple[type, ...]:
     """A click exception class as the installed typer raises it: typer >= 0.2x vendors click
@@ -164,7 +165,7 @@ DTYPE = typer.Option("float32", help="float32, bfloat16 or float16")
 TRUST = typer.Option(False, help="allow custom model code from the checkpoint (off by default)")
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars")
 # options shared by `show` and `export`
-STORE = typer.Option(Path("harness-results/results.sqlite"), help=STORE_HELP)
+STORE = typer.Option(Path(DEFAULT_STORE), help=STORE_HELP)
 ONLY_MODEL = typer.Option(None, help="only this model (as named in the run)")
 ONLY_METHOD = typer.Option(None, help="only this method")
 ONLY_SUITE = typer.Option(None, help="only this suite")

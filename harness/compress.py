@@ -15,19 +15,14 @@ from harness import params as params_mod
 from harness.calibration import CalibrationSpec, calibration_batches
 from harness.errors import HarnessError
 from harness.method import (ACTIVATIONS, ATTENTION_PART, CALIBRATED, GRADIENTS, HYBRID_FAMILIES, INPUTS, LINEAR_PART,
-                            MODEL, LayerData, Method, keep_count)
+                            MODEL, LayerData, Method, check_ratio, keep_count)
 from harness.progress import Bars, bars
 from harness.registry import build_method
 from harness.selection import ChannelSelection
 
 
 def check_ratios(ratios: Sequence[float]) -> list[float]:
-    out = []
-    for ratio in ratios:
-        if not 0.0 <= float(ratio) < 1.0:
-            raise HarnessError(f"ratio must be in [0, 1) (the fraction of key channels removed), got {ratio}")
-        out.append(float(ratio))
-    return out
+    return [check_ratio(ratio) for ratio in ratios]
 
 
 @dataclass

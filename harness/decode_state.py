@@ -33,11 +33,12 @@ import inspect
 
 import torch
 
+from harness.family_names import LINEAR_FAMILIES, SOFTMAX_FAMILIES, model_types
 from harness.kcache import KeyChannelPlan
 from harness.static_kcache import ATTN_IMPLEMENTATION, StaticKCache, all_channels
 
-SOFTMAX_MODEL_TYPES = ("llama", "qwen2")
-RECURRENT_MODEL_TYPES = ("delta_net", "gated_deltanet")
+SOFTMAX_MODEL_TYPES = model_types(SOFTMAX_FAMILIES)
+RECURRENT_MODEL_TYPES = model_types(LINEAR_FAMILIES)
 # Gated DeltaNet layers + attention layers (transformers); the MoE ones step with graph-safe experts
 HYBRID_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid")
 GRAPH_SAFE_EXPERTS = "batched_mm"  # transformers' experts forward with no host-read routing (fixed shapes)

@@ -18,19 +18,8 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
+from harness.family_names import FAMILY_OF_MODEL_TYPE
 
-# transformers model_type -> harness family
-FAMILY_OF_MODEL_TYPE = {
-    "delta_net": "deltanet",
-    "gated_deltanet": "gated_deltanet",
-    "llama": "llama",
-    "qwen2": "qwen2",
-    # hybrids (Gated DeltaNet + attention layers); the multimodal qwen3_5 configs load their text model
-    "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
-    "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_5_moe": "qwen3_5_moe",
-    "qwen3_next": "qwen3_next",
-    "olmo_hybrid": "olmo_hybrid",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "deltanet-tiny"
 

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+# the family vocabulary: methods import it from here, with the rest of the contract
+from harness.family_names import (ATTENTION_PART, HYBRID_FAMILIES, LINEAR_FAMILIES, LINEAR_PART,  # noqa: F401
+                                  SOFTMAX_FAMILIES)
 from harness.selection import DEFAULT_RECENT, DEFAULT_SINK, ChannelSelection, LayerSelection
 
 # What a method can ask the adapter to capture during calibration.
@@ -25,14 +28,6 @@ INPUTS = "inputs"  # sum over calibration tokens of squared q_proj/k_proj input 
 GRADIENTS = "gradients"  # dL/dW of q_proj/k_proj summed over calibration batches (L = LM loss)
 MODEL = "model"  # the model itself: the method trains on it (LeanK); `fit` is called before `select`
 CALIBRATED = frozenset({ACTIVATIONS, INPUTS, GRADIENTS})  # needs that require running the model
-
-LINEAR_FAMILIES = ("deltanet", "gated_deltanet")  # a recurrent state of d_k x d_v per head
-# a K cache of tokens x d per KV head; "attention": the attention layers of a hybrid model
-SOFTMAX_FAMILIES = ("llama", "qwen2", "attention")
-# transformers models with both kinds of layer: each kind is compressed by a method of its family
-# (the linear layers are Gated DeltaNet, methods see them as "gated_deltanet")
-HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid")
-LINEAR_PART, ATTENTION_PART = "gated_deltanet", "attention"  # the families methods see in a hybrid
 
 
 @dataclass
@@ -55,10 +50,16 @@ class LayerData:
     k_grad: torch.Tensor | None = None
 
 
+def check_ratio(ratio: float) -> float:
+    """`ratio` as a float, or a HarnessError unless it is in [0, 1)."""
+    if not 0.0 <= float(ratio) < 1.0:
+        raise HarnessError(f"ratio must be in [0, 1) (the fraction of key channels removed), got {ratio}")
+    return float(ratio)
+
+
 def keep_count(head_dim: int, ratio: float) -> int:
     """Channels kept per head at a pruning ratio: floor(d_k * (1 - ratio))."""
-    if not 0.0 <= ratio < 1.0:
-        raise HarnessError(f"ratio must be in [0, 1) (the fraction of key channels removed), got {ratio}")
+    check_ratio(ratio)
     n_keep = math.floor(head_dim * (1.0 - ratio) + 1e-9)
     if n_keep < 1:
         raise HarnessError(

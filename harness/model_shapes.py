@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError
+from harness.family_names import LINEAR_FAMILIES, model_types
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-3.1-8b": ("llama", dict(
@@ -39,7 +40,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         hidden_size=2048, num_hidden_layers=24, num_heads=16, head_dim=128, expand_v=1.0, hidden_ratio=4,
         use_short_conv=True, conv_size=4, vocab_size=32000)),
 }
-FLA_MODEL_TYPES = ("delta_net", "gated_deltanet")  # known to AutoConfig only once fla.models is imported
+FLA_MODEL_TYPES = model_types(LINEAR_FAMILIES)  # known to AutoConfig only once fla.models is imported
 
 
 def config(name: str):

@@ -23,10 +23,9 @@ from harness.errors import HarnessError
 from harness.progress import Bars, bars
 from harness.results import RunKey
 from harness.selection import ChannelSelection
-from harness.store import COMPLETE, ResultStore
+from harness.store import COMPLETE, DEFAULT_STORE, ResultStore
 from harness.suite import Metric, Suite, SuiteContext
 
-DEFAULT_STORE = "harness-results/results.sqlite"
 COMPRESSION = "compression"  # the built-in cell that records what a selection keeps (bytes, ratio)
 
 

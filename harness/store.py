@@ -21,6 +21,7 @@ from harness.errors import HarnessError
 from harness.results import RunKey
 from harness.suite import Metric
 
+DEFAULT_STORE = "harness-results/results.sqlite"  # relative to the working directory
 SCHEMA_VERSION = 1
 RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
 APPLICATION_ID = 0x4B434853  # "KCHS" in SQLite's header: a file this harness created

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 
 from harness.errors import HarnessError
 from harness.results import RunKey
+from harness.store import DEFAULT_STORE
 
 EXECUTORS = ("local", "ray")
 
@@ -345,7 +346,7 @@ def status(grid: Grid, store: str | Path, tasks: list[Task] | None = None) -> Sw
     return report
 
 
-def sweep(grid: Grid | str | Path | None = None, *, store: str | Path = "harness-results/results.sqlite",
+def sweep(grid: Grid | str | Path | None = None, *, store: str | Path = DEFAULT_STORE,
           executor: str = "local", address: str | None = None, max_retries: int = 2, progress: bool = True,
           **grid_fields) -> SweepReport:
     """Run every missing cell of the grid (a Grid, a sweep file, or Grid fields as keywords);

@@ -13,11 +13,12 @@ import os
 import streamlit as st
 
 from harness.errors import HarnessError
+from harness.store import DEFAULT_STORE
 from harness.leaderboard import data
 from harness.leaderboard.safe import plain
 from harness.leaderboard.tabs import methods, pareto, run_detail, state_rank, table
 
-STORE = os.environ.get("HARNESS_STORE", "harness-results/results.sqlite")
+STORE = os.environ.get("HARNESS_STORE", DEFAULT_STORE)
 
 st.set_page_config(page_title="key-channel compression leaderboard", layout="wide")
 st.title("Key-channel compression leaderboard")

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import WEIGHTS, LayerData, Method, head_rows, top_channels
+from harness.method import LINEAR_FAMILIES, WEIGHTS, LayerData, Method, head_rows, top_channels
 
 
 @dataclass
 class L1Magnitude(Method):
     name = "l1"
-    families = ("deltanet", "gated_deltanet")
+    families = LINEAR_FAMILIES
     paper = "magnitude baseline: L1 norm of q_proj/k_proj rows (Li et al. 2017, arXiv 1608.08710)"
     needs = frozenset({WEIGHTS})
 

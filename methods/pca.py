@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import ACTIVATIONS, WEIGHTS, LayerData, Method
+from harness.method import ACTIVATIONS, LINEAR_FAMILIES, WEIGHTS, LayerData, Method
 
 
 @dataclass
 class PCA(Method):
     name = "pca"
-    families = ("deltanet", "gated_deltanet")
+    families = LINEAR_FAMILIES
     paper = "PCA projection baseline (Nazari & Rusch 2026, arXiv 2602.04852)"
     needs = frozenset({ACTIVATIONS, WEIGHTS})
     projects = True

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import GRADIENTS, WEIGHTS, LayerData, Method, head_rows, top_channels
+from harness.method import GRADIENTS, LINEAR_FAMILIES, WEIGHTS, LayerData, Method, head_rows, top_channels
 
 
 @dataclass
 class TaylorGrad(Method):
     name = "grad"
-    families = ("deltanet", "gated_deltanet")
+    families = LINEAR_FAMILIES
     paper = "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning (CVPR): |W * dL/dW|"
     needs = frozenset({GRADIENTS, WEIGHTS})
 

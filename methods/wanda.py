@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import INPUTS, WEIGHTS, LayerData, Method, head_rows, top_channels
+from harness.method import INPUTS, LINEAR_FAMILIES, WEIGHTS, LayerData, Method, head_rows, top_channels
 
 
 @dataclass
 class Wanda(Method):
     name = "wanda"
-    families = ("deltanet", "gated_deltanet")
+    families = LINEAR_FAMILIES
     paper = "Sun et al. 2023, arXiv 2306.11695 (per-row sum of |W| * ||X||, q_proj + k_proj)"
     needs = frozenset({INPUTS, WEIGHTS})
 

@@ -18,7 +18,7 @@ import torch
 from harness.families.base import FamilyAdapter
 from harness.families.hf_linear import HFGatedDeltaNetAdapter
 from harness.families.hf_softmax import HybridAttentionAdapter, attention_modules
-from harness.loader import FAMILY_OF_MODEL_TYPE
+from harness.family_names import FAMILY_OF_MODEL_TYPE
 from harness.method import ATTENTION_PART, HYBRID_FAMILIES, LINEAR_PART, LayerData
 from harness.selection import ChannelSelection
 from harness.suite import Metric

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from harness.errors import HarnessError
+from harness.family_names import HYBRID_FAMILIES, LINEAR_FAMILIES
 from harness.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 HIDDEN = 128
@@ -100,7 +101,7 @@ class ZooEntry:
     @property
     def needs_fla(self) -> bool:
         # transformers' Gated DeltaNet layers call fla's kernels when fla is installed
-        return self.family in ("deltanet", "gated_deltanet", "qwen3_5")
+        return self.family in LINEAR_FAMILIES + HYBRID_FAMILIES
 
     def config(self):
         return self.make_config()
