@@ -6,7 +6,7 @@ Decoding one token updates each head's fp32 state S (d_k x d_v) and reads it:
     o  = (scale q)^T S
 with q, k l2-normalized over d_k and scale = d_k ** -0.5 by default. The work is tiny; the step is
 bound by moving S through memory (read once, written once). fla 0.6's
-`fused_recurrent_delta_rule` streams it at about 38% of copy bandwidth at batch 64 (METHODS.md
+`fused_recurrent_delta_rule` streams it at about 38% of copy bandwidth at batch 64 (docs/methods.md
 section 6), so a pruned d_k barely speeds decoding up. `delta_rule_step` is one Triton program per
 (sequence, head, block of d_v columns): it loads a d_k x BV tile of S once, does all three steps
 in registers and writes the tile back, so the bytes moved are exactly 2 x |S| and the time

@@ -1,6 +1,6 @@
 """Softmax attention with pruned key channels for middle tokens: the torch references.
 
-The rule (LeanK, METHODS.md section 3): a query at slot `t` scores key slot `j` with all channels
+The rule (LeanK, docs/methods.md section 3): a query at slot `t` scores key slot `j` with all channels
 when `j` is one of its row's first `sink` real tokens or one of the last `recent` slots
 (`t - j < recent`), and with the head's kept channels only otherwise ("middle" keys).
 

@@ -1,4 +1,4 @@
-"""Rank metrics of states and key matrices (METHODS.md section 4); pure functions of tensors.
+"""Rank metrics of states and key matrices (docs/methods.md section 4); pure functions of tensors.
 
 Every function takes a batch of matrices `[..., d, d']` (or their singular values `[..., r]`)
 and returns one value per matrix, computed in float64:

@@ -1,5 +1,5 @@
 """state-rank: how much of its recurrent state (linear attention) or of its key space (softmax
-attention) each layer and head uses, along the sequence (METHODS.md section 4; the state-rank
+attention) each layer and head uses, along the sequence (docs/methods.md section 4; the state-rank
 analysis of Nazari & Rusch 2026). Metric definitions: `harness.suites.rank_metrics`.
 
 Linear attention (DeltaNet, Gated DeltaNet). The model runs on `num_sequences` held-out windows

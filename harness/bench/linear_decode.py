@@ -9,7 +9,7 @@ least 256 MB in all, so that no state stays in the 50 MB L2 cache between its re
 median of `do_bench_cudagraph`. GB/s counts the state read and written (2 x |S|); a copy measured
 in the same run (the faster of graph and eager) gives the bandwidth limit.
 
-Prefill (`run_prefill`): fla's chunk kernels at batch 16 x 4096 tokens (METHODS.md section 6's size),
+Prefill (`run_prefill`): fla's chunk kernels at batch 16 x 4096 tokens (the size of docs/methods.md section 6),
 same heads and dims, `do_bench` median. fla autotunes its chunk kernels at every new d_k, compiling
 every candidate config: on a fresh machine that takes minutes; with Triton's on-disk cache filled
 the table took about a minute on an H100 (docs/benchmarks.md).
@@ -197,7 +197,7 @@ def prefill_ms(dk: int, gated: bool, batch: int, tokens: int, rep: int) -> float
 
 
 def run_prefill(quick: bool = False, bars=None) -> Table:
-    sizes = ((2, 1024),) if quick else ((16, 4096),)  # METHODS.md section 6's size
+    sizes = ((2, 1024),) if quick else ((16, 4096),)  # the size of docs/methods.md section 6
     ratios, rep = ((1.0, 0.5) if quick else RATIOS), (20 if quick else 50)
     advance = bars.task("linear prefill", 2 * len(sizes) * len(ratios)) if bars is not None else (lambda: None)
     rows = []
