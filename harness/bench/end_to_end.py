@@ -235,7 +235,8 @@ def summary(found: dict, batch: int, context: int) -> str:
     if "error" in found:
         return found["error"]
     peak = f", peak {found['peak_memory'] / 1e9:.2f} GB" if "peak_memory" in found else ""
-    busy = f", GPU busy {found['busy']['busy_share']:.0%} of a step" if "busy" in found else ""
+    share = found.get("busy", {}).get("busy_share")
+    busy = f", GPU busy {share:.0%} of a step" if share is not None else ""
     return (f"prefill {batch * context / found['prefill']['median']:,.0f} tokens/s, decode "
             f"{found['decode']['median'] * 1e3:.2f} ms/token, cache {found['cache_bytes'] / 1e9:.4g} GB{peak}{busy}")
 

@@ -108,7 +108,8 @@ def main(argv=None) -> None:
                 with torch.no_grad():
                     r = results[label] = static_busy(variant.model, prompt, args.steps)
                 print(f"== {case.model} | {label} | {args.batch} x {args.context}: {r['step_ms']:.2f} ms/step wall, "
-                      f"GPU busy {r['gpu_busy_ms']:.2f} ms/step ({r['busy_share']:.0%})", flush=True)
+                      + ("GPU busy not seen (the profiler recorded no kernels)" if r["busy_share"] is None else
+                         f"GPU busy {r['gpu_busy_ms']:.2f} ms/step ({r['busy_share']:.0%})"), flush=True)
             continue
         if id(variant.model) in seen:
             continue  # a model the table also runs through another engine: profiled once, through generate

@@ -81,6 +81,9 @@ def static_busy(model, prompt: torch.Tensor, steps: int = 8) -> dict[str, float]
         profiler.stop()
     finally:
         graph_decode.release(model)
-    busy_us = sum(device_us(e) for e in cuda_kernels(profiler.key_averages()))
+    kernels = cuda_kernels(profiler.key_averages())
+    if prompt.is_cuda and not kernels:  # a CUDA step runs kernels: the profiler did not see the graph's
+        return {"step_ms": 1e3 * elapsed / steps, "gpu_busy_ms": None, "busy_share": None}
+    busy_us = sum(device_us(e) for e in kernels)
     step_ms, busy_ms = 1e3 * elapsed / steps, busy_us / 1e3 / steps
     return {"step_ms": step_ms, "gpu_busy_ms": busy_ms, "busy_share": busy_ms / step_ms}
