@@ -38,7 +38,8 @@ from harness.kcache import KeyChannelPlan
 from harness.static_kcache import ATTN_IMPLEMENTATION, StaticKCache, all_channels
 
 SOFTMAX_MODEL_TYPES = model_types(SOFTMAX_FAMILIES)
-RECURRENT_MODEL_TYPES = model_types(LINEAR_FAMILIES)
+# not KDA: its decode step is fla's, which returns a new state tensor (no in-place step of ours)
+RECURRENT_MODEL_TYPES = model_types(tuple(f for f in LINEAR_FAMILIES if f != "kda"))
 # Gated DeltaNet layers + attention layers (transformers); the MoE ones step with graph-safe experts
 HYBRID_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid")
 GRAPH_SAFE_EXPERTS = "batched_mm"  # transformers' experts forward with no host-read routing (fixed shapes)

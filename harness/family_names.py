@@ -11,6 +11,7 @@ from __future__ import annotations
 FAMILY_OF_MODEL_TYPE = {
     "delta_net": "deltanet",
     "gated_deltanet": "gated_deltanet",
+    "kda": "kda",  # fla's Kimi Delta Attention (a decay per key channel)
     "llama": "llama",
     "qwen2": "qwen2",
     # hybrids (Gated DeltaNet + attention layers); the multimodal qwen3_5 configs load their text model
@@ -20,7 +21,7 @@ FAMILY_OF_MODEL_TYPE = {
     "olmo_hybrid": "olmo_hybrid",
 }
 
-LINEAR_FAMILIES = ("deltanet", "gated_deltanet")  # a recurrent state of d_k x d_v per head
+LINEAR_FAMILIES = ("deltanet", "gated_deltanet", "kda")  # a recurrent state of d_k x d_v per head
 # a K cache of tokens x d per KV head; "attention": the attention layers of a hybrid model
 SOFTMAX_FAMILIES = ("llama", "qwen2", "attention")
 # transformers models with both kinds of layer: each kind is compressed by a method of its family

@@ -1,7 +1,7 @@
 """The one switch: route fla's Triton entry points to plain-torch references for CPU tensors.
 
-``install()`` replaces the functions (and two ``forward`` methods) that fla's DeltaNet and Gated
-DeltaNet models call with thin wrappers. A wrapper looks at the tensors it is given: if every one
+``install()`` replaces the functions (and two ``forward`` methods) that fla's DeltaNet, Gated
+DeltaNet and Kimi Delta Attention (KDA) models call with thin wrappers. A wrapper looks at the tensors it is given: if every one
 of them is on the CPU it calls the reference from :mod:`harness.kernels`; otherwise (CUDA, or any
 other device) it calls the original fla object untouched, so GPU runs are bit-for-bit what fla
 does, with one exception: the two ``fused_recurrent_*`` wrappers hand one-token decode steps on
@@ -22,6 +22,8 @@ What is replaced (fla 0.6.0), original -> reference (CPU tensors) [-> GPU fast p
 ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (= ``chunk_gdn``)  ``delta_rule.gated_delta_rule_chunk``
 ``fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule``          ``delta_rule.gated_delta_rule_recurrent``
                                                                       [-> ``fla_decode.gated_delta_rule_decode``]
+``fla.ops.kda.chunk_kda``                                              ``kda.chunk_kda``
+``fla.ops.kda.fused_recurrent_kda``                                    ``kda.fused_recurrent_kda``
 ``fla.modules.causal_conv1d.causal_conv1d`` (ShortConvolution.forward,  ``conv.causal_conv1d``
 GatedDeltaNet's fused q/k/v conv)
 ``fla.modules.causal_conv1d.causal_conv1d_update`` (ShortConvolution    ``conv.causal_conv1d_update``
@@ -42,7 +44,7 @@ the same object under any name (``from ... import`` copies: ``fla.layers.delta_n
 ``install()`` imports ``fla.layers`` and ``fla.models`` first so those copies exist. Modules
 imported later get the wrapper because they import it from a patched module.
 
-Not covered (they never run in DeltaNet / Gated DeltaNet with the default configs): fla's other
+Not covered (they never run in DeltaNet / Gated DeltaNet / KDA with the default configs): fla's other
 layers' own ops, ``fused_attnres`` (``attnres_block_size``), ``powglu`` (``hidden_act='powlu'``),
 ``ShortConvolution``'s ``backend='cuda'`` decode path (needs the ``causal_conv1d`` package), the
 per-key/per-value decays ``gk``/``gv``, and context parallelism. ``elu_p1``, ``l2_warp`` and the
@@ -54,7 +56,8 @@ arguments, so it could decide by device). Checked against fla 0.6.0:
 
 * of the entry points the layers call, only ``chunk_gated_delta_rule`` (operation registry
   ``'gated_delta_rule'``), ``causal_conv1d_update``, ``swiglu_linear`` and ``cross_entropy_loss``
-  are dispatched. ``chunk_delta_rule``, ``fused_recurrent_delta_rule``,
+  are dispatched, and for KDA ``chunk_kda`` (``fused_recurrent_kda`` only through its inner
+  ``fused_recurrent_kda_fwd``). ``chunk_delta_rule``, ``fused_recurrent_delta_rule``,
   ``fused_recurrent_gated_delta_rule``, ``causal_conv1d``, ``rms_norm``, ``rms_norm_gated`` and
   ``swiglu`` are not; for those only inner Triton launchers are (``layer_norm_fwd``/``_bwd``,
   ``layer_norm_gated_fwd``/``_bwd``, ``causal_conv1d_fwd``/``_bwd``, ``swiglu_fwd``/``fwdbwd``,
@@ -67,7 +70,7 @@ arguments, so it could decide by device). Checked against fla 0.6.0:
 * ``FLA_DISABLE_BACKEND_DISPATCH=1`` turns every dispatch point into the plain Triton function
   (registered backends are never consulted), which would silently send CPU tensors back to Triton.
 
-So the backend registry could serve at most four of the fifteen entry points replaced here; one
+So the backend registry could serve at most five of the seventeen entry points replaced here; one
 mechanism for all of them (replace the entry point, decide by device) is simpler and has no such
 escape hatch.
 """
@@ -83,7 +86,7 @@ from typing import Any
 
 import torch
 
-from . import activations, conv, delta_rule, fla_decode, loss, norm
+from . import activations, conv, delta_rule, fla_decode, kda, loss, norm
 
 __all__ = ["install", "installed", "patches", "uninstall", "use_reference", "wants_reference_device"]
 
@@ -94,6 +97,8 @@ _FUNCTIONS: tuple[tuple[str, str, Callable], ...] = (
     ("fla.ops.gated_delta_rule.chunk", "chunk_gated_delta_rule", delta_rule.gated_delta_rule_chunk),
     ("fla.ops.gated_delta_rule.fused_recurrent", "fused_recurrent_gated_delta_rule",
      delta_rule.gated_delta_rule_recurrent),
+    ("fla.ops.kda.chunk", "chunk_kda", kda.chunk_kda),
+    ("fla.ops.kda.fused_recurrent", "fused_recurrent_kda", kda.fused_recurrent_kda),
     ("fla.modules.causal_conv1d.ops", "causal_conv1d", conv.causal_conv1d),
     ("fla.modules.causal_conv1d.ops", "causal_conv1d_update", conv.causal_conv1d_update),
     ("fla.modules.norm.layernorm", "rms_norm", norm.rms_norm),
@@ -118,8 +123,8 @@ _METHODS: tuple[tuple[str, str, str, Callable], ...] = (
      loss.fused_linear_cross_entropy_forward),
 )
 
-# every fla module the two model families import, so that copies of the functions exist to patch
-_PRELOAD = ("fla.layers", "fla.models", "fla.modules", "fla.ops.delta_rule", "fla.ops.gated_delta_rule")
+# every fla module the three model families import, so that copies of the functions exist to patch
+_PRELOAD = ("fla.layers", "fla.models", "fla.modules", "fla.ops.delta_rule", "fla.ops.gated_delta_rule", "fla.ops.kda")
 
 _lock = threading.RLock()
 

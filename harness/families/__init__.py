@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from harness.errors import HarnessError
 from harness.families.base import FamilyAdapter
+from harness.families.fla_kda import KDAAdapter
 from harness.families.fla_linear import DeltaNetAdapter, GatedDeltaNetAdapter
 from harness.families.hf_softmax import Qwen2Adapter, SoftmaxAdapter
 from harness.families.hybrid import HybridAdapter
 from harness.method import HYBRID_FAMILIES
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (GatedDeltaNetAdapter, DeltaNetAdapter, SoftmaxAdapter, Qwen2Adapter)
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (GatedDeltaNetAdapter, DeltaNetAdapter, KDAAdapter, SoftmaxAdapter,
+                                              Qwen2Adapter)
 FAMILIES = tuple(a.family for a in ADAPTERS) + HYBRID_FAMILIES
 
 

@@ -113,6 +113,10 @@ class FlaLinearAdapter(FamilyAdapter):
         # the activations that feed the delta rule: conv outputs, or projections without conv
         return (attn.q_conv1d, attn.k_conv1d) if attn.use_short_conv else (attn.q_proj, attn.k_proj)
 
+    def _fed(self, attn, y: torch.Tensor) -> torch.Tensor:
+        """What the kernel is fed, from the output of a `_qk_modules` module (the same, here)."""
+        return y
+
     def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
                 advance: Callable[[], None] | None = None) -> list[LayerData]:
         layers = self.layers(model)
@@ -125,8 +129,8 @@ class FlaLinearAdapter(FamilyAdapter):
         if ACTIVATIONS in needs:
             for i, attn in layers:
                 for name, module in zip("qk", self._qk_modules(attn)):
-                    def hook(_mod, _inp, out, key=(i, name), heads=attn.num_heads, d=attn.head_k_dim):
-                        y = out[0] if isinstance(out, tuple) else out
+                    def hook(_mod, _inp, out, key=(i, name), heads=attn.num_heads, d=attn.head_k_dim, attn=attn):
+                        y = self._fed(attn, out[0] if isinstance(out, tuple) else out)
                         rows = y.detach().reshape(-1, heads, d).transpose(0, 1).double().cpu()  # (H, N, d)
                         store[key] = stream_factor(store.get(key), rows)
                     handles.append(module.register_forward_hook(hook))
