@@ -2,12 +2,12 @@
 attention) each layer and head uses, along the sequence (docs/methods.md section 4; the state-rank
 analysis of Nazari & Rusch 2026). Metric definitions: `harness.suites.rank_metrics`.
 
-Linear attention (DeltaNet, Gated DeltaNet). The model runs on `num_sequences` held-out windows
+Linear attention (DeltaNet, Gated DeltaNet, KDA). The model runs on `num_sequences` held-out windows
 of `seq_len` tokens while a recorder keeps, per layer, the exact arguments that layer passes to
 fla's delta-rule op (`chunk_*` or `fused_recurrent_*`): q, k, v, beta, the gate with its `A_log`
 and `dt_bias`, and the flags saying what the kernel itself applies (l2norm, beta sigmoid, gate,
 state layout). Each call is then replayed through the token-loop reference
-(`harness.kernels.delta_rule.*_recurrent`) in segments of `every` tokens chained through
+(`harness.kernels.delta_rule.*_recurrent`; KDA: `harness.kernels.kda.fused_recurrent_kda`) in segments of `every` tokens chained through
 `initial_state`, so each segment's final state is the state at that position. Why the op call and
 not hooks on the short convs with the layer's post-processing recomputed: the recorded arguments
 are what the recurrence really consumed, whatever the layer did before (activation, sum-norm,
@@ -62,7 +62,7 @@ import torch
 from harness.calibration import load_text
 from harness.errors import HarnessError
 from harness.method import HYBRID_FAMILIES, LINEAR_FAMILIES, SOFTMAX_FAMILIES
-from harness.kernels import delta_rule
+from harness.kernels import delta_rule, kda
 from harness.suite import Headline, Metric, Suite, SuiteContext
 from harness.suites import rank_metrics as rm
 from harness.zoo.train import fixed_threads
@@ -74,6 +74,8 @@ REPLAY = {
     "fused_recurrent_delta_rule": delta_rule.delta_rule_recurrent,
     "chunk_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,
     "fused_recurrent_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,
+    "chunk_kda": kda.fused_recurrent_kda,  # KDA: the decay per key channel
+    "fused_recurrent_kda": kda.fused_recurrent_kda,
     # transformers' hybrids: the gated rule with g and beta already activated (the reference's defaults)
     "torch_chunk_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,
     "torch_recurrent_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,

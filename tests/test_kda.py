@@ -392,3 +392,70 @@ def test_every_linear_method_runs_on_kda(method):
         out = logits(pruned, LONG)
         assert torch.isfinite(out).all()
         assert not np.allclose(out.numpy(), logits(model, LONG).numpy(), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# suites: state rank (recorded op calls replayed) and speed
+
+
+def kda_cache_states(model, input_ids) -> list[torch.Tensor]:
+    """Each layer's recurrent state from the model's own fla cache ([V, K] there), as [B, HV, d_k, d_v]."""
+    with torch.no_grad():
+        cache = model(input_ids=input_ids, use_cache=True).past_key_values
+    return [cache[i]["recurrent_state"].transpose(-1, -2) for i in range(len(model.model.layers))]
+
+
+@pytest.mark.parametrize("over", [{}, dict(num_v_heads=4), dict(safe_gate=True, lower_bound=-5.0)],
+                         ids=["plain", "gva", "safe_gate"])
+def test_state_rank_replays_kda_calls_to_the_layers_own_states(over):
+    from harness.suites.state_rank import record_delta_rule_calls, replay_states
+
+    model = tiny_kda(**over)
+    layers = KDAAdapter().layers(model)
+    ids = torch.randint(3, 128, (2, 80), generator=torch.Generator().manual_seed(1))  # > 64 tokens: chunk_kda
+    with torch.no_grad(), record_delta_rule_calls(layers) as calls:
+        model(input_ids=ids)
+    final, prefix = kda_cache_states(model, ids), kda_cache_states(model, ids[:, :30])  # 30: fused_recurrent_kda
+    for index, _ in layers:
+        (call,) = calls[index]
+        assert call.op == "chunk_kda"
+        states = replay_states(call, [30, 80])
+        torch.testing.assert_close(states[0], prefix[index].float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(states[1], final[index].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_state_rank_suite_on_a_pruned_kda_model(tmp_path, text_file, char_tokenizer):
+    from harness.suite import SuiteContext
+    from harness.suites import rank_metrics as rm
+    from harness.suites.state_rank import StateRankSuite
+
+    model = tiny_kda()
+    adapter, selection = random_selection(model, 0.5)
+    adapter.apply(model, selection)  # head_k_dim 32 -> 16
+    suite = StateRankSuite(num_sequences=3, seq_len=40, every=16, batch_size=2, text_file=text_file)
+    ctx = SuiteContext("kda", "cpu", 3, tmp_path / "artifacts", lambda _d, _t: (lambda n=1: None))
+    rows = {r.name: r for r in suite.run(model, char_tokenizer, ctx)}
+    states = kda_cache_states(model, suite.sequences(char_tokenizer, ctx.seed))
+    for layer, state in enumerate(states):
+        assert state.shape[-2:] == (16, D)
+        u = rm.rank_utilization(state).mean(0)
+        for head in range(2):
+            row = rows[f"u_final/L{layer}H{head}"]
+            assert row.value == pytest.approx(u[head].item(), rel=1e-4) and row.details["d_k"] == 16
+
+
+def test_kda_cache_bytes_shrink_with_the_key_channels():
+    from harness.suites.speed import cache_bytes
+
+    model = tiny_kda()
+    with torch.no_grad():
+        dense = cache_bytes(model(input_ids=TOKENS, use_cache=True).past_key_values)
+    adapter, selection = random_selection(model, 0.5)
+    adapter.apply(model, selection)
+    with torch.no_grad():
+        pruned = cache_bytes(model(input_ids=TOKENS, use_cache=True).past_key_values)
+    # per layer: the state (2 sequences x 2 heads x d_v 32 x d_k, fp32) shrinks with d_k; so do the
+    # q and k conv states (2 heads x d_k channels x 4 taps x 2 sequences; v's is untouched)
+    state = lambda d: 2 * 2 * 32 * d * 4  # noqa: E731
+    conv = lambda d: 2 * 4 * 4 * (2 * 2 * d + 2 * 32)  # noqa: E731
+    assert dense - pruned == 2 * (state(32) - state(16) + conv(32) - conv(16))
