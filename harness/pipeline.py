@@ -98,6 +98,77 @@ def suites_for(names: Sequence[str], suite_params: dict[str, dict[str, Any]]) ->
     return suites
 
 
+@dataclass
+class Cells:
+    """The cells of one `run`: their keys, the ones the store has (reused unless `force`), and the
+    computing and storing of the others, each marked running, then complete or failed."""
+
+    store: ResultStore
+    run_cells: RunCells
+    suites: list[Suite]
+    loaded: Any  # harness.loader.LoadedModel
+    adapter: Any  # its FamilyAdapter
+    seed: int
+    force: bool
+    prov: dict[str, Any]
+    report: RunReport = field(default_factory=RunReport)
+
+    def keys(self, ratio: float, dense: bool, recovery: str = "none") -> list[tuple[RunKey, Suite | None]]:
+        return self.run_cells.cells(self.suites, ratio, dense, recovery)
+
+    def complete(self, ratio: float, stages: Sequence[str]) -> bool:
+        """Whether every compressed cell of `ratio` in `stages` is complete in the store (never with `force`)."""
+        return not self.force and all(self.store.status(k) == COMPLETE
+                                      for r in stages for k, _ in self.keys(ratio, False, r))
+
+    def record(self, k: RunKey, metrics: list[Metric], cached: bool) -> None:
+        for m in metrics:
+            self.report.rows.append({"model": k.model, "family": k.family, "method": k.method, "ratio": k.ratio,
+                                     "recovery": k.recovery, "suite": k.suite, "metric": m.name, "value": m.value,
+                                     "unit": m.unit, "cached": cached})
+
+    def reuse(self, k: RunKey) -> None:
+        """Report a cell the store has complete."""
+        self.record(k, self.store.metrics(k), True)
+        self.report.reused += 1
+
+    def evaluate(self, model, selection: ChannelSelection, ratio: float, dense: bool, bar: Bars,
+                 recovery: str = "none") -> None:
+        for k, suite in self.keys(ratio, dense, recovery):
+            if not self.force and self.store.status(k) == COMPLETE:
+                self.reuse(k)
+            else:
+                self.compute(k, suite, model, selection, dense, bar)
+
+    def compute(self, k: RunKey, suite: Suite | None, model, selection: ChannelSelection, dense: bool,
+                bar: Bars) -> None:
+        """One cell: the compression cell (suite None) or a suite's, stored as complete or failed."""
+        self.store.begin(k, kept_ratio=selection.kept_ratio, selection_digest=selection.digest)
+        art = self.store.artifacts_dir(k)
+        selection.save(art / "selection.json")
+        started = time.perf_counter()
+        try:
+            if suite is None:
+                metrics = self.adapter.bytes_metrics(model, selection)
+            else:
+                ctx = SuiteContext(self.loaded.family, self.loaded.device, self.seed, art, bar.task,
+                                   reference=None if dense else self.loaded.model)
+                metrics = suite.run(model, self.loaded.tokenizer, ctx)
+        except BaseException as exc:  # Ctrl-C too: the cell is marked, finished cells stay
+            self.store.fail(k, f"{type(exc).__name__}: {exc}")
+            raise
+        bad = non_finite(suite, metrics) if suite is not None else []
+        if bad:
+            reason = f"non-finite {', '.join(bad)}: the model's outputs are not finite (NaN or infinite weights?)"
+            self.store.fail(k, reason)
+            self.report.failed.append(f"{k.method} {k.ratio} {k.suite}: {reason}")
+            return
+        self.store.finish(k, metrics, prov={**self.prov, "duration_s": time.perf_counter() - started},
+                          duration_s=time.perf_counter() - started)
+        self.record(k, metrics, False)
+        self.report.computed += 1
+
+
 def run(
     model: str | None = None,
     method: str = "drrqr",
@@ -142,82 +213,40 @@ def run(
     if not suite_objs:
         raise HarnessError(f"none of the suites {', '.join(suites)} applies to {loaded.family} models")
 
-    report = RunReport()
-    prov = provenance.collect(loaded.device)
     run_cells = RunCells(loaded.name, loaded.digest, loaded.family, p.method_name, p.method_key(), seed,
                          calibration.key() if p.calibrated else {}, lora.key() if lora is not None else None)
-    stages = run_cells.stages
-
-    def cells(ratio: float, dense_cell: bool, recovery: str = "none") -> list[tuple[RunKey, Suite | None]]:
-        return run_cells.cells(suite_objs, ratio, dense_cell, recovery)
-
-    def record(k: RunKey, metrics: list[Metric], cached: bool) -> None:
-        for m in metrics:
-            report.rows.append({"model": k.model, "family": k.family, "method": k.method, "ratio": k.ratio,
-                                "recovery": k.recovery, "suite": k.suite, "metric": m.name, "value": m.value,
-                                "unit": m.unit, "cached": cached})
-
-    def evaluate(model, selection: ChannelSelection, ratio: float, dense_cell: bool, bar: Bars,
-                 recovery: str = "none") -> None:
-        for k, suite in cells(ratio, dense_cell, recovery):
-            if not force and results.status(k) == COMPLETE:
-                record(k, results.metrics(k), True)
-                report.reused += 1
-                continue
-            results.begin(k, kept_ratio=selection.kept_ratio, selection_digest=selection.digest)
-            art = results.artifacts_dir(k)
-            selection.save(art / "selection.json")
-            started = time.perf_counter()
-            try:
-                if suite is None:
-                    metrics = adapter.bytes_metrics(model, selection)
-                else:
-                    ctx = SuiteContext(loaded.family, loaded.device, seed, art, bar.task,
-                                       reference=None if dense_cell else loaded.model)
-                    metrics = suite.run(model, loaded.tokenizer, ctx)
-            except BaseException as exc:  # Ctrl-C too: the cell is marked, finished cells stay
-                results.fail(k, f"{type(exc).__name__}: {exc}")
-                raise
-            bad = non_finite(suite, metrics) if suite is not None else []
-            if bad:
-                reason = (f"non-finite {', '.join(bad)}: the model's outputs are not finite "
-                          "(NaN or infinite weights?)")
-                results.fail(k, reason)
-                report.failed.append(f"{k.method} {k.ratio} {k.suite}: {reason}")
-                continue
-            results.finish(k, metrics, prov={**prov, "duration_s": time.perf_counter() - started},
-                           duration_s=time.perf_counter() - started)
-            record(k, metrics, False)
-            report.computed += 1
-
-    def all_done(ratio: float) -> bool:
-        return not force and all(results.status(k) == COMPLETE for r in stages for k, _ in cells(ratio, False, r))
-
+    cells = Cells(results, run_cells, suite_objs, loaded, adapter, seed, force, provenance.collect(loaded.device))
     with bars(progress) as bar:
         if dense:
-            evaluate(loaded.model, adapter.full_selection(loaded.model), 0.0, True, bar)
-        todo = [r for r in p.ratios if not all_done(r) or save is not None]
+            cells.evaluate(loaded.model, adapter.full_selection(loaded.model), 0.0, True, bar)
+        todo = [r for r in p.ratios if save is not None or not cells.complete(r, run_cells.stages)]
         layer_data = p.capture(bar) if todo else None
         for ratio in p.ratios:
-            if ratio not in todo:
-                for k, _ in (c for r in stages for c in cells(ratio, False, r)):
-                    record(k, results.metrics(k), True)
-                    report.reused += 1
-                continue
-            pruned, selection = p.compress(layer_data, ratio, bar)
-            if save is not None:
-                report.saved.append(p.save(pruned, selection, save))
-            evaluate(pruned, selection, ratio, False, bar)
-            if lora is not None:
-                if all(results.status(k) == COMPLETE for k, _ in cells(ratio, False, "lora")) and not force and save is None:
-                    evaluate(pruned, selection, ratio, False, bar, "lora")  # records the cached cells
-                    continue
-                from harness.recovery import lora_recover
+            if ratio in todo:
+                _compress_and_evaluate(p, cells, layer_data, ratio, bar, save, lora)
+            else:
+                for k, _ in (c for r in run_cells.stages for c in cells.keys(ratio, False, r)):
+                    cells.reuse(k)
+    return cells.report
 
-                recovered, stats = lora_recover(pruned, loaded.tokenizer, lora, text_file=calibration.text_file,
-                                                advance=bar.task(f"lora {ratio:g}", lora.steps))
-                if save is not None:
-                    report.saved.append(p.save(recovered, selection, save, suffix="-lora"))
-                evaluate(recovered, selection, ratio, False, bar, "lora")
-            del pruned
-    return report
+
+def _compress_and_evaluate(p, cells: Cells, layer_data, ratio: float, bar: Bars, save: str | Path | None,
+                           lora) -> None:
+    """One ratio of `run`: compress, save if asked, evaluate; then (with `lora`) recover and evaluate
+    the recovered model, unless its cells are all in the store already."""
+    pruned, selection = p.compress(layer_data, ratio, bar)
+    if save is not None:
+        cells.report.saved.append(p.save(pruned, selection, save))
+    cells.evaluate(pruned, selection, ratio, False, bar)
+    if lora is None:
+        return
+    if save is None and cells.complete(ratio, ["lora"]):
+        cells.evaluate(pruned, selection, ratio, False, bar, "lora")  # records the cached cells
+        return
+    from harness.recovery import lora_recover
+
+    recovered, _stats = lora_recover(pruned, p.loaded.tokenizer, lora, text_file=p.calibration.text_file,
+                                     advance=bar.task(f"lora {ratio:g}", lora.steps))
+    if save is not None:
+        cells.report.saved.append(p.save(recovered, selection, save, suffix="-lora"))
+    cells.evaluate(recovered, selection, ratio, False, bar, "lora")
