@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 from contextlib import contextmanager
@@ -173,6 +175,66 @@ DETAIL = typer.Option(False, "--detail", help="the full table: every metric, bre
                                             "included, instead of the headline summary")
 
 
+class Compression:
+    """The options `run` and `prune` share (what to compress, with which method, on which
+    calibration data, where), declared once in `_compression_options` and handed to the command
+    as this one object."""
+
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+    def method_params(self) -> tuple[dict[str, str], dict[str, str]]:
+        return _method_params(self.param, self.mask, self.attn_method, self.attn_param)
+
+    def plan_args(self) -> dict:
+        """The keyword arguments `compress.plan` (and so `pipeline.run` and `compress.prune`) takes."""
+        from harness.calibration import CalibrationSpec
+
+        method_params, attn_params = self.method_params()
+        return dict(method_params=method_params, attn_method=self.attn_method, attn_method_params=attn_params,
+                    seed=self.seed, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                    calibration=CalibrationSpec(self.calib_samples, self.calib_seq_len, self.calib_file, self.seed,
+                                                self.calib_dataset, self.calib_split, self.calib_column))
+
+
+def _compression_options(
+    method: str = METHOD,
+    model: Optional[str] = MODEL,
+    ratio: List[str] = RATIO,
+    param: List[str] = PARAM,
+    attn_method: Optional[str] = ATTN_METHOD,
+    attn_param: List[str] = ATTN_PARAM,
+    mask: Optional[Path] = MASK,
+    seed: int = SEED,
+    calib_samples: int = CALIB_SAMPLES,
+    calib_seq_len: int = CALIB_SEQ_LEN,
+    calib_file: Optional[str] = CALIB_FILE,
+    calib_dataset: Optional[str] = CALIB_DATASET,
+    calib_split: str = CALIB_SPLIT,
+    calib_column: str = CALIB_COLUMN,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    trust_remote_code: bool = TRUST,
+    quiet: bool = QUIET,
+) -> None:
+    """The signature the options of `Compression` are read from (typer reads parameters)."""
+
+
+def with_compression_options(command):
+    """`command(c: Compression, **its own options)` as a typer command whose options are
+    `_compression_options`' followed by its own."""
+    shared = inspect.signature(_compression_options, eval_str=True).parameters
+    own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "c"]
+
+    @functools.wraps(command)
+    def wrapper(**values):
+        return command(Compression(**{name: values.pop(name) for name in shared}), **values)
+
+    wrapper.__signature__ = inspect.Signature([*shared.values(), *own])
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*shared.values(), *own]}
+    return wrapper
+
+
 def print_results(rows, title: str, detail: bool) -> None:
     """The headline summary per model, or with `detail` the full table (every metric, breakdowns)."""
     from harness.report import LEGEND, rich_table, summary_tables
@@ -187,26 +249,12 @@ def print_results(rows, title: str, detail: bool) -> None:
 
 
 @app.command()
+@with_compression_options
 def run(
-    method: str = METHOD,
-    model: Optional[str] = MODEL,
-    ratio: List[str] = RATIO,
+    c: Compression,
     suite: List[str] = typer.Option(["all"], "--suite", "-s", help="suites to run, comma-separated, or 'all' (those that apply to the model)"),
-    param: List[str] = PARAM,
-    attn_method: Optional[str] = ATTN_METHOD,
-    attn_param: List[str] = ATTN_PARAM,
-    mask: Optional[Path] = MASK,
     suite_param: List[str] = typer.Option([], "--suite-param", help="suite parameter suite.key=value, e.g. --suite-param ppl.limit=4096"),
-    seed: int = SEED,
-    calib_samples: int = CALIB_SAMPLES,
-    calib_seq_len: int = CALIB_SEQ_LEN,
-    calib_file: Optional[str] = CALIB_FILE,
-    calib_dataset: Optional[str] = CALIB_DATASET,
-    calib_split: str = CALIB_SPLIT,
-    calib_column: str = CALIB_COLUMN,
     store: Path = STORE,
-    device: str = DEVICE,
-    dtype: str = DTYPE,
     dense: bool = typer.Option(True, help="also evaluate the uncompressed model (the reference row)"),
     save: Optional[Path] = typer.Option(None, help="write each compressed model as a save_pretrained folder under this directory"),
     force: bool = typer.Option(False, help="recompute cells already complete in the store"),
@@ -215,19 +263,15 @@ def run(
     lora_rank: int = typer.Option(8, help="LoRA rank"),
     lora_lr: float = typer.Option(1e-3, help="LoRA learning rate"),
     lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="comma-separated module names LoRA adapts"),
-    trust_remote_code: bool = TRUST,
     detail: bool = DETAIL,
-    quiet: bool = QUIET,
 ) -> None:
     """Compress a model and evaluate it; print the headline results (the full table with --detail)."""
     from harness import registry
 
     with user_errors():  # names first: a typo is refused before torch and the models are imported
-        for name in filter(None, (method, attn_method)):
+        for name in filter(None, (c.method, c.attn_method)):
             for part in name.split("+"):
                 registry.require(registry.METHODS, part)
-    from harness.calibration import CalibrationSpec
-    from harness.params import parse_pairs
     from harness.pipeline import run as run_pipeline
 
     with user_errors():
@@ -238,19 +282,14 @@ def run(
         if finetune == "lora":
             from harness.recovery import LoraSpec
 
-            lora = LoraSpec(steps=lora_steps, rank=lora_rank, lr=lora_lr, seed=seed,
+            lora = LoraSpec(steps=lora_steps, rank=lora_rank, lr=lora_lr, seed=c.seed,
                             targets=tuple(_csv([lora_targets])))
-        method_params, attn_params = _method_params(param, mask, attn_method, attn_param)
         report = run_pipeline(
-            model=model, method=method, ratios=_ratios(ratio), suites=_csv(suite),
-            method_params=method_params, suite_params=suite_params, seed=seed,
-            attn_method=attn_method, attn_method_params=attn_params,
-            calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed, calib_dataset, calib_split, calib_column), store=store,
-            device=device, dtype=dtype, trust_remote_code=trust_remote_code, dense=dense, save=save,
-            force=force, progress=not quiet, lora=lora,
+            model=c.model, method=c.method, ratios=_ratios(c.ratio), suites=_csv(suite), suite_params=suite_params,
+            store=store, dense=dense, save=save, force=force, progress=not c.quiet, lora=lora, **c.plan_args(),
         )
-    title = method if attn_method is None else f"{method} (linear) + {attn_method} (attention)"
-    print_results(report.rows, f"{title} on {model or 'deltanet-tiny'}", detail)
+    title = c.method if c.attn_method is None else f"{c.method} (linear) + {c.attn_method} (attention)"
+    print_results(report.rows, f"{title} on {c.model or 'deltanet-tiny'}", detail)
     out_console.print(f"{report.computed} cells computed, {report.reused} reused from {store}")
     for failure in report.failed:
         typer.echo(f"failed cell: {failure}", err=True)
@@ -261,39 +300,16 @@ def run(
 
 
 @app.command()
+@with_compression_options
 def prune(
-    method: str = METHOD,
+    c: Compression,
     out: Path = typer.Option(..., "--out", "-o", help="directory; one save_pretrained folder per ratio is written in it"),
-    model: Optional[str] = MODEL,
-    ratio: List[str] = RATIO,
-    param: List[str] = PARAM,
-    attn_method: Optional[str] = ATTN_METHOD,
-    attn_param: List[str] = ATTN_PARAM,
-    mask: Optional[Path] = MASK,
-    seed: int = SEED,
-    calib_samples: int = CALIB_SAMPLES,
-    calib_seq_len: int = CALIB_SEQ_LEN,
-    calib_file: Optional[str] = CALIB_FILE,
-    calib_dataset: Optional[str] = CALIB_DATASET,
-    calib_split: str = CALIB_SPLIT,
-    calib_column: str = CALIB_COLUMN,
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    trust_remote_code: bool = TRUST,
-    quiet: bool = QUIET,
 ) -> None:
     """Compress a model and write plain checkpoints (loadable with fla/transformers), no evaluation."""
-    from harness.calibration import CalibrationSpec
     from harness.compress import prune as prune_model
 
     with user_errors():
-        method_params, attn_params = _method_params(param, mask, attn_method, attn_param)
-        folders = prune_model(
-            model, method, _ratios(ratio), out, method_params=method_params, seed=seed,
-            attn_method=attn_method, attn_method_params=attn_params,
-            calibration=CalibrationSpec(calib_samples, calib_seq_len, calib_file, seed, calib_dataset, calib_split, calib_column), device=device,
-            dtype=dtype, trust_remote_code=trust_remote_code, progress=not quiet,
-        )
+        folders = prune_model(c.model, c.method, _ratios(c.ratio), out, progress=not c.quiet, **c.plan_args())
     for folder in folders:
         out_console.print(Text(f"saved {folder}"))
 
