@@ -1,6 +1,6 @@
 """Plain-torch references for fla's Triton kernels, and the switch that routes fla to them.
 
-``harness.kernels.install()`` (= ``fla_cpu.install``) makes fla's DeltaNet / Gated DeltaNet
+``harness.kernels.install()`` (= ``fla_cpu.install``) makes fla's DeltaNet / Gated DeltaNet / KDA
 models run on CPU tensors; CUDA tensors still take fla's own kernels, except one-token decode
 steps, which take our Triton step (``fla_decode``; ``HARNESS_FLA_DECODE=fla`` keeps fla's). The
 references can also be called directly: ``delta_rule_chunk``, ``gated_delta_rule_recurrent``,
