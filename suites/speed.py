@@ -60,24 +60,31 @@ def stats(samples: list[float]) -> dict[str, float]:
             "rounds": len(ordered)}
 
 
-def cache_bytes(cache) -> int:
-    """Bytes of the tensors a generation cache holds (its own count when it keeps one)."""
+STATE_NAMES = frozenset({"recurrent_state", "recurrent_states", "conv_state", "conv_states", "state"})
+
+
+def cache_bytes(cache, moved: bool = False) -> int:
+    """Bytes of the tensors a generation cache holds (its own count when it keeps one). `moved`:
+    the bytes one decode step moves through it instead: a recurrent or convolution state (a tensor
+    under one of `STATE_NAMES`) is read and rewritten whole, so it counts twice; keys and values
+    are read once."""
+    weight = lambda name: 2 if moved and name in STATE_NAMES else 1  # noqa: E731
     if hasattr(cache, "nbytes") and callable(cache.nbytes):
-        return sum(cache.nbytes().values())
+        return sum(weight(name) * n for name, n in cache.nbytes().items())
     seen: set[int] = set()
 
-    def walk(x, depth: int) -> int:
+    def walk(x, depth: int, name: str = "") -> int:
         if torch.is_tensor(x):
             if x.data_ptr() in seen or x.numel() == 0:
                 return 0
             seen.add(x.data_ptr())
-            return x.numel() * x.element_size()
+            return weight(name) * x.numel() * x.element_size()
         if isinstance(x, (list, tuple)):
-            return sum(walk(y, depth) for y in x)
+            return sum(walk(y, depth, name) for y in x)
         if isinstance(x, dict):
-            return sum(walk(y, depth) for y in x.values())
+            return sum(walk(y, depth, k if isinstance(k, str) else name) for k, y in x.items())
         if depth < 4 and hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module):
-            return sum(walk(y, depth + 1) for y in vars(x).values())
+            return sum(walk(y, depth + 1, k) for k, y in vars(x).items())
         return 0
 
     return walk(cache, 0)
@@ -166,14 +173,9 @@ class SpeedSuite(Suite):
                 torch.cuda.reset_peak_memory_stats(device)
             prefills, decodes = [], []
             for _ in range(self.repeats):
-                prefill, steps, nbytes = once(model, prompt)
+                prefill, steps, nbytes, read = once(model, prompt)
                 prefills.append(prefill)
                 decodes += steps
-            # what a decode step reads from the cache, halfway through the new tokens (generate: its
-            # cache at the end, which holds all but the last token)
-            read = nbytes
-            if engine == "static":
-                read = model.__dict__["_harness_decoder"].state.read_bytes(prompt.shape[1] + self.new_tokens // 2)
         finally:
             if engine == "static":
                 from harness import graph_decode
@@ -185,8 +187,9 @@ class SpeedSuite(Suite):
             result["peak_memory"] = torch.cuda.max_memory_allocated(device)
         return result
 
-    def _generate_run(self, model, prompt: torch.Tensor) -> tuple[float, list[float], int]:
-        """One `generate` of `new_tokens`: (prefill s, decode step s, cache bytes)."""
+    def _generate_run(self, model, prompt: torch.Tensor) -> tuple[float, list[float], int, int]:
+        """One `generate` of `new_tokens`: (prefill s, decode step s, cache bytes, bytes a step moves
+        through the cache)."""
         # transformers sizes a StaticCache to the longest one this model ever had (to spare
         # torch.compile a recompile): a short prompt after a long one would be timed and counted
         # with the long one's cache (16 x 16416 slots for 16 x 4096 after 4 x 16384)
@@ -195,11 +198,13 @@ class SpeedSuite(Suite):
         clock = StepClock(prompt.device)
         out = model.generate(prompt, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False,
                              pad_token_id=pad, return_dict_in_generate=True, streamer=clock)
-        return clock.prefill(), clock.steps(), cache_bytes(out.past_key_values)
+        cache = out.past_key_values  # at the end: all but the last token, about what a late step reads
+        return clock.prefill(), clock.steps(), cache_bytes(cache), cache_bytes(cache, moved=True)
 
-    def _static_run(self, model, prompt: torch.Tensor) -> tuple[float, list[float], int]:
+    def _static_run(self, model, prompt: torch.Tensor) -> tuple[float, list[float], int, int]:
         """One prefill and `new_tokens` tokens through the static decode loop (its decoder, cache
-        and captured step kept between runs of the same shape)."""
+        and captured step kept between runs of the same shape); the same four values as
+        `_generate_run` (the bytes a step moves: halfway through the new tokens)."""
         from harness import graph_decode
 
         batch, context = prompt.shape
@@ -213,7 +218,7 @@ class SpeedSuite(Suite):
 
         seconds = timed(prefill, prompt.device)
         _, steps = dec.decode(first, self.new_tokens, timed=True)
-        return seconds, steps, sum(dec.state.nbytes().values())
+        return seconds, steps, sum(dec.state.nbytes().values()), dec.state.read_bytes(context + self.new_tokens // 2)
 
     def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
         from harness.provenance import device_name

@@ -51,3 +51,19 @@ def test_statistics_and_cache_bytes():
     assert cache_bytes(holder) == 4 * 8 * 4 + 2 * 2
     with pytest.raises(ValueError, match="contexts"):
         SpeedSuite(contexts="a,b")
+
+
+def test_bytes_a_step_moves_count_rewritten_states_twice():
+    """A recurrent or conv state is read and rewritten whole each step; keys and values are read once."""
+    import torch
+    from conftest import tiny_model
+    from harness.kernels import fla_cpu
+
+    fla_cpu.install()
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        state = tiny_model("deltanet")(ids, use_cache=True).past_key_values
+    assert cache_bytes(state) > 0 and cache_bytes(state, moved=True) == 2 * cache_bytes(state)
+    holder = type("Cache", (), {})()
+    holder.layers = [{"keys": torch.zeros(4, 8), "recurrent_state": torch.zeros(2, 8)}]
+    assert cache_bytes(holder) == (32 + 16) * 4 and cache_bytes(holder, moved=True) == (32 + 2 * 16) * 4
