@@ -49,6 +49,19 @@ def test_documents_are_answerable_and_share_no_template_with_ruler(data):
     assert tasks == {"passkey", "lookup", "multi", "binding"}
 
 
+def test_the_loss_weighs_answers_as_much_as_all_the_text():
+    class Fixed(torch.nn.Module):  # logits favour token 1 everywhere
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.zeros(*input_ids.shape, 4)
+            logits[..., 1] = 2.0
+            return type("Out", (), {"logits": logits})()
+
+    ids = torch.tensor([[0, 1, 1, 3, 1]])
+    weights = torch.tensor([[0.0, 1.0, 1.0, 2.0, 0.0]])
+    loss, ce, w = retrieval.weighted_loss(Fixed(), ids, weights, answer_weight=1.0)
+    assert loss.item() == pytest.approx(ce[:2].mean().item() + ce[2].item())  # text mean + answer mean, padding out
+
+
 def test_pairs_repeat_every_key_with_its_value():
     src = retrieval.Sources(["a line"], [3], ["word"] * 10, 2048, frozenset({0, 1, 2}))
     head, filler, tail, group = retrieval.pairs(random.Random(3), src, 200)
@@ -65,7 +78,7 @@ def test_batches_are_seeded_and_weight_answers(data):
     assert torch.equal(a_ids, b_ids) and torch.equal(a_w, b_w) and not torch.equal(a_ids, c_ids)
     assert a_ids.shape == a_w.shape == (10, 257)
     assert (a_w[:4] == 1).sum() == 4 * 256  # 40% corpus rows: plain LM (weight 1, first position unscored)
-    assert (a_w[4:] == data.answer_weight).any(dim=1).all()  # every retrieval row has answer tokens
+    assert (a_w[4:] == 2).any(dim=1).all()  # every retrieval row has answer tokens
     assert (a_w[a_ids == data.pad] == 0).all()
 
 
@@ -76,8 +89,9 @@ def test_build_writes_a_folder_that_reloads(tmp_path):
     path, model = zoo.build_model("llama-retrieval-tiny", out_dir=out, steps=2, seed=0, progress=False,
                                   batch_size=1, seq_len=64)
     info = json.loads((path / "zoo.json").read_text())
-    assert info["task"] == "retrieval" and info["steps"] == 2 and info["train_config"]["lengths"] == [32, 32, 64, 64]
+    assert info["task"] == "retrieval" and info["steps"] == 2 and info["train_config"]["lengths"] == [32, 32, 64]
     assert "none of the RULER suite's" in info["training_data"]
+    assert info["init_from"] == "llama-tiny" and len(info["init_sha256"]) == 64
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():

@@ -40,6 +40,14 @@ def _gated_deltanet_config():
     return GatedDeltaNetConfig(num_heads=HEADS, head_dim=HEAD_DIM, expand_v=2.0, **COMMON)
 
 
+def _kda_config():
+    from fla.models import KDAConfig
+
+    # Kimi Delta Attention: head_dim is the key dimension (one decay per key channel); values as
+    # wide (expand_v 1), so pruning keeps head_v_dim = 32 with expand_v = 32 / kept
+    return KDAConfig(num_heads=HEADS, head_dim=HEAD_DIM, expand_v=1.0, **COMMON)
+
+
 def _llama_config():
     from transformers import LlamaConfig
 
@@ -84,8 +92,9 @@ class RetrievalRecipe(TrainRecipe):
     (shorter steps get more rows, so every step sees about the same tokens)."""
 
     lm_fraction: float = 0.4  # rows of plain corpus text; the rest are retrieval documents
-    answer_weight: float = 4.0  # loss weight of answer tokens
-    length_quarters: tuple[int, ...] = (1, 2, 4, 4)
+    answer_weight: float = 1.0  # the answer tokens' mean loss, against the text tokens' mean (harness.zoo.retrieval.weighted_loss)
+    length_quarters: tuple[int, ...] = (1, 2, 4)
+    init_from: str = ""  # a text zoo model whose shipped weights training starts from ("": random init)
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,8 @@ ZOO: dict[str, ZooEntry] = {
                  "fla DeltaNet, 4 layers x 4 heads, d_k = d_v = 32"),
         ZooEntry("gated-deltanet-tiny", "gated_deltanet", _gated_deltanet_config, TrainRecipe(steps=550),
                  "fla Gated DeltaNet, 4 layers x 4 heads, d_k = 32, d_v = 64"),
+        ZooEntry("kda-tiny", "kda", _kda_config, TrainRecipe(steps=450),
+                 "fla Kimi Delta Attention (a decay per key channel), 4 layers x 4 heads, d_k = d_v = 32"),
         ZooEntry("llama-tiny", "llama", _llama_config, TrainRecipe(steps=1000),
                  "transformers Llama (softmax attention, RoPE), 4 layers x 4 heads, head_dim 32"),
         ZooEntry("qwen35-hybrid-tiny", "qwen3_5", _qwen35_hybrid_config, TrainRecipe(steps=600),
@@ -124,16 +135,16 @@ ZOO: dict[str, ZooEntry] = {
                  "fla DeltaNet, 2 layers x 4 heads, d_k = 32, trained on MQAR (the mqar suite's capacity probe)",
                  task="mqar"),
         ZooEntry("llama-retrieval-tiny", "llama", _llama_config,
-                 RetrievalRecipe(steps=500, batch_size=8, seq_len=1024, warmup_steps=50),
-                 "llama-tiny's shape, trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="llama-tiny"),
+                 "llama-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens",
                  task="retrieval"),
         ZooEntry("deltanet-retrieval-tiny", "deltanet", _deltanet_config,
-                 RetrievalRecipe(steps=500, batch_size=8, seq_len=1024, warmup_steps=50),
-                 "deltanet-tiny's shape, trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="deltanet-tiny"),
+                 "deltanet-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens",
                  task="retrieval"),
         ZooEntry("qwen35-hybrid-retrieval-tiny", "qwen3_5", _qwen35_hybrid_config,
-                 RetrievalRecipe(steps=500, batch_size=8, seq_len=1024, warmup_steps=50),
-                 "qwen35-hybrid-tiny's shape, trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="qwen35-hybrid-tiny"),
+                 "qwen35-hybrid-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens",
                  task="retrieval"),
     )
 }

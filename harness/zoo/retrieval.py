@@ -24,7 +24,8 @@ transfer to templates the model never saw. What a training document can be:
 
 Fillers: contiguous lines of the corpus train split with their line breaks (needles go between
 lines), or runs of the generator's own noise sentences (`NOISE`). The held-out split is never used.
-The loss is next-token cross-entropy over every token, answer tokens weighted `answer_weight`.
+The loss (`weighted_loss`) is the mean next-token cross-entropy over text tokens plus `answer_weight`
+times the mean over answer tokens: the few answer tokens pull as hard as all the text.
 
 Determinism: a document is a function of the `random.Random` it is given; the builder seeds one
 per step.
@@ -80,7 +81,7 @@ BIND_QUESTIONS = (
 NOISE = ("Nothing happens here.", "The river keeps flowing.", "Keep reading.", "All is quiet.",
          "A bird sings in the tree.", "Time passes slowly.", "The room is empty.", "Clouds drift by.")
 JOINERS = ("-", "-", "_", ".", " ")
-TASK_WEIGHTS = (("lookup", 0.7), ("binding", 0.15), ("pairs", 0.15))
+TASK_WEIGHTS = (("lookup", 0.6), ("binding", 0.15), ("pairs", 0.1), ("copy", 0.15))
 
 
 @dataclass
@@ -270,16 +271,14 @@ def pairs(rng: random.Random, src: Sources, tokens: int):
 class RetrievalData:
     """Batches of token rows for training: corpus windows and retrieval documents, at a fixed length.
 
-    `batch(rng, rows, length)` returns (input_ids, weights), both (rows, length + 1): the loss of
-    predicting position t + 1 is weighted by weights[:, t + 1] (0 on padding, `answer_weight` on
-    answer tokens, 1 elsewhere)."""
+    `batch(rng, rows, length)` returns (input_ids, weights), both (rows, length + 1): weights[:, t + 1]
+    marks what predicting position t + 1 is (0 padding, 2 an answer token, 1 text); see weighted_loss."""
 
-    def __init__(self, tokenizer, train_text: str, train_ids, lm_fraction: float = 0.4, answer_weight: float = 4.0):
+    def __init__(self, tokenizer, train_text: str, train_ids, lm_fraction: float = 0.4):
         self.tokenizer = tokenizer
         self.src = make_sources(train_text, tokenizer)
         self.train_ids = train_ids
         self.lm_fraction = lm_fraction
-        self.answer_weight = answer_weight
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
 
@@ -290,6 +289,16 @@ class RetrievalData:
         task = rng.choices([t for t, _ in TASK_WEIGHTS], [w for _, w in TASK_WEIGHTS])[0]
         target = rng.randint(length // 3, length) if rng.random() < 0.3 else length
         seed = rng.getrandbits(64)  # the document's own stream: a retry with less filler redraws the same document
+        if task == "copy":
+            sub = random.Random(seed)
+            span = sub.randint(16, max(16, min(128, target // 3)))
+            gap = max(0, target - 2 * span - 1)
+            a = sub.randrange(len(self.train_ids) - span)
+            b = sub.randrange(len(self.train_ids) - gap - 1)
+            first = self.train_ids[a:a + span].tolist()
+            ids = first + self.train_ids[b:b + gap].tolist() + [self.eos] + first
+            weights = [1.0] * (len(ids) - span) + [1.0] + [2.0] * (span - 1)
+            return ids[:length + 1], weights[:length + 1]
         if task == "pairs":
             head, filler, tail, group = pairs(random.Random(seed), self.src, target)
             if filler:
@@ -299,7 +308,7 @@ class RetrievalData:
             ids = head + list(filler) + tail
             # the values of the second pass are the answers (key, value[, separator] per group)
             weights = [1.0] * (len(head) + len(filler)) + [
-                self.answer_weight if i % group == 1 else 1.0 for i in range(len(tail))]
+                2.0 if i % group == 1 else 1.0 for i in range(len(tail))]
             return ids[:length + 1], weights[:length + 1]
         make = lookup if task == "lookup" else binding
         filler = target - 60
@@ -313,8 +322,8 @@ class RetrievalData:
         else:
             prompt = prompt[-(length - len(answer)):]
         ids = prompt + answer + [self.eos]
-        weights = [1.0] * len(prompt) + [self.answer_weight] * len(answer) + [1.0]
-        return ids, weights
+        weights = [1.0] * len(prompt) + [2.0] * len(answer) + [1.0]
+        return ids[-(length + 1):], weights[-(length + 1):]
 
     def batch(self, rng: random.Random, rows: int, length: int):
         import torch
@@ -337,14 +346,26 @@ class RetrievalData:
 
 # ------------------------------------------------------------------------------------ training
 
-def weighted_loss(model, ids, weights):
-    """Weighted next-token cross-entropy: position t predicts ids[:, t + 1] with weight weights[:, t + 1]."""
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weighted_loss(model, ids, weights, answer_weight: float = 1.0):
+    """Next-token cross-entropy, position t predicting ids[:, t + 1]: the mean over text positions
+    (weight 1) plus `answer_weight` times the mean over answer positions (weight > 1), so the few
+    answer tokens pull as hard as all the text does. Returns (loss, per-token ce, weights)."""
     import torch.nn.functional as F
 
     logits = model(input_ids=ids[:, :-1], use_cache=False).logits.float()
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none")
     w = weights[:, 1:].reshape(-1)
-    return (ce * w).sum() / w.sum(), ce.detach(), w
+    text, answer = w == 1, w > 1
+    loss = ce[text].mean() if bool(text.any()) else ce.sum() * 0
+    if bool(answer.any()):
+        loss = loss + answer_weight * ce[answer].mean()
+    return loss, ce.detach(), w
 
 
 def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, seed: int = 0, progress: bool = True,
@@ -391,7 +412,7 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
     corpus = load_corpus()
     tokenizer = corpus_tokenizer(corpus)
     train_ids, heldout_ids = token_streams(corpus, tokenizer)
-    data = RetrievalData(tokenizer, corpus.train_text, train_ids, recipe.lm_fraction, recipe.answer_weight)
+    data = RetrievalData(tokenizer, corpus.train_text, train_ids, recipe.lm_fraction)
     cfg = TrainConfig(steps=steps, batch_size=rows, seq_len=longest, lr=recipe.lr,
                       warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), weight_decay=recipe.weight_decay,
                       seed=seed, threads=threads)
@@ -399,7 +420,15 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
     with fixed_threads(threads):
         torch.manual_seed(seed)
         config = spec.config()
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if recipe.init_from:  # the shipped weights of a text zoo model of the same shape
+            base = default_path(recipe.init_from)
+            if not (base / "model.safetensors").is_file():
+                raise HarnessError(f"{name} starts from {recipe.init_from}'s weights, which are not built: "
+                                   f"harness zoo build {recipe.init_from}")
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            config = model.config
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         n_params = sum(p.numel() for p in model.parameters())
         optimizer = make_optimizer(model, cfg)
         data_rng = random.Random(f"retrieval:{seed}")  # the data order, apart from the weights' RNG
@@ -415,7 +444,7 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, ce, w = weighted_loss(model, ids, weights)
+                loss, ce, w = weighted_loss(model, ids, weights, recipe.answer_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -438,7 +467,8 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
 
     info = {
         "name": name, "family": spec.family, "model_type": config.model_type, "task": "retrieval",
-        "steps": steps, "seed": seed,
+        "steps": steps, "seed": seed, "init_from": recipe.init_from or None,
+        "init_sha256": _sha256(default_path(recipe.init_from) / "model.safetensors") if recipe.init_from else None,
         "corpus": "CPython standard-library docstrings (c) Python Software Foundation, PSF License",
         "corpus_sha256": corpus.sha256, "corpus_train_docs": corpus.n_train_docs,
         "corpus_heldout_docs": corpus.n_heldout_docs, "python_version": corpus.python_version,
