@@ -459,3 +459,48 @@ def test_kda_cache_bytes_shrink_with_the_key_channels():
     state = lambda d: 2 * 2 * 32 * d * 4  # noqa: E731
     conv = lambda d: 2 * 4 * 4 * (2 * 2 * d + 2 * 32)  # noqa: E731
     assert dense - pruned == 2 * (state(32) - state(16) + conv(32) - conv(16))
+
+
+# ---------------------------------------------------------------------------------------------
+# the zoo's kda-tiny (trained), through the harness
+
+
+def _zoo_kda():
+    from harness import zoo
+
+    if zoo.manifest("kda-tiny") is None:
+        pytest.skip("kda-tiny has no shipped weights (build them with `harness zoo build kda-tiny`)")
+
+
+def test_trained_kda_tiny_slices_exactly(kernel_scale):
+    import harness
+    from harness.calibration import CalibrationSpec, calibration_batches
+    from harness.methods.drrqr import DRRQR
+
+    _zoo_kda()
+    loaded = harness.load_model("kda-tiny")
+    adapter = adapter_for(loaded.model)
+    batches = calibration_batches(loaded.tokenizer, CalibrationSpec(samples=4, seq_len=128))
+    selection = DRRQR().select(adapter.capture(loaded.model, batches, DRRQR.needs), 0.5, adapter.family)
+    zeroed, sliced = copy.deepcopy(loaded.model), loaded.model
+    adapter.zero(zeroed, selection)
+    adapter.apply(sliced, selection)
+    ids = batches[0][:2]
+    at_own_scale = logits(sliced, ids)
+    kernel_scale(16 ** -0.5)
+    torch.testing.assert_close(logits(sliced, ids), logits(zeroed, ids), rtol=1e-5, atol=1e-4)
+    # at its own default scale the output RMSNorm absorbs the factor almost entirely
+    torch.testing.assert_close(at_own_scale, logits(zeroed, ids), rtol=0, atol=5e-2)
+
+
+def test_speed_suite_on_kda_tiny(tmp_path):
+    from harness.pipeline import run
+
+    _zoo_kda()
+    small = {"contexts": "32,96", "batches": "1,2", "new_tokens": 3, "warmup": 0, "repeats": 2}
+    report = run(model="kda-tiny", method="random", ratios=[0.5], suites=["speed"], suite_params={"speed": small},
+                 store=tmp_path / "r.sqlite", progress=False)
+    ours = {r["metric"]: r["value"] for r in report.rows if r["suite"] == "speed" and r["method"] == "random"}
+    for w in ("c32b1", "c32b2", "c96b1", "c96b2"):
+        assert ours[f"decode_ms_per_token/{w}"] > 0 and ours[f"prefill_tokens_per_s/{w}"] > 0
+        assert ours[f"cache_bytes/{w}"] < ours[f"dense_cache_bytes/{w}"]  # a smaller state, whatever the length
