@@ -504,3 +504,11 @@ def test_speed_suite_on_kda_tiny(tmp_path):
     for w in ("c32b1", "c32b2", "c96b1", "c96b2"):
         assert ours[f"decode_ms_per_token/{w}"] > 0 and ours[f"prefill_tokens_per_s/{w}"] > 0
         assert ours[f"cache_bytes/{w}"] < ours[f"dense_cache_bytes/{w}"]  # a smaller state, whatever the length
+
+
+def test_static_decode_loop_does_not_claim_kda():
+    """fla's KDA decode step returns a new state tensor, which a replayed CUDA graph cannot follow:
+    the loop says so, and KDA decodes through generate."""
+    from harness import graph_decode
+
+    assert "model type 'kda'" in graph_decode.reason(tiny_kda())
