@@ -130,7 +130,7 @@ def test_string_match_follows_ruler():
 # ---------------------------------------------------------------- generation of the tasks
 
 def test_every_task_is_answerable_fits_its_length_and_round_trips(tokenizer, text_file):
-    suite = RulerSuite(lengths="384,768", limit=3, text_file=text_file)
+    suite = RulerSuite(lengths="384,768", tasks="all", limit=3, text_file=text_file)
     samples = suite.samples(tokenizer, seed=0)
     assert Counter((s.task, s.length) for s in samples) == {(t, n): 3 for t in ruler_tasks.TASKS for n in (384, 768)}
     for s in samples:
@@ -146,6 +146,13 @@ def test_every_task_is_answerable_fits_its_length_and_round_trips(tokenizer, tex
     assert len(by_task["niah_single"].answers) == 1 and by_task["niah_single"].prompt.startswith("A special magic")
     assert len(by_task["vt"].answers) == 5 and len(by_task["fwe"].answers) == 3
     assert len(by_task["cwe"].answers) == ruler_tasks.cwe_common(768) == 6
+
+
+def test_the_default_task_set_leaves_out_the_aggregation_tasks():
+    from harness.suites.ruler import DEFAULT_TASKS
+
+    assert RulerSuite().task_list() == list(DEFAULT_TASKS) == [t for t in ruler_tasks.TASKS if t not in ("cwe", "fwe")]
+    assert RulerSuite(tasks="all").task_list() == list(ruler_tasks.TASKS)
 
 
 def test_samples_are_seeded_and_limit_only_adds(tokenizer, text_file):
@@ -172,7 +179,7 @@ def test_bad_parameters_and_too_short_lengths_are_clear(tokenizer, text_file):
 # ---------------------------------------------------------------- known answers through the suite
 
 def test_oracle_scores_100_and_random_about_0(tokenizer, text_file, tmp_path):
-    suite = RulerSuite(lengths="512", limit=2, batch_size=3, text_file=text_file)
+    suite = RulerSuite(lengths="512", tasks="all", limit=2, batch_size=3, text_file=text_file)
     rows = {m.name: m for m in suite.run(OracleModel(tokenizer), tokenizer, ctx(artifacts=tmp_path))}
     cells = [m for m in rows.values() if m.details["scope"] == "task_length"]
     assert len(cells) == len(ruler_tasks.TASKS)
