@@ -136,15 +136,18 @@ ZOO: dict[str, ZooEntry] = {
                  task="mqar"),
         ZooEntry("llama-retrieval-tiny", "llama", _llama_config,
                  RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="llama-tiny"),
-                 "llama-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 "llama-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
+                 "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
                  task="retrieval"),
         ZooEntry("deltanet-retrieval-tiny", "deltanet", _deltanet_config,
                  RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="deltanet-tiny"),
-                 "deltanet-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 "deltanet-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
+                 "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
                  task="retrieval"),
         ZooEntry("qwen35-hybrid-retrieval-tiny", "qwen3_5", _qwen35_hybrid_config,
                  RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="qwen35-hybrid-tiny"),
-                 "qwen35-hybrid-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens",
+                 "qwen35-hybrid-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
+                 "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
                  task="retrieval"),
     )
 }
