@@ -110,8 +110,6 @@ def weights_digest(folder: str) -> str:
 def identify(name: str | None = None) -> tuple[str, str, str]:
     """(local folder, weights digest, harness family) of a model, from its files alone: what a run
     key needs, without loading the weights (a sweep driver keys cells of models it never loads)."""
-    import json
-
     source, _from_hub = resolve_source(name or DEFAULT_MODEL)
     model_type = read_config(source, name)["model_type"]
     family = FAMILY_OF_MODEL_TYPE.get(model_type)

@@ -66,7 +66,7 @@ def delta_rule_step_reference(q, k, v, beta, state, g=None, *, scale: float | No
 
 if triton is not None:
     @triton.jit
-    def _delta_step_kernel(Q, K, V, BETA, G, A_LOG, DT_BIAS, S, O, scale, eps, HV, GROUP,
+    def _delta_step_kernel(Q, K, V, BETA, G, A_LOG, DT_BIAS, S, OUT, scale, eps, HV, GROUP,
                            DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            HAS_G: tl.constexpr, L2NORM: tl.constexpr, GATE_IN_KERNEL: tl.constexpr,
                            HAS_DT_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
@@ -109,7 +109,7 @@ if triton is not None:
         s = s + k[:, None] * delta[None, :]
         o = tl.sum((q * scale)[:, None] * s, axis=0)
         tl.store(tile, s, mask=mask)
-        tl.store(O + bh * DV + offs_v, o.to(O.dtype.element_ty), mask=mv)
+        tl.store(OUT + bh * DV + offs_v, o.to(OUT.dtype.element_ty), mask=mv)
 
 
 def launch(device, d_k: int) -> dict[str, int]:

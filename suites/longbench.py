@@ -187,7 +187,7 @@ def code_sim(prediction: str, truth: str, **_) -> float:
     (after leading newlines), to the true line: fuzzywuzzy's integer ratio / 100, via rapidfuzz."""
     from rapidfuzz import fuzz
 
-    line = next((l for l in prediction.lstrip("\n").split("\n") if not any(m in l for m in ("`", "#", "//"))), "")
+    line = next((x for x in prediction.lstrip("\n").split("\n") if not any(m in x for m in ("`", "#", "//"))), "")
     return round(fuzz.ratio(line, truth)) / 100
 
 

@@ -58,7 +58,7 @@ def step_args(kind="plain", b=2, h=2, dk=16, dv=8, t=1, varlen=False, state=True
     with A_log / dt_bias, raw beta, [V, K] state, 2 value heads per key head)."""
     gen = torch.Generator().manual_seed(seed)
     hv = 2 * h if kind == "layer" else h
-    r = lambda *shape: torch.randn(*shape, generator=gen)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     args = dict(q=r(b, t, h, dk), k=r(b, t, h, dk), v=r(b, t, hv, dv), beta=r(b, t, hv).sigmoid(),
                 output_final_state=True, use_qk_l2norm_in_kernel=True)
     if kind == "gated":
@@ -169,7 +169,7 @@ def test_cpu_tensors_still_take_the_references(kind, steps):
 def test_fast_path_on_the_twin_computes_what_fla_computes(kind, varlen, state, steps, monkeypatch):
     monkeypatch.setattr(fla_decode, "KERNEL_DEVICES", ("cpu",))  # run the kernel's torch twin on CPU tensors
     args = step_args(kind, varlen=varlen, state=state)
-    fail = lambda **_: pytest.fail("fell back to fla")
+    fail = lambda **_: pytest.fail("fell back to fla")  # noqa: E731
     ours = clone(args)
     o, final = ENTRIES[OPS[kind]](fail, **ours)
     o_ref, final_ref = REFERENCES[OPS[kind]](**clone(args))
@@ -184,7 +184,7 @@ def test_fast_path_on_the_twin_computes_what_fla_computes(kind, varlen, state, s
 def test_other_calls_reach_fla_with_their_arguments(kind, steps, monkeypatch):
     monkeypatch.setattr(fla_decode, "KERNEL_DEVICES", ("cpu",))
     seen = []
-    original = lambda **kwargs: seen.append(kwargs) or "fla"
+    original = lambda **kwargs: seen.append(kwargs) or "fla"  # noqa: E731
     prefill = step_args(kind, t=3)
     assert ENTRIES[OPS[kind]](original, **prefill) == "fla"
     assert all(seen[0][n] is x for n, x in prefill.items())

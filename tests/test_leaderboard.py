@@ -157,8 +157,6 @@ def test_the_app_only_reads(leaderboard_store, monkeypatch):
     app(leaderboard_store, monkeypatch)
     assert leaderboard_store.read_bytes() == before
     with pytest.raises(Exception, match="readonly"):
-        import sqlite3
-
         data.load(leaderboard_store).store._connect().execute("DELETE FROM runs")
 
 

@@ -73,7 +73,7 @@ def test_lora_recovers_ppl_after_drrqr_pruning(tmp_path, one_thread):
 
     suite = PerplexitySuite(limit=4096)
     ctx = SuiteContext(loaded.family, "cpu", 0, tmp_path, lambda d, t: (lambda n=1: None))
-    ppl = lambda m: suite.run(m, tok, ctx)[0].value
+    ppl = lambda m: suite.run(m, tok, ctx)[0].value  # noqa: E731
     before = ppl(model)
 
     steps = []

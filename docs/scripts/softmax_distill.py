@@ -1,5 +1,6 @@
 """Held-out LeanK distillation loss of every static selection stored by the table runs."""
-import glob, json, sys
+import glob
+import sys
 from harness.loader import load_model
 from harness.methods.leank_training import heldout_distillation_loss
 from harness.selection import ChannelSelection

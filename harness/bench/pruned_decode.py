@@ -90,7 +90,6 @@ def dense_times(batch: int, context: int, dtype=torch.bfloat16) -> dict:
     times = {name: _times(fn) for name, fn in variants.items()}
     best = min(times, key=lambda n: times[n][0])
     nbytes = 2 * k.numel() * k.element_size() + q.numel() * q.element_size()
-    del q, k, v, rows
     return {"variant": best, "graph_ms": times[best][0], "eager_ms": times[best][1], "bytes": nbytes}
 
 
@@ -109,7 +108,6 @@ def layer_times(kept, batch: int, context: int, check: bool = False) -> dict:
         row["host_us"] = host_us_per_call(fn)
         ref = static_decode_attention_torch(query, layer, lengths, scaling=D ** -0.5).float()
         row["rel_error"] = ((fn().float() - ref).norm() / ref.norm()).item()
-    del layer
     torch.cuda.empty_cache()
     return row
 

@@ -36,7 +36,6 @@ def copy_gbps(nbytes: int, rep: int = 100) -> float:
     dst = torch.empty_like(src)
     copy = lambda: dst.copy_(src)  # noqa: E731
     ms = min(graph_ms(copy, rep), eager_ms(copy, rep))
-    del src, dst
     return 2 * (nbytes // 4) * 4 / ms / 1e6
 
 

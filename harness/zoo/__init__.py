@@ -165,7 +165,7 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
         "final_train_loss": round(result.final_train_loss, 4),
         "train_wall_s": round(result.wall_s, 1),
         "train_config": result.config,
-        "curve": [{"step": s, "train_loss": round(l, 4), "heldout_ppl": round(p, 4)} for s, l, p in result.curve],
+        "curve": [{"step": s, "train_loss": round(loss, 4), "heldout_ppl": round(p, 4)} for s, loss, p in result.curve],
         "eval": "token-weighted perplexity over non-overlapping windows of seq_len + 1 tokens of the held-out "
                 "split; unigram: add-one smoothed train token counts on the same tokens",
     }
