@@ -485,7 +485,7 @@ def bench(
     out: Path = typer.Option(Path("harness-results/bench"), "--out", "-o", help="directory for benchmarks.md, benchmarks.json and bench.log (timestamped milestones)"),
     only: List[str] = typer.Option([], "--only", help="tables to run, comma-separated: pruned, linear, prefill, e2e-llama, capacity, e2e-deltanet, e2e-gated-deltanet, e2e-qwen35 (default: all; with --tune: none)"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="LeanK mask for the Llama-3.1-8B rows (default: $HARNESS_LEANK_MASK, "
-                                        "else ../shared/data/leank-masks/llama3.1-8b-instruct.pth beside the repo, else a synthetic mask)"),
+                                        "else a synthetic mask with the published per-head counts)"),
     quick: bool = typer.Option(False, "--quick", help="small sizes (a one-minute GPU smoke test); without a GPU, the end-to-end "
                                "table on the tiny zoo models and the GPU tables skipped"),
     tune: bool = typer.Option(False, "--tune", help="first sweep the pruned decode kernel's launch settings on this GPU and "

@@ -14,19 +14,17 @@ from pathlib import Path
 import torch
 
 ENV = "HARNESS_LEANK_MASK"
-SHARED = Path("shared") / "data" / "leank-masks" / "llama3.1-8b-instruct.pth"
 # kept channels as a fraction of head_dim -> fraction of heads, in the published Llama-3.1-8B mask
 PUBLISHED_COUNTS = {0.0: 47 / 256, 0.25: 120 / 256, 0.5: 67 / 256, 0.75: 22 / 256}
 
 
 def default_mask_path(given: str | Path | None = None) -> Path | None:
-    """`given`, else $HARNESS_LEANK_MASK, else ../shared/data/leank-masks/... beside the repo if it exists."""
+    """`given`, else $HARNESS_LEANK_MASK, else None (a synthetic mask)."""
     if given:
         return Path(given).expanduser()
     if os.environ.get(ENV):
         return Path(os.environ[ENV]).expanduser()
-    beside_repo = Path(__file__).resolve().parents[3] / SHARED  # harness/bench/masks.py -> the repo's parent
-    return beside_repo if beside_repo.is_file() else None
+    return None
 
 
 def synthetic_mask(layers: int, heads: int, head_dim: int, seed: int = 0) -> torch.Tensor:
