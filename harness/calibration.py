@@ -29,7 +29,9 @@ class CalibrationSpec:
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seq_len < 8:
-            raise HarnessError(f"calibration needs samples >= 1 and seq_len >= 8, got {self.samples} and {self.seq_len}")
+            raise HarnessError(
+                f"calibration needs samples >= 1 and seq_len >= 8, got {self.samples} and {self.seq_len}"
+            )
         if self.dataset and self.text_file:
             raise HarnessError("give either a calibration text file or a dataset, not both")
 
@@ -57,8 +59,10 @@ def dataset_text(name: str, split: str = "train", column: str = "text", max_char
             path, _, config = name.partition(":")
             data = datasets.load_dataset(path, config or None, split=split)
     except Exception as exc:  # the hub client and builders raise many types
-        raise HarnessError(f"cannot load dataset {name!r} split {split!r}: {str(exc).splitlines()[0][:200]}; "
-                           "check the name, or download it first when offline") from None
+        raise HarnessError(
+            f"cannot load dataset {name!r} split {split!r}: {str(exc).splitlines()[0][:200]}; "
+            "check the name, or download it first when offline"
+        ) from None
     if column not in data.column_names:
         raise HarnessError(f"dataset {name!r} has no column {column!r}; its columns: {', '.join(data.column_names)}")
     parts, size = [], 0
@@ -92,16 +96,20 @@ def calibration_batches(tokenizer, spec: CalibrationSpec, batch_size: int = 4) -
     rng = np.random.default_rng(spec.seed)
     span = spec.seq_len * 12  # characters: comfortably more than seq_len tokens
     if len(text) < span:
-        raise HarnessError(f"calibration text has {len(text)} characters; it needs at least {span} for seq_len {spec.seq_len}")
+        raise HarnessError(
+            f"calibration text has {len(text)} characters; it needs at least {span} for seq_len {spec.seq_len}"
+        )
     rows: list[list[int]] = []
     attempts = 0
     while len(rows) < spec.samples:
         attempts += 1
         if attempts > spec.samples * 20:
-            raise HarnessError("calibration text tokenizes to too few tokens per window; use a longer text or a smaller --calib-seq-len")
+            raise HarnessError(
+                "calibration text tokenizes to too few tokens per window; use a longer text or a smaller --calib-seq-len"
+            )
         start = int(rng.integers(0, len(text) - span))
-        ids = tokenizer(text[start:start + span], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text[start : start + span], add_special_tokens=False)["input_ids"]
         if len(ids) >= spec.seq_len:
-            rows.append(ids[:spec.seq_len])
+            rows.append(ids[: spec.seq_len])
     tensor = torch.tensor(rows, dtype=torch.long)
     return list(tensor.split(batch_size))

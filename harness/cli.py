@@ -19,6 +19,7 @@ from rich.text import Text
 from harness.errors import HarnessError
 from harness.store import DEFAULT_STORE
 
+
 def _exception_types(name: str) -> tuple[type, ...]:
     """A click exception class as the installed typer raises it: typer >= 0.2x vendors click
     (`typer._click`), older ones use click itself; both are caught."""
@@ -69,11 +70,15 @@ app = typer.Typer(
     cls=_OneLineErrors,
     help="Key-channel compression of attention: compress a model with a registered method, "
     "evaluate it with registered suites, and keep every result in a local store.",
-    no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
 )
-zoo_app = typer.Typer(help="The embedded default models (tiny, trained offline on CPython's docstrings).",
-                      no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="The embedded default models (tiny, trained offline on CPython's docstrings).", no_args_is_help=True
+)
 app.add_typer(zoo_app, name="zoo")
+
 
 def _reader_left() -> None:
     """The reader stopped early (`harness list | head -3`): not an error, exit 0 quietly."""
@@ -133,8 +138,9 @@ def _dotted(pairs: List[str], flag: str, what: str) -> dict[str, dict[str, str]]
     return out
 
 
-def _method_params(param: List[str], mask: Optional[Path], attn_method: Optional[str] = None,
-                   attn_param: List[str] = ()) -> tuple[dict[str, str], dict[str, str]]:
+def _method_params(
+    param: List[str], mask: Optional[Path], attn_method: Optional[str] = None, attn_param: List[str] = ()
+) -> tuple[dict[str, str], dict[str, str]]:
     """(--method's parameters, --attn-method's); --mask goes to whichever of the two is leank."""
     from harness.params import parse_pairs
 
@@ -150,16 +156,28 @@ def _method_params(param: List[str], mask: Optional[Path], attn_method: Optional
 # options shared by `run` and `prune` (typer reads them as metadata, so one object serves both)
 METHOD = typer.Option(..., "--method", "-m", help="registered method (see `harness list methods`)")
 MODEL = typer.Option(None, "--model", help="zoo name, save_pretrained folder, or hub id [default: deltanet-tiny]")
-RATIO = typer.Option(["0.5"], "--ratio", "-r", help="fraction of key channels removed, in [0, 1); repeat or comma-separate")
+RATIO = typer.Option(
+    ["0.5"], "--ratio", "-r", help="fraction of key channels removed, in [0, 1); repeat or comma-separate"
+)
 PARAM = typer.Option([], "--param", "-p", help="method parameter key=value (repeatable), e.g. -p f=2.0")
-ATTN_METHOD = typer.Option(None, "--attn-method", help="hybrid models: method for the attention layers (--method then compresses the linear layers)")
+ATTN_METHOD = typer.Option(
+    None,
+    "--attn-method",
+    help="hybrid models: method for the attention layers (--method then compresses the linear layers)",
+)
 ATTN_PARAM = typer.Option([], "--attn-param", help="--attn-method parameter key=value (repeatable)")
-MASK = typer.Option(None, "--mask", help="a published LeanK mask (.pth) for --method leank: loaded, not trained; its kept fraction sets the ratio")
+MASK = typer.Option(
+    None,
+    "--mask",
+    help="a published LeanK mask (.pth) for --method leank: loaded, not trained; its kept fraction sets the ratio",
+)
 SEED = typer.Option(0, help="seed for calibration sampling and seeded methods")
 CALIB_SAMPLES = typer.Option(16, help="calibration sequences")
 CALIB_SEQ_LEN = typer.Option(256, help="tokens per calibration sequence")
 CALIB_FILE = typer.Option(None, help="UTF-8 text file for calibration [default: the embedded corpus]")
-CALIB_DATASET = typer.Option(None, help="Hugging Face dataset for calibration: name, name:config, or a save_to_disk folder")
+CALIB_DATASET = typer.Option(
+    None, help="Hugging Face dataset for calibration: name, name:config, or a save_to_disk folder"
+)
 CALIB_SPLIT = typer.Option("train", help="split of --calib-dataset")
 CALIB_COLUMN = typer.Option("text", help="text column of --calib-dataset")
 DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N")
@@ -171,8 +189,12 @@ STORE = typer.Option(Path(DEFAULT_STORE), help=STORE_HELP)
 ONLY_MODEL = typer.Option(None, help="only this model (as named in the run)")
 ONLY_METHOD = typer.Option(None, help="only this method")
 ONLY_SUITE = typer.Option(None, help="only this suite")
-DETAIL = typer.Option(False, "--detail", help="the full table: every metric, breakdowns (per layer/head, per task/length) "
-                                            "included, instead of the headline summary")
+DETAIL = typer.Option(
+    False,
+    "--detail",
+    help="the full table: every metric, breakdowns (per layer/head, per task/length) "
+    "included, instead of the headline summary",
+)
 
 
 class Compression:
@@ -191,10 +213,24 @@ class Compression:
         from harness.calibration import CalibrationSpec
 
         method_params, attn_params = self.method_params()
-        return dict(method_params=method_params, attn_method=self.attn_method, attn_method_params=attn_params,
-                    seed=self.seed, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                    calibration=CalibrationSpec(self.calib_samples, self.calib_seq_len, self.calib_file, self.seed,
-                                                self.calib_dataset, self.calib_split, self.calib_column))
+        return dict(
+            method_params=method_params,
+            attn_method=self.attn_method,
+            attn_method_params=attn_params,
+            seed=self.seed,
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            calibration=CalibrationSpec(
+                self.calib_samples,
+                self.calib_seq_len,
+                self.calib_file,
+                self.seed,
+                self.calib_dataset,
+                self.calib_split,
+                self.calib_column,
+            ),
+        )
 
 
 def _compression_options(
@@ -252,11 +288,17 @@ def print_results(rows, title: str, detail: bool) -> None:
 @with_compression_options
 def run(
     c: Compression,
-    suite: List[str] = typer.Option(["all"], "--suite", "-s", help="suites to run, comma-separated, or 'all' (those that apply to the model)"),
-    suite_param: List[str] = typer.Option([], "--suite-param", help="suite parameter suite.key=value, e.g. --suite-param ppl.limit=4096"),
+    suite: List[str] = typer.Option(
+        ["all"], "--suite", "-s", help="suites to run, comma-separated, or 'all' (those that apply to the model)"
+    ),
+    suite_param: List[str] = typer.Option(
+        [], "--suite-param", help="suite parameter suite.key=value, e.g. --suite-param ppl.limit=4096"
+    ),
     store: Path = STORE,
     dense: bool = typer.Option(True, help="also evaluate the uncompressed model (the reference row)"),
-    save: Optional[Path] = typer.Option(None, help="write each compressed model as a save_pretrained folder under this directory"),
+    save: Optional[Path] = typer.Option(
+        None, help="write each compressed model as a save_pretrained folder under this directory"
+    ),
     force: bool = typer.Option(False, help="recompute cells already complete in the store"),
     finetune: str = typer.Option("none", help="recovery after pruning: none, or lora (peft; evaluated as extra rows)"),
     lora_steps: int = typer.Option(200, help="LoRA training steps"),
@@ -282,11 +324,22 @@ def run(
         if finetune == "lora":
             from harness.recovery import LoraSpec
 
-            lora = LoraSpec(steps=lora_steps, rank=lora_rank, lr=lora_lr, seed=c.seed,
-                            targets=tuple(_csv([lora_targets])))
+            lora = LoraSpec(
+                steps=lora_steps, rank=lora_rank, lr=lora_lr, seed=c.seed, targets=tuple(_csv([lora_targets]))
+            )
         report = run_pipeline(
-            model=c.model, method=c.method, ratios=_ratios(c.ratio), suites=_csv(suite), suite_params=suite_params,
-            store=store, dense=dense, save=save, force=force, progress=not c.quiet, lora=lora, **c.plan_args(),
+            model=c.model,
+            method=c.method,
+            ratios=_ratios(c.ratio),
+            suites=_csv(suite),
+            suite_params=suite_params,
+            store=store,
+            dense=dense,
+            save=save,
+            force=force,
+            progress=not c.quiet,
+            lora=lora,
+            **c.plan_args(),
         )
     title = c.method if c.attn_method is None else f"{c.method} (linear) + {c.attn_method} (attention)"
     print_results(report.rows, f"{title} on {c.model or 'deltanet-tiny'}", detail)
@@ -303,7 +356,9 @@ def run(
 @with_compression_options
 def prune(
     c: Compression,
-    out: Path = typer.Option(..., "--out", "-o", help="directory; one save_pretrained folder per ratio is written in it"),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="directory; one save_pretrained folder per ratio is written in it"
+    ),
 ) -> None:
     """Compress a model and write plain checkpoints (loadable with fla/transformers), no evaluation."""
     from harness.compress import prune as prune_model
@@ -316,59 +371,91 @@ def prune(
 
 @app.command()
 def sweep(
-    spec: Optional[Path] = typer.Argument(None, help="sweep file (.yaml, .yml or .toml); the flags below replace its keys"),
+    spec: Optional[Path] = typer.Argument(
+        None, help="sweep file (.yaml, .yml or .toml); the flags below replace its keys"
+    ),
     models: List[str] = typer.Option([], "--models", help="models, comma-separated [default: deltanet-tiny]"),
-    methods: List[str] = typer.Option([], "--methods", help="methods, comma-separated; on hybrids a+b = a on the linear, b on the attention layers"),
-    ratios: List[str] = typer.Option([], "--ratios", "-r", help="fractions of key channels removed, comma-separated [default: 0.5]"),
+    methods: List[str] = typer.Option(
+        [], "--methods", help="methods, comma-separated; on hybrids a+b = a on the linear, b on the attention layers"
+    ),
+    ratios: List[str] = typer.Option(
+        [], "--ratios", "-r", help="fractions of key channels removed, comma-separated [default: 0.5]"
+    ),
     suite: List[str] = typer.Option([], "--suite", "-s", help="suites, comma-separated, or all [default: all]"),
     suite_param: List[str] = typer.Option([], "--suite-param", help="suite parameter suite.key=value (repeatable)"),
-    param: List[str] = typer.Option([], "--param", "-p", help="method parameter method.key=value (repeatable), e.g. -p drrqr.f=2.0"),
+    param: List[str] = typer.Option(
+        [], "--param", "-p", help="method parameter method.key=value (repeatable), e.g. -p drrqr.f=2.0"
+    ),
     seeds: List[str] = typer.Option([], "--seeds", help="seeds, comma-separated [default: 0]"),
     finetune: List[str] = typer.Option([], "--finetune", help="none, lora, or none,lora (LoRA-recovered cells too)"),
     executor: str = typer.Option("local", help="local (this process, a task at a time) or ray"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (auto, ray://head:10001) [default: start a local Ray]"),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster address (auto, ray://head:10001) [default: start a local Ray]"
+    ),
     max_retries: int = typer.Option(2, help="ray: how often a task whose worker died is retried"),
     store: Path = STORE,
     device: str = DEVICE,
     dtype: str = DTYPE,
-    dry_run: bool = typer.Option(False, "--dry-run", help="list the grid's cells as done, failed or missing; run nothing"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="list the grid's cells as done, failed or missing; run nothing"
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Run a grid of models x methods x ratios x suites x seeds; skip cells already in the store."""
     from harness import sweeps
 
     with user_errors():
-        overrides: dict = {"models": _csv(models) or None, "ratios": _ratios(ratios) if ratios else None,
-                           "suites": _csv(suite) or None, "seeds": [int(x) for x in _csv(seeds)] or None,
-                           "recovery": _csv(finetune) or None, "device": device if device != "auto" else None,
-                           "dtype": dtype if dtype != "float32" else None}
+        overrides: dict = {
+            "models": _csv(models) or None,
+            "ratios": _ratios(ratios) if ratios else None,
+            "suites": _csv(suite) or None,
+            "seeds": [int(x) for x in _csv(seeds)] or None,
+            "recovery": _csv(finetune) or None,
+            "device": device if device != "auto" else None,
+            "dtype": dtype if dtype != "float32" else None,
+        }
         if suite_param:
             overrides["suite_params"] = _dotted(suite_param, "--suite-param", "suite")
         params = _dotted(param, "--param", "method")
         if methods:
-            overrides["methods"] = [{"name": m, "params": params.get(m.partition("+")[0], {}),
-                                     "attn_params": params.get(m.partition("+")[2], {})} for m in _csv(methods)]
+            overrides["methods"] = [
+                {
+                    "name": m,
+                    "params": params.get(m.partition("+")[0], {}),
+                    "attn_params": params.get(m.partition("+")[2], {}),
+                }
+                for m in _csv(methods)
+            ]
         elif params:
             raise HarnessError("--param needs --methods (in a sweep file, give params in the method's table)")
-        grid = sweeps.Grid.load(spec, **overrides) if spec else sweeps.Grid(**{k: v for k, v in overrides.items() if v is not None})
+        grid = (
+            sweeps.Grid.load(spec, **overrides)
+            if spec
+            else sweeps.Grid(**{k: v for k, v in overrides.items() if v is not None})
+        )
         if dry_run:
             report = sweeps.status(grid, store)
         else:
-            report = sweeps.sweep(grid, store=store, executor=executor, address=address, max_retries=max_retries,
-                                  progress=not quiet)
+            report = sweeps.sweep(
+                grid, store=store, executor=executor, address=address, max_retries=max_retries, progress=not quiet
+            )
     counts = sweeps.describe(report)
     if dry_run:
         table = Table(title=f"sweep cells in {store}")
         table.add_column("cell")
         table.add_column("state")
         for key, state in report.status.items():
-            table.add_row(Text(report.labels[key]), Text(state), style={"failed": "red", "missing": "yellow"}.get(state))
+            table.add_row(
+                Text(report.labels[key]), Text(state), style={"failed": "red", "missing": "yellow"}.get(state)
+            )
         out_console.print(table)
     else:
         out_console.print(f"{report.computed} cells computed, {report.done_before} already in {store}")
     for cell, error in report.failed:
         out_console.print(Text(f"{'invalid' if dry_run else 'failed'}: {cell}: {error}"), style="red")
-    out_console.print(f"{report.total} cells: {counts['done']} done, {counts['failed']} failed, {counts['missing']} missing")
+    out_console.print(
+        f"{report.total} cells: {counts['done']} done, {counts['failed']} failed, {counts['missing']} missing"
+    )
     if report.failed:  # a dry run that found refused methods or parameters (2), a sweep with failed cells (1)
         raise typer.Exit(2 if dry_run else 1)
 
@@ -376,7 +463,9 @@ def sweep(
 @app.command()
 def export(
     format: str = typer.Option("csv", "--format", "-f", help="csv, parquet, markdown or latex"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write [default: print to stdout; parquet needs a file]"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="file to write [default: print to stdout; parquet needs a file]"
+    ),
     store: Path = STORE,
     model: Optional[str] = ONLY_MODEL,
     method: Optional[str] = ONLY_METHOD,
@@ -407,8 +496,21 @@ def leaderboard(
         if not store.exists():
             raise HarnessError(f"no results store at {store}; run `harness run ...` first or pass --store")
     env = {**os.environ, "HARNESS_STORE": str(store.resolve())}
-    command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-               "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     sys.stdout.flush()
     sys.stderr.flush()
     # the server replaces this process: a signal to `harness leaderboard` reaches Streamlit itself,
@@ -435,7 +537,14 @@ def list_(what: str = typer.Argument("all", help="methods, suites, models or all
             card = registry.describe(entry)
             listing = ", ".join(f"{n}={d!r}" for n, _t, d in card["parameters"])
             if entry.ok:
-                cells = (entry.name, card["status"], ", ".join(card["families"]), listing, card["reference"], entry.distribution)
+                cells = (
+                    entry.name,
+                    card["status"],
+                    ", ".join(card["families"]),
+                    listing,
+                    card["reference"],
+                    entry.distribution,
+                )
             else:
                 cells = (entry.name, card["status"], "", "", entry.target, entry.distribution)
             table.add_row(*(Text(str(c)) for c in cells), style=None if entry.ok else "red")
@@ -446,9 +555,13 @@ def list_(what: str = typer.Argument("all", help="methods, suites, models or all
             table.add_column(column)
         for name in zoo.list_models():
             info = zoo.manifest(name)
-            table.add_row(name, zoo.family_of(name), "shipped" if info else "not built",
-                          f"{info['dense_ppl']:.2f}" if (info or {}).get("dense_ppl") else "",
-                          f"{info['unigram_ppl']:.2f}" if (info or {}).get("unigram_ppl") else "")
+            table.add_row(
+                name,
+                zoo.family_of(name),
+                "shipped" if info else "not built",
+                f"{info['dense_ppl']:.2f}" if (info or {}).get("dense_ppl") else "",
+                f"{info['unigram_ppl']:.2f}" if (info or {}).get("unigram_ppl") else "",
+            )
         out_console.print(table)
 
 
@@ -482,14 +595,35 @@ def show(
 
 @app.command()
 def bench(
-    out: Path = typer.Option(Path("harness-results/bench"), "--out", "-o", help="directory for benchmarks.md, benchmarks.json and bench.log (timestamped milestones)"),
-    only: List[str] = typer.Option([], "--only", help="tables to run, comma-separated: pruned, linear, prefill, e2e-llama, capacity, e2e-deltanet, e2e-gated-deltanet, e2e-qwen35 (default: all; with --tune: none)"),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="LeanK mask for the Llama-3.1-8B rows (default: $HARNESS_LEANK_MASK, "
-                                        "else a synthetic mask with the published per-head counts)"),
-    quick: bool = typer.Option(False, "--quick", help="small sizes (a one-minute GPU smoke test); without a GPU, the end-to-end "
-                               "table on the tiny zoo models and the GPU tables skipped"),
-    tune: bool = typer.Option(False, "--tune", help="first sweep the pruned decode kernel's launch settings on this GPU and "
-                              "cache the winners per shape class (then only the --only tables run)"),
+    out: Path = typer.Option(
+        Path("harness-results/bench"),
+        "--out",
+        "-o",
+        help="directory for benchmarks.md, benchmarks.json and bench.log (timestamped milestones)",
+    ),
+    only: List[str] = typer.Option(
+        [],
+        "--only",
+        help="tables to run, comma-separated: pruned, linear, prefill, e2e-llama, capacity, e2e-deltanet, e2e-gated-deltanet, e2e-qwen35 (default: all; with --tune: none)",
+    ),
+    mask: Optional[Path] = typer.Option(
+        None,
+        "--mask",
+        help="LeanK mask for the Llama-3.1-8B rows (default: $HARNESS_LEANK_MASK, "
+        "else a synthetic mask with the published per-head counts)",
+    ),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="small sizes (a one-minute GPU smoke test); without a GPU, the end-to-end "
+        "table on the tiny zoo models and the GPU tables skipped",
+    ),
+    tune: bool = typer.Option(
+        False,
+        "--tune",
+        help="first sweep the pruned decode kernel's launch settings on this GPU and "
+        "cache the winners per shape class (then only the --only tables run)",
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Run the GPU speed tables (docs/benchmarks.md) and write them as markdown and JSON."""
@@ -506,16 +640,25 @@ def bench(
         if unknown:
             raise HarnessError(f"--only: unknown table {unknown[0]!r}; tables: {', '.join(TABLES)}")
         if not torch.cuda.is_available() and (tune or not quick):
-            raise HarnessError("harness bench times GPU kernels and models but CUDA is not available; "
-                               "--quick runs the end-to-end table on the tiny zoo models on CPU")
+            raise HarnessError(
+                "harness bench times GPU kernels and models but CUDA is not available; "
+                "--quick runs the end-to-end table on the tiny zoo models on CPU"
+            )
         mask_path = default_mask_path(mask)
         if mask_path is not None:
             from harness.leank_mask import load_mask
 
             load_mask(mask_path)  # a bad --mask or $HARNESS_LEANK_MASK fails now, not after the other tables
-        command = ["harness", "bench", "--out", str(out), *(["--only", ",".join(names)] if only else []),
-                   *(["--mask", str(mask)] if mask is not None else []), *(["--quick"] if quick else []),
-                   *(["--tune"] if tune else [])]
+        command = [
+            "harness",
+            "bench",
+            "--out",
+            str(out),
+            *(["--only", ",".join(names)] if only else []),
+            *(["--mask", str(mask)] if mask is not None else []),
+            *(["--quick"] if quick else []),
+            *(["--tune"] if tune else []),
+        ]
         tables = []
         with bars(not quiet) as bar, bench_log(out / "bench.log") as log:
             advance = bar.task("bench tables", len(names) + tune)
@@ -528,8 +671,14 @@ def bench(
                 advance()
             for name in [n for n in TABLES if n in names]:  # the registry's order
                 if name in GPU_ONLY and not torch.cuda.is_available():
-                    tables.append(Table(title=TITLES[name], columns=[], name=name,
-                                        skipped="needs a CUDA GPU (op-level Triton kernels); this machine has none"))
+                    tables.append(
+                        Table(
+                            title=TITLES[name],
+                            columns=[],
+                            name=name,
+                            skipped="needs a CUDA GPU (op-level Triton kernels); this machine has none",
+                        )
+                    )
                 else:
                     log.info("table %s", name)
                     tables.append(run_table(name, quick=quick, mask_path=mask_path, bars=bar))

@@ -14,8 +14,20 @@ from typing import Any, Sequence
 from harness import params as params_mod
 from harness.calibration import CalibrationSpec, calibration_batches
 from harness.errors import HarnessError
-from harness.method import (ACTIVATIONS, ATTENTION_PART, CALIBRATED, GRADIENTS, HYBRID_FAMILIES, INPUTS, LINEAR_PART,
-                            MODEL, LayerData, Method, check_ratio, keep_count)
+from harness.method import (
+    ACTIVATIONS,
+    ATTENTION_PART,
+    CALIBRATED,
+    GRADIENTS,
+    HYBRID_FAMILIES,
+    INPUTS,
+    LINEAR_PART,
+    MODEL,
+    LayerData,
+    Method,
+    check_ratio,
+    keep_count,
+)
 from harness.progress import Bars, bars
 from harness.registry import build_method
 from harness.selection import ChannelSelection
@@ -80,8 +92,9 @@ class Plan:
                 continue
             passes = bool(needs & {ACTIVATIONS, INPUTS}) + (GRADIENTS in needs)
             label = "calibrate" if part.kind is None else f"calibrate {part.kind}"
-            out.append(part.adapter.capture(self.loaded.model, batches, needs,
-                                            advance=bar.task(label, passes * len(batches))))
+            out.append(
+                part.adapter.capture(self.loaded.model, batches, needs, advance=bar.task(label, passes * len(batches)))
+            )
         return out
 
     def select(self, layer_data: list[list[LayerData]], ratio: float, bar: Bars) -> ChannelSelection:
@@ -89,8 +102,11 @@ class Plan:
         for part, data in zip(self.parts, layer_data):
             family = self.loaded.family if part.kind is None else part.adapter.family
             chosen[part.kind] = part.selector.select(
-                data, part.ratio(ratio), family,
-                progress=bar.task(f"select {part.selector.name} {part.ratio(ratio):g}", len(data)))
+                data,
+                part.ratio(ratio),
+                family,
+                progress=bar.task(f"select {part.selector.name} {part.ratio(ratio):g}", len(data)),
+            )
         if None in chosen:
             return chosen[None]
         return self.adapter.combine(self.loaded.model, chosen.get("linear"), chosen.get("softmax"))
@@ -110,33 +126,49 @@ class Plan:
         return str(folder)
 
 
-def assign(name: str, family: str, method: str, selector: Method, attn_method: str | None = None,
-           attn_selector: Method | None = None) -> list[tuple[str | None, Method]]:
+def assign(
+    name: str,
+    family: str,
+    method: str,
+    selector: Method,
+    attn_method: str | None = None,
+    attn_selector: Method | None = None,
+) -> list[tuple[str | None, Method]]:
     """Which method compresses which layers, from families alone (no model needed):
     [(None, method)] for a single-kind model; on a hybrid model `method` goes to the linear layers
     when it supports them (family gated_deltanet), else to the attention layers (family
     attention), and `attn_method` always to the attention layers."""
     if family not in HYBRID_FAMILIES:
         if attn_method is not None:
-            raise HarnessError(f"--attn-method applies to hybrid models (linear and attention layers); {name} is {family}")
+            raise HarnessError(
+                f"--attn-method applies to hybrid models (linear and attention layers); {name} is {family}"
+            )
         if family not in selector.families:
             raise HarnessError(f"method {method!r} supports {', '.join(selector.families)} models; {name} is {family}")
         return [(None, selector)]
     if attn_method is not None and LINEAR_PART not in selector.families:
-        raise HarnessError(f"--method {method} goes to the linear layers of {name} ({LINEAR_PART}) and supports "
-                           f"{', '.join(selector.families)}; give a linear method, or only --method {method}")
+        raise HarnessError(
+            f"--method {method} goes to the linear layers of {name} ({LINEAR_PART}) and supports "
+            f"{', '.join(selector.families)}; give a linear method, or only --method {method}"
+        )
     first = "linear" if LINEAR_PART in selector.families else "softmax"
     if first == "softmax" and ATTENTION_PART not in selector.families:
-        raise HarnessError(f"method {method!r} supports {', '.join(selector.families)}; {name} is a hybrid "
-                           f"of {LINEAR_PART} and {ATTENTION_PART} layers")
+        raise HarnessError(
+            f"method {method!r} supports {', '.join(selector.families)}; {name} is a hybrid "
+            f"of {LINEAR_PART} and {ATTENTION_PART} layers"
+        )
     if first == "linear" and selector.projects:
-        raise HarnessError(f"{method} projects key channels, which transformers' fused q|k|v conv cannot realize; "
-                           "choose a channel-selecting method for the Gated DeltaNet layers of hybrid models")
+        raise HarnessError(
+            f"{method} projects key channels, which transformers' fused q|k|v conv cannot realize; "
+            "choose a channel-selecting method for the Gated DeltaNet layers of hybrid models"
+        )
     out: list[tuple[str | None, Method]] = [(first, selector)]
     if attn_selector is not None:
         if ATTENTION_PART not in attn_selector.families:
-            raise HarnessError(f"--attn-method {attn_method} supports {', '.join(attn_selector.families)}, "
-                               "not attention layers; pick a softmax-family method (see `harness list methods`)")
+            raise HarnessError(
+                f"--attn-method {attn_method} supports {', '.join(attn_selector.families)}, "
+                "not attention layers; pick a softmax-family method (see `harness list methods`)"
+            )
         out.append(("softmax", attn_selector))
     return out
 
@@ -146,8 +178,10 @@ def identity(assigned: list[tuple[str | None, Method]]) -> tuple[str, dict[str, 
     "<linear>+<attention>" with the parameters per part."""
     if len(assigned) == 1 and assigned[0][0] is None:
         return assigned[0][1].name, params_mod.as_dict(assigned[0][1])
-    return ("+".join(sel.name for _, sel in assigned),
-            {kind: {"method": sel.name, **params_mod.as_dict(sel)} for kind, sel in assigned})
+    return (
+        "+".join(sel.name for _, sel in assigned),
+        {kind: {"method": sel.name, **params_mod.as_dict(sel)} for kind, sel in assigned},
+    )
 
 
 def run_ratios(assigned: list[tuple[str | None, Method]], ratios: Sequence[float]) -> list[float]:
@@ -156,9 +190,20 @@ def run_ratios(assigned: list[tuple[str | None, Method]], ratios: Sequence[float
     return list(ratios) if None in implied else [max(implied)]
 
 
-def plan(model: str | None, method: str, ratios: Sequence[float], *, method_params=None, seed: int = 0,
-         calibration: CalibrationSpec | None = None, device: str = "auto", dtype: str = "float32",
-         trust_remote_code: bool = False, attn_method: str | None = None, attn_method_params=None) -> Plan:
+def plan(
+    model: str | None,
+    method: str,
+    ratios: Sequence[float],
+    *,
+    method_params=None,
+    seed: int = 0,
+    calibration: CalibrationSpec | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_method: str | None = None,
+    attn_method_params=None,
+) -> Plan:
     """Validate the inputs (cheap checks first), load the model, check family and ratios."""
     from harness.families import adapter_for
     from harness.loader import load_model
@@ -180,8 +225,9 @@ def plan(model: str | None, method: str, ratios: Sequence[float], *, method_para
     return Plan(loaded, adapter, parts, ratios, calibration or CalibrationSpec(seed=seed))
 
 
-def prune(model: str | None, method: str, ratios: Sequence[float], out: str | Path, *, progress: bool = True,
-          **kwargs) -> list[str]:
+def prune(
+    model: str | None, method: str, ratios: Sequence[float], out: str | Path, *, progress: bool = True, **kwargs
+) -> list[str]:
     """Write one compressed `save_pretrained` folder per ratio under `out`; see `harness prune --help`."""
     p = plan(model, method, ratios, **kwargs)
     written = []

@@ -54,13 +54,19 @@ def reason(model) -> str | None:
         from harness.kernels import fla_decode
 
         if next(model.parameters()).is_cuda and fla_decode.decode_backend() == "fla":
-            return (f"{fla_decode.ENV}=fla: fla's decode step returns a new state tensor at every step, which a "
-                    "replayed step cannot follow (ours updates it in place)")
+            return (
+                f"{fla_decode.ENV}=fla: fla's decode step returns a new state tensor at every step, which a "
+                "replayed step cannot follow (ours updates it in place)"
+            )
         return None
     if model_type not in SOFTMAX_MODEL_TYPES + HYBRID_MODEL_TYPES:
-        return (f"model type {model_type!r} (the static decode loop covers "
-                f"{', '.join(SOFTMAX_MODEL_TYPES + RECURRENT_MODEL_TYPES + HYBRID_MODEL_TYPES)})")
-    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return (
+            f"model type {model_type!r} (the static decode loop covers "
+            f"{', '.join(SOFTMAX_MODEL_TYPES + RECURRENT_MODEL_TYPES + HYBRID_MODEL_TYPES)})"
+        )
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ()
+    ):
         return "sliding-window attention layers"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if "dynamic" in str(rope.get("rope_type", "")) or rope.get("rope_type") == "longrope":
@@ -76,8 +82,13 @@ def state_for(model, batch: int, capacity: int):
     if why is not None:
         raise ValueError(f"the static decode loop does not apply: {why}")
     model_type = model.config.model_type
-    kind = (RecurrentState if model_type in RECURRENT_MODEL_TYPES
-            else HybridState if model_type in HYBRID_MODEL_TYPES else SoftmaxState)
+    kind = (
+        RecurrentState
+        if model_type in RECURRENT_MODEL_TYPES
+        else HybridState
+        if model_type in HYBRID_MODEL_TYPES
+        else SoftmaxState
+    )
     return kind(model, batch, capacity)
 
 
@@ -126,8 +137,13 @@ class SoftmaxState:
         hidden = inner.embed_tokens(ids)
         embeddings = inner.rotary_emb(hidden, positions)
         for layer in inner.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=embeddings,
-                           **{self.cache_kw: self.cache})
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=positions,
+                position_embeddings=embeddings,
+                **{self.cache_kw: self.cache},
+            )
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return self.model.lm_head(inner.norm(hidden[:, -1:]))[:, -1]
 
@@ -259,8 +275,13 @@ class HybridState(SoftmaxState):
             config._experts_implementation = saved
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model.model(input_ids=ids, attention_mask={"full_attention": None, "linear_attention": None},
-                               position_ids=positions, past_key_values=self.cache, use_cache=True)
+        out = self.model.model(
+            input_ids=ids,
+            attention_mask={"full_attention": None, "linear_attention": None},
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         return self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1]
 
 

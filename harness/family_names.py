@@ -15,8 +15,10 @@ FAMILY_OF_MODEL_TYPE = {
     "llama": "llama",
     "qwen2": "qwen2",
     # hybrids (Gated DeltaNet + attention layers); the multimodal qwen3_5 configs load their text model
-    "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
-    "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+    "qwen3_5_moe": "qwen3_5_moe",
     "qwen3_next": "qwen3_next",
     "olmo_hybrid": "olmo_hybrid",
 }

@@ -72,16 +72,27 @@ def rows_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> lis
     width = input_ids.shape[1]
     if not torch.equal(mask, torch.arange(width, device=mask.device)[None, :] >= (width - lengths)[:, None]):
         raise ValueError("the static decode loop takes left-padded prompts (padding only before each row's tokens)")
-    return [row[width - n:] for row, n in zip(input_ids, lengths.tolist())]
+    return [row[width - n :] for row, n in zip(input_ids, lengths.tolist())]
 
 
 class Decoder:
     """A model's decode state for `batch` rows of up to `capacity` tokens, and its decode step
     (captured in a CUDA graph when `graphs`)."""
 
-    def __init__(self, model, batch: int, capacity: int, *, max_new_tokens: int, sampling: Sampling = Sampling(),
-                 eos: tuple[int, ...] = (), pad: int = 0, record_logits: bool = False, graphs: bool | None = None,
-                 prefill_tokens: int = PREFILL_TOKENS):
+    def __init__(
+        self,
+        model,
+        batch: int,
+        capacity: int,
+        *,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        eos: tuple[int, ...] = (),
+        pad: int = 0,
+        record_logits: bool = False,
+        graphs: bool | None = None,
+        prefill_tokens: int = PREFILL_TOKENS,
+    ):
         sampling.check()
         self.model, self.batch, self.capacity = model, batch, capacity
         self.state = state_for(model, batch, capacity)
@@ -122,7 +133,7 @@ class Decoder:
         for length, members in by_length.items():
             per = max(1, self.prefill_tokens // length)
             for lo in range(0, len(members), per):
-                chunk = members[lo:lo + per]
+                chunk = members[lo : lo + per]
                 first[chunk] = self.prefill_rows(chunk, torch.stack([rows[i] for i in chunk]))
         return first
 
@@ -193,8 +204,15 @@ class Decoder:
 
     # --- the loop ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, first_logits: torch.Tensor, max_new_tokens: int, *, min_new_tokens: int = 0,
-               check_every: int = 16, timed: bool = False) -> tuple[int, list[float]]:
+    def decode(
+        self,
+        first_logits: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        min_new_tokens: int = 0,
+        check_every: int = 16,
+        timed: bool = False,
+    ) -> tuple[int, list[float]]:
         """Tokens 1..max_new_tokens after a prefill: the first from `first_logits`, each next one a
         step. Returns (steps run, seconds per step when `timed` on CUDA)."""
         if max_new_tokens > self.max_new_tokens:
@@ -295,25 +313,47 @@ def eos_ids(model, eos_token_id) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
-             min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos_token_id=None, pad_token_id: int | None = None, graphs: bool | None = None,
-             return_logits: bool = False, check_every: int = 16) -> DecodeResult:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id=None,
+    pad_token_id: int | None = None,
+    graphs: bool | None = None,
+    return_logits: bool = False,
+    check_every: int = 16,
+) -> DecodeResult:
     """`model.generate` through the static decode loop (greedy or sampling); see the module doc."""
     if pad_token_id is None:
         pad_token_id = getattr(model.generation_config, "pad_token_id", None) or 0
     rows = rows_of(input_ids, attention_mask)
     capacity = capacity_for(max(len(r) for r in rows), max_new_tokens)
-    dec = decoder(model, len(rows), capacity, max_new_tokens=max_new_tokens,
-                  sampling=Sampling(do_sample, temperature, top_k, top_p), eos=eos_ids(model, eos_token_id),
-                  pad=int(pad_token_id), record_logits=return_logits, graphs=graphs)
+    dec = decoder(
+        model,
+        len(rows),
+        capacity,
+        max_new_tokens=max_new_tokens,
+        sampling=Sampling(do_sample, temperature, top_k, top_p),
+        eos=eos_ids(model, eos_token_id),
+        pad=int(pad_token_id),
+        record_logits=return_logits,
+        graphs=graphs,
+    )
     first = dec.prefill(input_ids, attention_mask)
     n, _ = dec.decode(first, max_new_tokens, min_new_tokens=min_new_tokens, check_every=check_every)
     return dec.result(input_ids, n)
 
 
-def generate_or_fallback(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                         **kwargs) -> torch.Tensor:
+def generate_or_fallback(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor:
     """Sequences (B, prompt + new): through the decode loop on CUDA where it applies, else the
     model's own `generate` (the CPU path, and the reference everywhere). kwargs: generate's
     max_new_tokens, min_new_tokens, do_sample, eos_token_id, pad_token_id."""

@@ -53,7 +53,9 @@ class KeyChannelPlan:
             by_count.setdefault(len(idx), []).append(h)
         out = []
         for count, heads in sorted(by_count.items(), reverse=True):
-            channels = torch.tensor([self.kept[h] for h in heads], dtype=torch.long, device=device).reshape(len(heads), count)
+            channels = torch.tensor([self.kept[h] for h in heads], dtype=torch.long, device=device).reshape(
+                len(heads), count
+            )
             out.append(HeadGroup(torch.tensor(heads, device=device), channels[None].expand(batch, -1, -1).contiguous()))
         return out
 
@@ -217,10 +219,14 @@ class PrunedKLayer(CacheLayerMixin):
     def nbytes(self) -> dict[str, int]:
         """Bytes this layer's storage allocates, split into keys and values (the middle's spare
         room for decoded tokens included: at most GROWTH_FRACTION of it, or one slot)."""
+
         def size(t):
             return 0 if t is None else t.numel() * t.element_size()
+
         keys = size(self.head_k) + size(self.win_k) + sum(size(g.keys_store) for g in self.groups)
-        values = size(self.head_v) + size(self.win_v) + sum(size(g.values_store) + size(g.value_sum) for g in self.groups)
+        values = (
+            size(self.head_v) + size(self.win_v) + sum(size(g.values_store) + size(g.value_sum) for g in self.groups)
+        )
         return {"keys": keys, "values": values}
 
 

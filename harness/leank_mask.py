@@ -20,23 +20,32 @@ def load_mask(path: str | Path) -> torch.Tensor:
     """A published LeanK mask: float [layers, kv_heads, head_dim] of 0/1 (tensors only, no code)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise HarnessError(f"LeanK mask {path} not found; pass the .pth file released with LeanK (MInference's configs/leank)")
+        raise HarnessError(
+            f"LeanK mask {path} not found; pass the .pth file released with LeanK (MInference's configs/leank)"
+        )
     try:
         mask = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise HarnessError(f"{path} is not a LeanK mask ({type(exc).__name__}); expected a tensor saved with torch.save") from None
+        raise HarnessError(
+            f"{path} is not a LeanK mask ({type(exc).__name__}); expected a tensor saved with torch.save"
+        ) from None
     if not torch.is_tensor(mask) or mask.dim() != 3 or not torch.all((mask == 0) | (mask == 1)):
-        raise HarnessError(f"{path}: expected a 0/1 tensor [layers, kv_heads, head_dim], got "
-                           f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
+        raise HarnessError(
+            f"{path}: expected a 0/1 tensor [layers, kv_heads, head_dim], got "
+            f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}"
+        )
     if not bool(mask.any()):
         raise HarnessError(f"{path} keeps no key channel at all (every entry is 0); a mask must keep some")
     return mask.float()
 
 
 def mask_selection(mask: torch.Tensor, family: str, method: str, meta: dict) -> ChannelSelection:
-    layers = {i: LayerSelection(mask.shape[2], mask.shape[2],
-                                tuple(tuple(torch.nonzero(head).flatten().tolist()) for head in mask[i]))
-              for i in range(mask.shape[0])}
+    layers = {
+        i: LayerSelection(
+            mask.shape[2], mask.shape[2], tuple(tuple(torch.nonzero(head).flatten().tolist()) for head in mask[i])
+        )
+        for i in range(mask.shape[0])
+    }
     return ChannelSelection(family, layers, method, round(1.0 - float(mask.mean()), 6), meta=meta)
 
 

@@ -58,15 +58,21 @@ def resolve_source(name: str) -> tuple[str, bool]:
     if name in zoo.list_models():
         path = zoo.default_path(name)
         if not (path / "config.json").exists():
-            raise HarnessError(f"zoo model {name!r} has no weights at {path}; build them with `harness zoo build {name}`")
+            raise HarnessError(
+                f"zoo model {name!r} has no weights at {path}; build them with `harness zoo build {name}`"
+            )
         return str(path), False
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise HarnessError(f"{path} has no config.json; pass a save_pretrained folder or a zoo name ({', '.join(zoo.list_models())})")
+            raise HarnessError(
+                f"{path} has no config.json; pass a save_pretrained folder or a zoo name ({', '.join(zoo.list_models())})"
+            )
         return str(path), False
     if _looks_like_path(name):
-        raise HarnessError(f"model path {name!r} does not exist; pass a save_pretrained folder, a hub id or a zoo name ({', '.join(zoo.list_models())})")
+        raise HarnessError(
+            f"model path {name!r} does not exist; pass a save_pretrained folder, a hub id or a zoo name ({', '.join(zoo.list_models())})"
+        )
     return _hub_snapshot(name), False
 
 
@@ -76,8 +82,11 @@ def _hub_snapshot(repo_id: str) -> str:
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        return snapshot_download(repo_id, local_files_only=offline,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+        return snapshot_download(
+            repo_id,
+            local_files_only=offline,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
+        )
     except Exception as exc:  # the hub client raises many types; all mean "not available"
         raise HarnessError(
             f"model {repo_id!r} is not a local folder, a zoo name, or a hub id available "
@@ -114,7 +123,9 @@ def identify(name: str | None = None) -> tuple[str, str, str]:
     model_type = read_config(source, name)["model_type"]
     family = FAMILY_OF_MODEL_TYPE.get(model_type)
     if family is None:
-        raise HarnessError(f"unsupported architecture {model_type!r} in {name}; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}")
+        raise HarnessError(
+            f"unsupported architecture {model_type!r} in {name}; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}"
+        )
     return source, weights_digest(source), family
 
 
@@ -156,8 +167,9 @@ def _has_auto_map(source) -> bool:
         return False
 
 
-def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "float32",
-               trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    name: str | None = None, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False
+) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -172,15 +184,20 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "f
     _register_fla()
     model_type = read_config(source, name)["model_type"]
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+        config = AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
     except (TypeError, KeyError, AttributeError) as exc:  # a known model type whose fields hold the wrong kinds
-        raise HarnessError(f"the config.json of {name} is not a valid {model_type} config "
-                           f"({type(exc).__name__}: {one_line(exc, 160)})") from None
+        raise HarnessError(
+            f"the config.json of {name} is not a valid {model_type} config ({type(exc).__name__}: {one_line(exc, 160)})"
+        ) from None
     except ValueError as exc:
         msg = one_line(exc)
         if "trust_remote_code" in msg or (_has_auto_map(source) and not trust_remote_code):
-            raise HarnessError(f"{name} needs custom code (its config.json has an auto_map); rerun with "
-                               "--trust-remote-code if you trust its source") from None
+            raise HarnessError(
+                f"{name} needs custom code (its config.json has an auto_map); rerun with "
+                "--trust-remote-code if you trust its source"
+            ) from None
         raise HarnessError(f"unsupported architecture in {name}: {msg}") from None
     except OSError as exc:
         raise HarnessError(f"cannot load {name!r}: {str(exc).splitlines()[0]}") from None
@@ -193,8 +210,12 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "f
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(
-                source, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                local_files_only=local_files_only, output_loading_info=True,
+                source,
+                config=config,
+                dtype=DTYPES[dtype],
+                trust_remote_code=trust_remote_code,
+                local_files_only=local_files_only,
+                output_loading_info=True,
             )
     except (RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()
@@ -203,9 +224,11 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "f
     except Exception as exc:  # safetensors' SafetensorError (a truncated or garbage file) is none of the above
         if "safetensor" not in type(exc).__name__.lower() and "safetensor" not in str(exc).lower():
             raise
-        raise HarnessError(f"the weights of {name} are unreadable ({type(exc).__name__}: "
-                           f"{str(exc).strip().splitlines()[0][:120]}): the file is truncated or not a safetensors "
-                           "file; save or download it again") from None
+        raise HarnessError(
+            f"the weights of {name} are unreadable ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:120]}): the file is truncated or not a safetensors "
+            "file; save or download it again"
+        ) from None
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         kind, keys = next(iter(problems.items()))
@@ -215,7 +238,9 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str = "f
             "was config.json edited or the weights saved from another model?"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
     except (OSError, ValueError) as exc:
         raise HarnessError(f"no usable tokenizer in {name}: {one_line(exc)}") from None
     model.to(device).eval()

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+
 # the family vocabulary: methods import it from here, with the rest of the contract
-from harness.family_names import (ATTENTION_PART, HYBRID_FAMILIES, LINEAR_FAMILIES, LINEAR_PART,  # noqa: F401
-                                  SOFTMAX_FAMILIES)
+from harness.family_names import ATTENTION_PART, HYBRID_FAMILIES, LINEAR_FAMILIES, LINEAR_PART, SOFTMAX_FAMILIES  # noqa: F401
 from harness.selection import DEFAULT_RECENT, DEFAULT_SINK, ChannelSelection, LayerSelection
 
 # What a method can ask the adapter to capture during calibration.
@@ -137,7 +137,9 @@ class Method:
                 choice = np.asarray(self.select_head(layer, h, n_keep, rng))
                 if choice.ndim == 2:  # a projection
                     if choice.shape != (layer.head_dim, n_keep):
-                        raise RuntimeError(f"{self.name} returned a {choice.shape} projection, expected {(layer.head_dim, n_keep)}")
+                        raise RuntimeError(
+                            f"{self.name} returned a {choice.shape} projection, expected {(layer.head_dim, n_keep)}"
+                        )
                     projections.append(tuple(tuple(float(v) for v in row) for row in choice))
                     heads.append(tuple(range(n_keep)))
                     continue
@@ -147,8 +149,9 @@ class Method:
                 heads.append(tuple(sorted(int(i) for i in idx)))
             if projections and len(projections) != layer.num_heads:
                 raise RuntimeError(f"{self.name} mixed projections and index selections in layer {layer.index}")
-            chosen[layer.index] = LayerSelection(layer.head_dim, layer.value_dim, tuple(heads),
-                                                 tuple(projections) if projections else None)
+            chosen[layer.index] = LayerSelection(
+                layer.head_dim, layer.value_dim, tuple(heads), tuple(projections) if projections else None
+            )
             if progress is not None:
                 progress()
         return ChannelSelection(family=family, layers=chosen, method=self.name, ratio=ratio, meta=dict(self._meta))

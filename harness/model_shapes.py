@@ -25,20 +25,68 @@ from harness.errors import HarnessError
 from harness.family_names import LINEAR_FAMILIES, model_types
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-3.1-8b": ("llama", dict(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072)),
-    "qwen3.5-0.8b": ("qwen3_5_text", dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
-        linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
-        linear_conv_kernel_dim=4, full_attention_interval=4, intermediate_size=3584, vocab_size=248320,
-        tie_word_embeddings=True, max_position_embeddings=262144)),
-    "deltanet-1.3b": ("delta_net", dict(
-        hidden_size=2048, num_hidden_layers=24, num_heads=16, expand_k=1.0, expand_v=1.0, hidden_ratio=4,
-        use_short_conv=True, conv_size=4, vocab_size=32000)),
-    "gated-deltanet-1.3b": ("gated_deltanet", dict(
-        hidden_size=2048, num_hidden_layers=24, num_heads=16, head_dim=128, expand_v=1.0, hidden_ratio=4,
-        use_short_conv=True, conv_size=4, vocab_size=32000)),
+    "llama-3.1-8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=14336,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+        ),
+    ),
+    "qwen3.5-0.8b": (
+        "qwen3_5_text",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=256,
+            linear_num_key_heads=16,
+            linear_num_value_heads=16,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_conv_kernel_dim=4,
+            full_attention_interval=4,
+            intermediate_size=3584,
+            vocab_size=248320,
+            tie_word_embeddings=True,
+            max_position_embeddings=262144,
+        ),
+    ),
+    "deltanet-1.3b": (
+        "delta_net",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=24,
+            num_heads=16,
+            expand_k=1.0,
+            expand_v=1.0,
+            hidden_ratio=4,
+            use_short_conv=True,
+            conv_size=4,
+            vocab_size=32000,
+        ),
+    ),
+    "gated-deltanet-1.3b": (
+        "gated_deltanet",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=24,
+            num_heads=16,
+            head_dim=128,
+            expand_v=1.0,
+            hidden_ratio=4,
+            use_short_conv=True,
+            conv_size=4,
+            vocab_size=32000,
+        ),
+    ),
 }
 FLA_MODEL_TYPES = model_types(LINEAR_FAMILIES)  # known to AutoConfig only once fla.models is imported
 

@@ -33,9 +33,10 @@ def token_sets(vocab_size: int, special_ids, num_keys: int, num_values: int) -> 
     special = set(int(i) for i in special_ids)
     ids = torch.tensor([i for i in range(vocab_size) if i not in special], dtype=torch.long)
     if len(ids) < num_keys + num_values + 1:
-        raise ValueError(f"vocabulary of {vocab_size} tokens is too small for {num_keys} keys, {num_values} values "
-                         "and noise")
-    return TokenSets(ids[:num_keys], ids[num_keys:num_keys + num_values], ids[num_keys + num_values:])
+        raise ValueError(
+            f"vocabulary of {vocab_size} tokens is too small for {num_keys} keys, {num_values} values and noise"
+        )
+    return TokenSets(ids[:num_keys], ids[num_keys : num_keys + num_values], ids[num_keys + num_values :])
 
 
 def tokenizer_sets(tokenizer, num_keys: int, num_values: int, model=None) -> TokenSets:
@@ -54,7 +55,9 @@ class MqarBatch:
     answers: torch.Tensor  # (B, kv_pairs): the value token each query must predict next
 
 
-def _pick_distinct(rng: np.random.Generator, rows: int, pool: int, k: int, logits: np.ndarray | None = None) -> np.ndarray:
+def _pick_distinct(
+    rng: np.random.Generator, rows: int, pool: int, k: int, logits: np.ndarray | None = None
+) -> np.ndarray:
     """`k` distinct indices into range(pool) per row; weighted by softmax(logits) when given
     (Gumbel top-k: the same law as drawing one at a time without replacement)."""
     scores = rng.gumbel(size=(rows, pool))
@@ -63,14 +66,17 @@ def _pick_distinct(rng: np.random.Generator, rows: int, pool: int, k: int, logit
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-def mqar_batch(sets: TokenSets, num_examples: int, kv_pairs: int, seq_len: int, rng: np.random.Generator,
-               power_a: float = 0.01) -> MqarBatch:
+def mqar_batch(
+    sets: TokenSets, num_examples: int, kv_pairs: int, seq_len: int, rng: np.random.Generator, power_a: float = 0.01
+) -> MqarBatch:
     """`num_examples` MQAR sequences (see the module docstring); needs seq_len >= 4 * kv_pairs."""
     space = (seq_len - 2 * kv_pairs) // 2  # query slots: even offsets after the pairs
     if space < kv_pairs:
         raise ValueError(f"seq_len {seq_len} is too short for {kv_pairs} pairs; it needs at least {4 * kv_pairs}")
     if kv_pairs > min(len(sets.keys), len(sets.values)):
-        raise ValueError(f"{kv_pairs} pairs need at least as many keys and values ({len(sets.keys)}, {len(sets.values)})")
+        raise ValueError(
+            f"{kv_pairs} pairs need at least as many keys and values ({len(sets.keys)}, {len(sets.values)})"
+        )
     B, N = num_examples, kv_pairs
     keys = sets.keys[torch.from_numpy(_pick_distinct(rng, B, len(sets.keys), N))]
     values = sets.values[torch.from_numpy(_pick_distinct(rng, B, len(sets.values), N))]
@@ -80,8 +86,8 @@ def mqar_batch(sets: TokenSets, num_examples: int, kv_pairs: int, seq_len: int, 
 
     noise_idx = torch.from_numpy(rng.integers(0, len(sets.noise), size=(B, seq_len)))
     input_ids = sets.noise[noise_idx]
-    input_ids[:, 0:2 * N:2] = keys
-    input_ids[:, 1:2 * N:2] = values
+    input_ids[:, 0 : 2 * N : 2] = keys
+    input_ids[:, 1 : 2 * N : 2] = values
     query_positions = 2 * N + 2 * gaps
     input_ids.scatter_(1, query_positions, keys)
     return MqarBatch(input_ids, query_positions, values)

@@ -52,7 +52,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         try:
             number = kind(value) if kind is float or not isinstance(value, str) else int(value, 0)
         except (TypeError, ValueError):
-            raise HarnessError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {shown(value)}") from None
+            raise HarnessError(
+                f"{where} must be {'an integer' if kind is int else 'a number'}, got {shown(value)}"
+            ) from None
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise HarnessError(f"{where} must be an integer, got {shown(value)}")
         if kind is float and not math.isfinite(number):  # "nan", "inf", "1e100000"

@@ -46,18 +46,28 @@ class RunCells:
 
     def key(self, suite: str, suite_args: dict, ratio: float, dense: bool = False, recovery: str = "none") -> RunKey:
         return RunKey(
-            model=self.model, model_digest=self.digest, family=self.family,
-            method="dense" if dense else self.method, method_params={} if dense else self.method_params,
-            ratio=0.0 if dense else float(ratio), suite=suite, suite_params=suite_args, seed=self.seed,
-            calibration={} if dense else self.calibration, recovery=recovery,
+            model=self.model,
+            model_digest=self.digest,
+            family=self.family,
+            method="dense" if dense else self.method,
+            method_params={} if dense else self.method_params,
+            ratio=0.0 if dense else float(ratio),
+            suite=suite,
+            suite_params=suite_args,
+            seed=self.seed,
+            calibration={} if dense else self.calibration,
+            recovery=recovery,
             recovery_params=self.lora if recovery == "lora" and self.lora is not None else {},
         )
 
-    def cells(self, suites: Sequence[Suite], ratio: float, dense: bool = False,
-              recovery: str = "none") -> list[tuple[RunKey, Suite | None]]:
+    def cells(
+        self, suites: Sequence[Suite], ratio: float, dense: bool = False, recovery: str = "none"
+    ) -> list[tuple[RunKey, Suite | None]]:
         """The compression cell (suite None) and one cell per suite."""
-        return [(self.key(COMPRESSION, {}, ratio, dense, recovery), None),
-                *((self.key(s.name, params_mod.as_dict(s), ratio, dense, recovery), s) for s in suites)]
+        return [
+            (self.key(COMPRESSION, {}, ratio, dense, recovery), None),
+            *((self.key(s.name, params_mod.as_dict(s), ratio, dense, recovery), s) for s in suites),
+        ]
 
     @property
     def stages(self) -> list[str]:
@@ -118,30 +128,44 @@ class Cells:
 
     def complete(self, ratio: float, stages: Sequence[str]) -> bool:
         """Whether every compressed cell of `ratio` in `stages` is complete in the store (never with `force`)."""
-        return not self.force and all(self.store.status(k) == COMPLETE
-                                      for r in stages for k, _ in self.keys(ratio, False, r))
+        return not self.force and all(
+            self.store.status(k) == COMPLETE for r in stages for k, _ in self.keys(ratio, False, r)
+        )
 
     def record(self, k: RunKey, metrics: list[Metric], cached: bool) -> None:
         for m in metrics:
-            self.report.rows.append({"model": k.model, "family": k.family, "method": k.method, "ratio": k.ratio,
-                                     "recovery": k.recovery, "suite": k.suite, "metric": m.name, "value": m.value,
-                                     "unit": m.unit, "cached": cached})
+            self.report.rows.append(
+                {
+                    "model": k.model,
+                    "family": k.family,
+                    "method": k.method,
+                    "ratio": k.ratio,
+                    "recovery": k.recovery,
+                    "suite": k.suite,
+                    "metric": m.name,
+                    "value": m.value,
+                    "unit": m.unit,
+                    "cached": cached,
+                }
+            )
 
     def reuse(self, k: RunKey) -> None:
         """Report a cell the store has complete."""
         self.record(k, self.store.metrics(k), True)
         self.report.reused += 1
 
-    def evaluate(self, model, selection: ChannelSelection, ratio: float, dense: bool, bar: Bars,
-                 recovery: str = "none") -> None:
+    def evaluate(
+        self, model, selection: ChannelSelection, ratio: float, dense: bool, bar: Bars, recovery: str = "none"
+    ) -> None:
         for k, suite in self.keys(ratio, dense, recovery):
             if not self.force and self.store.status(k) == COMPLETE:
                 self.reuse(k)
             else:
                 self.compute(k, suite, model, selection, dense, bar)
 
-    def compute(self, k: RunKey, suite: Suite | None, model, selection: ChannelSelection, dense: bool,
-                bar: Bars) -> None:
+    def compute(
+        self, k: RunKey, suite: Suite | None, model, selection: ChannelSelection, dense: bool, bar: Bars
+    ) -> None:
         """One cell: the compression cell (suite None) or a suite's, stored as complete or failed."""
         self.store.begin(k, kept_ratio=selection.kept_ratio, selection_digest=selection.digest)
         art = self.store.artifacts_dir(k)
@@ -151,8 +175,14 @@ class Cells:
             if suite is None:
                 metrics = self.adapter.bytes_metrics(model, selection)
             else:
-                ctx = SuiteContext(self.loaded.family, self.loaded.device, self.seed, art, bar.task,
-                                   reference=None if dense else self.loaded.model)
+                ctx = SuiteContext(
+                    self.loaded.family,
+                    self.loaded.device,
+                    self.seed,
+                    art,
+                    bar.task,
+                    reference=None if dense else self.loaded.model,
+                )
                 metrics = suite.run(model, self.loaded.tokenizer, ctx)
         except BaseException as exc:  # Ctrl-C too: the cell is marked, finished cells stay
             self.store.fail(k, f"{type(exc).__name__}: {exc}")
@@ -163,8 +193,12 @@ class Cells:
             self.store.fail(k, reason)
             self.report.failed.append(f"{k.method} {k.ratio} {k.suite}: {reason}")
             return
-        self.store.finish(k, metrics, prov={**self.prov, "duration_s": time.perf_counter() - started},
-                          duration_s=time.perf_counter() - started)
+        self.store.finish(
+            k,
+            metrics,
+            prov={**self.prov, "duration_s": time.perf_counter() - started},
+            duration_s=time.perf_counter() - started,
+        )
         self.record(k, metrics, False)
         self.report.computed += 1
 
@@ -205,16 +239,34 @@ def run(
     check_ratios(ratios)
     suite_objs = suites_for(suites, suite_params or {})
     results = ResultStore(store)
-    p = plan(model, method, ratios, method_params=method_params, seed=seed, calibration=calibration,
-             device=device, dtype=dtype, trust_remote_code=trust_remote_code, attn_method=attn_method,
-             attn_method_params=attn_method_params)
+    p = plan(
+        model,
+        method,
+        ratios,
+        method_params=method_params,
+        seed=seed,
+        calibration=calibration,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        attn_method=attn_method,
+        attn_method_params=attn_method_params,
+    )
     loaded, adapter, calibration = p.loaded, p.adapter, p.calibration
     suite_objs = [s for s in suite_objs if s.applies_to(loaded.family)]
     if not suite_objs:
         raise HarnessError(f"none of the suites {', '.join(suites)} applies to {loaded.family} models")
 
-    run_cells = RunCells(loaded.name, loaded.digest, loaded.family, p.method_name, p.method_key(), seed,
-                         calibration.key() if p.calibrated else {}, lora.key() if lora is not None else None)
+    run_cells = RunCells(
+        loaded.name,
+        loaded.digest,
+        loaded.family,
+        p.method_name,
+        p.method_key(),
+        seed,
+        calibration.key() if p.calibrated else {},
+        lora.key() if lora is not None else None,
+    )
     cells = Cells(results, run_cells, suite_objs, loaded, adapter, seed, force, provenance.collect(loaded.device))
     with bars(progress) as bar:
         if dense:
@@ -230,8 +282,7 @@ def run(
     return cells.report
 
 
-def _compress_and_evaluate(p, cells: Cells, layer_data, ratio: float, bar: Bars, save: str | Path | None,
-                           lora) -> None:
+def _compress_and_evaluate(p, cells: Cells, layer_data, ratio: float, bar: Bars, save: str | Path | None, lora) -> None:
     """One ratio of `run`: compress, save if asked, evaluate; then (with `lora`) recover and evaluate
     the recovered model, unless its cells are all in the store already."""
     pruned, selection = p.compress(layer_data, ratio, bar)
@@ -245,8 +296,13 @@ def _compress_and_evaluate(p, cells: Cells, layer_data, ratio: float, bar: Bars,
         return
     from harness.recovery import lora_recover
 
-    recovered, _stats = lora_recover(pruned, p.loaded.tokenizer, lora, text_file=p.calibration.text_file,
-                                     advance=bar.task(f"lora {ratio:g}", lora.steps))
+    recovered, _stats = lora_recover(
+        pruned,
+        p.loaded.tokenizer,
+        lora,
+        text_file=p.calibration.text_file,
+        advance=bar.task(f"lora {ratio:g}", lora.steps),
+    )
     if save is not None:
         cells.report.saved.append(p.save(recovered, selection, save, suffix="-lora"))
     cells.evaluate(recovered, selection, ratio, False, bar, "lora")

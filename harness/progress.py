@@ -62,7 +62,13 @@ def bars(enabled: "bool | Bars" = True, console: Console | None = None) -> Itera
     if not enabled:
         yield Bars(None)
         return
-    columns = (TextColumn("[bold]{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console or Console(stderr=True), transient=False) as progress:
         yield Bars(progress)

@@ -27,8 +27,12 @@ def git_commit() -> str | None:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -54,5 +58,10 @@ def now() -> str:
 
 
 def collect(device: str) -> dict:
-    return {"versions": versions(), "git_commit": git_commit(), "device": device_name(device),
-            "host": platform.node(), "timestamp": now()}
+    return {
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "device": device_name(device),
+        "host": platform.node(),
+        "timestamp": now(),
+    }

@@ -86,8 +86,11 @@ class LoraSpec:
     def key(self) -> dict:
         """JSON-able identity for run keys: everything that changes the result but the thread count
         (which, like the device, is recorded in the stats instead)."""
-        return {f.name: (list(getattr(self, f.name)) if f.name == "targets" else getattr(self, f.name))
-                for f in fields(self) if f.name != "threads"}
+        return {
+            f.name: (list(getattr(self, f.name)) if f.name == "targets" else getattr(self, f.name))
+            for f in fields(self)
+            if f.name != "threads"
+        }
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -101,8 +104,12 @@ def train_stream(tokenizer, text_file: str | None = None) -> torch.Tensor:
     from harness.calibration import load_text
 
     text = load_text(text_file)  # split="train": the held-out split is what the ppl suite scores
-    key = (hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
-           getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer))
+    key = (
+        hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+        getattr(tokenizer, "name_or_path", ""),
+        type(tokenizer).__name__,
+        len(tokenizer),
+    )
     if key not in _STREAM:
         _STREAM.clear()
         _STREAM[key] = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -119,6 +126,7 @@ def lr_at(step: int, spec: LoraSpec) -> float:
 
 # --- targets ------------------------------------------------------------------------------------
 
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)  # peft's rule for a list of names
 
@@ -132,12 +140,16 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
         hits = [(n, m) for n, m in named if _matches(n, target)]
         if not hits:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, nn.Linear)})
-            raise LoraError(f"LoRA target {target!r} matches no module of {type(model).__name__}; "
-                            f"its linear layers are named {', '.join(linear)}")
+            raise LoraError(
+                f"LoRA target {target!r} matches no module of {type(model).__name__}; "
+                f"its linear layers are named {', '.join(linear)}"
+            )
         bad = next(((n, m) for n, m in hits if type(m) is not nn.Linear), None)
         if bad is not None:
-            raise LoraError(f"LoRA target {target!r} matches {bad[0]}, a {type(bad[1]).__name__}; "
-                            "LoRA recovery wraps nn.Linear modules only")
+            raise LoraError(
+                f"LoRA target {target!r} matches {bad[0]}, a {type(bad[1]).__name__}; "
+                "LoRA recovery wraps nn.Linear modules only"
+            )
         found += [n for n, _ in hits if n not in found]
     return found
 
@@ -163,8 +175,15 @@ def _unfused_mlps(model: nn.Module, names: list[str]):
 
 # --- training -----------------------------------------------------------------------------------
 
-def lora_recover(model: nn.Module, tokenizer, spec: LoraSpec, *, text_file: str | None = None,
-                 advance: Callable[..., None] | None = None) -> tuple[nn.Module, dict]:
+
+def lora_recover(
+    model: nn.Module,
+    tokenizer,
+    spec: LoraSpec,
+    *,
+    text_file: str | None = None,
+    advance: Callable[..., None] | None = None,
+) -> tuple[nn.Module, dict]:
     """Fine-tune LoRA adapters on `spec.targets` of `model` (in place), merge them, and return
     (the plain merged model, stats). `text_file`: a UTF-8 text to train on instead of the embedded
     corpus's train split. `advance()` is called once per step (a progress bar)."""
@@ -179,8 +198,10 @@ def lora_recover(model: nn.Module, tokenizer, spec: LoraSpec, *, text_file: str 
     ids = train_stream(tokenizer, text_file)
     n_windows = len(ids) - spec.seq_len - 1
     if n_windows < 1:
-        raise HarnessError(f"LoRA training text has {len(ids)} tokens, fewer than seq_len + 2 = {spec.seq_len + 2}; "
-                           "use a longer text or a smaller seq_len")
+        raise HarnessError(
+            f"LoRA training text has {len(ids)} tokens, fewer than seq_len + 2 = {spec.seq_len + 2}; "
+            "use a longer text or a smaller seq_len"
+        )
     device = next(model.parameters()).device
     offsets = torch.arange(spec.seq_len + 1)
     was_training = model.training
@@ -204,14 +225,25 @@ def lora_recover(model: nn.Module, tokenizer, spec: LoraSpec, *, text_file: str 
             for step in range(spec.steps):
                 starts = torch.randint(0, n_windows, (spec.batch_size,), generator=windows)
                 batch = ids[starts[:, None] + offsets].to(device)
+
                 def loss_fn(step=step, batch=batch):  # bound now: no closure over the loop's names
                     loss = next_token_loss(peft_model, batch)  # from the logits: no fused loss kernel
                     if step == 0:
                         lora_calls.check()
                     return loss
 
-                losses.append(train_step(optimizer, loss_fn, step, lr=lr_at(step, spec), clip=1.0, params=params,
-                                         what="LoRA training", hint="; try a smaller lr"))
+                losses.append(
+                    train_step(
+                        optimizer,
+                        loss_fn,
+                        step,
+                        lr=lr_at(step, spec),
+                        clip=1.0,
+                        params=params,
+                        what="LoRA training",
+                        hint="; try a smaller lr",
+                    )
+                )
                 if advance is not None:
                     advance()
             merged = peft_model.merge_and_unload()
@@ -223,7 +255,7 @@ def lora_recover(model: nn.Module, tokenizer, spec: LoraSpec, *, text_file: str 
             p.requires_grad_(flag)
         model.train(was_training)
     wall = time.perf_counter() - t0
-    tail = losses[-min(10, len(losses)):]
+    tail = losses[-min(10, len(losses)) :]
     stats = {
         "steps": spec.steps,
         "initial_loss": losses[0],  # the first batch, before any update
@@ -251,8 +283,11 @@ class _count_lora_calls:
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
                 short = name.removeprefix("base_model.model.")
                 self.calls[short] = 0
-                self.handles.append(module.lora_A[ADAPTER].register_forward_hook(
-                    lambda *_args, key=short: self.calls.__setitem__(key, self.calls[key] + 1)))
+                self.handles.append(
+                    module.lora_A[ADAPTER].register_forward_hook(
+                        lambda *_args, key=short: self.calls.__setitem__(key, self.calls[key] + 1)
+                    )
+                )
 
     def check(self) -> None:
         for h in self.handles:
@@ -260,8 +295,18 @@ class _count_lora_calls:
         missed = [n for n, c in self.calls.items() if c == 0]
         if missed:
             more = f" (and {len(missed) - 1} more)" if len(missed) > 1 else ""
-            raise LoraError(f"LoRA on {missed[0]}{more} is bypassed by the model's forward "
-                            "(a fused kernel reads its weight directly); drop it from the targets")
+            raise LoraError(
+                f"LoRA on {missed[0]}{more} is bypassed by the model's forward "
+                "(a fused kernel reads its weight directly); drop it from the targets"
+            )
 
 
-__all__ = ["ATTENTION_TARGETS", "MLP_TARGETS", "LoraError", "LoraSpec", "lora_recover", "resolve_targets", "train_stream"]
+__all__ = [
+    "ATTENTION_TARGETS",
+    "MLP_TARGETS",
+    "LoraError",
+    "LoraSpec",
+    "lora_recover",
+    "resolve_targets",
+    "train_stream",
+]

@@ -65,9 +65,17 @@ def describe(entry: Entry) -> dict[str, Any]:
     parameters [(name, type, default)], reference (paper or description), summary, package."""
     from harness import params
 
-    card: dict[str, Any] = {"name": entry.name, "kind": _kind(entry.group), "package": entry.distribution,
-                            "target": entry.target, "status": "ok" if entry.ok else f"broken: {entry.error}",
-                            "families": (), "parameters": [], "reference": "", "summary": ""}
+    card: dict[str, Any] = {
+        "name": entry.name,
+        "kind": _kind(entry.group),
+        "package": entry.distribution,
+        "target": entry.target,
+        "status": "ok" if entry.ok else f"broken: {entry.error}",
+        "families": (),
+        "parameters": [],
+        "reference": "",
+        "summary": "",
+    }
     if not entry.ok:
         return card
     obj = entry.obj

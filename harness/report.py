@@ -38,8 +38,17 @@ def pivot(rows: Iterable[dict[str, Any]], detail: bool = False) -> tuple[list[st
         columns.setdefault(column)
         ident = tuple(row.get(k, "none") for k in _ORDER)
         wide.setdefault(ident, dict(zip(_ORDER, ident)))[column] = row["value"]
-    ordered = sorted(wide.values(), key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["ratio"],
-                                                   r["recovery"] != "none", r["recovery"]))
+    ordered = sorted(
+        wide.values(),
+        key=lambda r: (
+            r["model"],
+            r["method"] != "dense",
+            r["method"],
+            r["ratio"],
+            r["recovery"] != "none",
+            r["recovery"],
+        ),
+    )
     return sorted(columns), ordered
 
 
@@ -78,8 +87,10 @@ COMPRESSION_HEADLINES = (
 )
 SUITE_ORDER = ("ppl", "lm-eval", "ruler", "longbench", "mqar", "state-rank", "speed")
 ARROWS = {"higher": "↑", "lower": "↓", "": ""}
-LEGEND = ("dense: the uncompressed model. ↑ higher is better, ↓ lower is better; (±) change against dense. "
-          "`--detail` shows every metric, `harness export` writes them to a file.")
+LEGEND = (
+    "dense: the uncompressed model. ↑ higher is better, ↓ lower is better; (±) change against dense. "
+    "`--detail` shows every metric, `harness export` writes them to a file."
+)
 
 
 def suite_headlines(suite: str) -> tuple[Headline, ...]:
@@ -139,8 +150,13 @@ def summary_tables(rows: Iterable[dict[str, Any]]) -> list[Table]:
         name = _variant(row)
         values.setdefault(row["model"], {}).setdefault(name, {})[(row["suite"], row["metric"])] = row["value"]
         recovery = row.get("recovery", "none")
-        variants.setdefault(row["model"], {})[name] = (row["method"] != "dense", row["method"], row["ratio"],
-                                                       recovery != "none", recovery)
+        variants.setdefault(row["model"], {})[name] = (
+            row["method"] != "dense",
+            row["method"],
+            row["ratio"],
+            recovery != "none",
+            recovery,
+        )
     suites = {suite for per_model in values.values() for v in per_model.values() for suite, _ in v}
     order = [COMPRESSION, *SUITE_ORDER, *sorted(suites - {COMPRESSION, *SUITE_ORDER})]
     tables = []

@@ -65,9 +65,11 @@ class LayerSelection:
 
     def flat_indices(self) -> np.ndarray:
         """Indices into the layer's concatenated (head, channel) key dimension."""
-        return np.concatenate(
-            [np.asarray(idx, dtype=np.int64) + h * self.head_dim for h, idx in enumerate(self.kept)]
-        ) if self.kept else np.zeros(0, dtype=np.int64)
+        return (
+            np.concatenate([np.asarray(idx, dtype=np.int64) + h * self.head_dim for h, idx in enumerate(self.kept)])
+            if self.kept
+            else np.zeros(0, dtype=np.int64)
+        )
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,7 @@ class ChannelSelection:
         return cls(
             family=family,
             layers={
-                i: LayerSelection(d, dv, tuple(tuple(range(d)) for _ in range(h)))
-                for i, (h, d, dv) in geometry.items()
+                i: LayerSelection(d, dv, tuple(tuple(range(d)) for _ in range(h))) for i, (h, d, dv) in geometry.items()
             },
             method="dense",
         )
@@ -115,8 +116,12 @@ class ChannelSelection:
             "ratio": self.ratio,
             "meta": self.meta,
             "layers": {
-                str(i): {"head_dim": s.head_dim, "value_dim": s.value_dim, "kept": [list(k) for k in s.kept],
-                         **({"projection": [[list(r) for r in m] for m in s.projection]} if s.projection else {})}
+                str(i): {
+                    "head_dim": s.head_dim,
+                    "value_dim": s.value_dim,
+                    "kept": [list(k) for k in s.kept],
+                    **({"projection": [[list(r) for r in m] for m in s.projection]} if s.projection else {}),
+                }
                 for i, s in sorted(self.layers.items())
             },
         }
@@ -130,13 +135,22 @@ class ChannelSelection:
             raise ValueError(f"not a channel selection (schema {data.get('schema')!r}, expected {SCHEMA!r})")
         layers = {
             int(i): LayerSelection(
-                int(s["head_dim"]), int(s["value_dim"]), tuple(tuple(int(c) for c in k) for k in s["kept"]),
-                tuple(tuple(tuple(float(v) for v in r) for r in m) for m in s["projection"]) if "projection" in s else None,
+                int(s["head_dim"]),
+                int(s["value_dim"]),
+                tuple(tuple(int(c) for c in k) for k in s["kept"]),
+                tuple(tuple(tuple(float(v) for v in r) for r in m) for m in s["projection"])
+                if "projection" in s
+                else None,
             )
             for i, s in data["layers"].items()
         }
-        return cls(family=data["family"], layers=layers, method=data.get("method", ""),
-                   ratio=float(data.get("ratio", 0.0)), meta=dict(data.get("meta", {})))
+        return cls(
+            family=data["family"],
+            layers=layers,
+            method=data.get("method", ""),
+            ratio=float(data.get("ratio", 0.0)),
+            meta=dict(data.get("meta", {})),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "ChannelSelection":

@@ -101,12 +101,14 @@ class StaticKLayer:
                 kept = torch.arange(c).expand(b, hg, c)  # placeholders: a chooser sets them at prefill
             else:
                 kept = torch.tensor([plan.kept[i] for i in heads], dtype=torch.long).reshape(hg, c).expand(b, hg, c)
-            keys = self.keys_flat[k_at:k_at + b * hg * m * c].view(b, hg, m, c)
-            values = self.values_flat[v_at:v_at + b * hg * m * dv].view(b, hg, m, dv)
+            keys = self.keys_flat[k_at : k_at + b * hg * m * c].view(b, hg, m, c)
+            values = self.values_flat[v_at : v_at + b * hg * m * dv].view(b, hg, m, dv)
             for j, head in enumerate(heads):
                 self.key_offsets[:, head] = k_at + (torch.arange(b) * hg + j) * m * c
                 self.value_offsets[:, head] = v_at + (torch.arange(b) * hg + j) * m * dv
-            self.groups.append(StaticGroup(torch.tensor(heads, device=device), kept.contiguous().to(device), keys, values))
+            self.groups.append(
+                StaticGroup(torch.tensor(heads, device=device), kept.contiguous().to(device), keys, values)
+            )
             k_at, v_at = k_at + keys.numel(), v_at + values.numel()
         self.key_offsets, self.value_offsets = self.key_offsets.to(device), self.value_offsets.to(device)
         self.num_sum_heads = len(sums)
@@ -127,7 +129,7 @@ class StaticKLayer:
         """Kept channels (n, Hg, c) of `group` for the rows `rows` (n,), in every table that holds them."""
         group.channels[rows] = channels
         table = torch.zeros(*channels.shape[:-1], self.head_dim, dtype=torch.int32, device=channels.device)
-        table[..., :group.count] = channels.to(torch.int32)
+        table[..., : group.count] = channels.to(torch.int32)
         keep = torch.zeros(*channels.shape[:-1], self.head_dim, device=channels.device).scatter_(-1, channels, 1.0)
         self.channel_table[rows[:, None], group.heads[None, :]] = table
         self.keep[rows[:, None], group.heads[None, :]] = keep
@@ -150,7 +152,7 @@ class StaticKLayer:
         head = min(length, sink)
         self.head_k[index, :, :head] = keys[:, :, :head]
         self.head_v[index, :, :head] = values[:, :, :head]
-        middle_k, middle_v = keys[:, :, sink:sink + n_mid], values[:, :, sink:sink + n_mid]
+        middle_k, middle_v = keys[:, :, sink : sink + n_mid], values[:, :, sink : sink + n_mid]
         for g in self.groups:
             idx = g.channels[index][:, :, None, :].expand(-1, -1, n_mid, -1)
             g.keys[index, :, :n_mid] = middle_k.index_select(1, g.heads).gather(-1, idx)
@@ -195,8 +197,10 @@ class StaticKLayer:
 
     def nbytes(self) -> dict[str, int]:
         """Bytes this layer's stores allocate (the whole capacity), split into keys and values."""
+
         def size(t):
             return 0 if t is None else t.numel() * t.element_size()
+
         keys = size(self.head_k) + size(self.ring_k) + size(self.keys_flat)
         values = size(self.head_v) + size(self.ring_v) + size(self.values_flat) + size(self.value_sum)
         return {"keys": keys, "values": values}
@@ -207,13 +211,15 @@ def causal_attention(query, keys, values, scaling: float) -> torch.Tensor:
     n_rep = query.shape[1] // keys.shape[1]
     if n_rep > 1:
         keys, values = keys.repeat_interleave(n_rep, 1), values.repeat_interleave(n_rep, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, is_causal=query.shape[2] > 1,
-                                                           scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, is_causal=query.shape[2] > 1, scale=scaling
+    )
     return out.transpose(1, 2)
 
 
-def rule_attention(query, keys, values, key_scale, *, sink: int, recent: int, scaling: float,
-                   chunk: int = PREFILL_QUERY_CHUNK) -> torch.Tensor:
+def rule_attention(
+    query, keys, values, key_scale, *, sink: int, recent: int, scaling: float, chunk: int = PREFILL_QUERY_CHUNK
+) -> torch.Tensor:
     """The prompt's attention with LeanK's rule (middle keys through the kept channels), by
     `masked_attention` over chunks of queries (scores of chunk x prompt at a time); (n, P, Hq, dv)."""
     length = query.shape[2]
@@ -222,8 +228,18 @@ def rule_attention(query, keys, values, key_scale, *, sink: int, recent: int, sc
         hi = min(length, lo + chunk)
         slots = torch.arange(hi, device=query.device)
         causal = slots[None, :] <= torch.arange(lo, hi, device=query.device)[:, None]  # (L, hi)
-        parts.append(masked_attention(query[:, :, lo:hi], keys[:, :, :hi], values[:, :, :hi], causal[None, None],
-                                      key_scale=key_scale, sink=sink, recent=recent, scaling=scaling))
+        parts.append(
+            masked_attention(
+                query[:, :, lo:hi],
+                keys[:, :, :hi],
+                values[:, :, :hi],
+                causal[None, None],
+                key_scale=key_scale,
+                sink=sink,
+                recent=recent,
+                scaling=scaling,
+            )
+        )
     return torch.cat(parts, 1)
 
 

@@ -54,15 +54,19 @@ class ResultStore:
         self.path = Path(path).expanduser()
         self.read_only = read_only
         if self.path.is_dir():
-            raise HarnessError(f"results store {self.path} is a folder; pass a file path such as {self.path / 'results.sqlite'}")
+            raise HarnessError(
+                f"results store {self.path} is a folder; pass a file path such as {self.path / 'results.sqlite'}"
+            )
         if read_only and not self.path.is_file():
             raise HarnessError(f"no results store at {self.path}; run `harness run ...` first or pass --store")
         if not read_only:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise HarnessError(f"results store {self.path}: cannot create its folder ({exc.strerror or exc}); "
-                                   "pass a writable --store") from None
+                raise HarnessError(
+                    f"results store {self.path}: cannot create its folder ({exc.strerror or exc}); "
+                    "pass a writable --store"
+                ) from None
         self.artifacts_root = self.path.parent / "artifacts"
         try:
             with closing(self._connect()) as db, db:
@@ -84,7 +88,9 @@ class ResultStore:
         except sqlite3.DatabaseError as exc:
             if "readonly" in str(exc) or "read-only" in str(exc):
                 raise HarnessError(f"results store {self.path} is read only ({exc}); pass a writable --store") from None
-            raise HarnessError(f"results store {self.path} is not a usable SQLite file ({exc}); pass another --store") from None
+            raise HarnessError(
+                f"results store {self.path} is not a usable SQLite file ({exc}); pass another --store"
+            ) from None
 
     def _check_owner(self, db: sqlite3.Connection) -> None:
         """Refuse another program's database: a harness store carries APPLICATION_ID (or, made by
@@ -97,8 +103,10 @@ class ResultStore:
         if "meta" in tables and db.execute("SELECT 1 FROM meta WHERE key='schema_version'").fetchone():
             return
         listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-        raise HarnessError(f"{self.path} is another program's SQLite database (tables: {listed}), not a harness "
-                           "results store; pass a new --store path")
+        raise HarnessError(
+            f"{self.path} is another program's SQLite database (tables: {listed}), not a harness "
+            "results store; pass a new --store path"
+        )
 
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:
@@ -129,10 +137,26 @@ class ResultStore:
                 "INSERT INTO runs (run_key, model, model_digest, family, method, method_params, ratio, recovery,"
                 " recovery_params, suite, suite_params, seed, calibration, status, kept_ratio, selection_digest, started,"
                 " artifacts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (key.digest, k["model"], k["model_digest"], k["family"], k["method"], json.dumps(k["method_params"], sort_keys=True),
-                 k["ratio"], k["recovery"], json.dumps(k["recovery_params"], sort_keys=True), k["suite"], json.dumps(k["suite_params"], sort_keys=True), k["seed"],
-                 json.dumps(k["calibration"], sort_keys=True), RUNNING, kept_ratio, selection_digest, provenance.now(),
-                 str(self.artifacts_dir(key))),
+                (
+                    key.digest,
+                    k["model"],
+                    k["model_digest"],
+                    k["family"],
+                    k["method"],
+                    json.dumps(k["method_params"], sort_keys=True),
+                    k["ratio"],
+                    k["recovery"],
+                    json.dumps(k["recovery_params"], sort_keys=True),
+                    k["suite"],
+                    json.dumps(k["suite_params"], sort_keys=True),
+                    k["seed"],
+                    json.dumps(k["calibration"], sort_keys=True),
+                    RUNNING,
+                    kept_ratio,
+                    selection_digest,
+                    provenance.now(),
+                    str(self.artifacts_dir(key)),
+                ),
             )
 
     def finish(self, key: RunKey, metrics: Iterable[Metric], *, prov: dict[str, Any], duration_s: float) -> None:
@@ -140,7 +164,10 @@ class ResultStore:
         with closing(self._connect()) as db, db:
             db.executemany(
                 "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?)",
-                [(key.digest, m.name, float(m.value), m.unit, json.dumps(m.details, sort_keys=True, default=str)) for m in metrics],
+                [
+                    (key.digest, m.name, float(m.value), m.unit, json.dumps(m.details, sort_keys=True, default=str))
+                    for m in metrics
+                ],
             )
             db.execute(
                 "UPDATE runs SET status=?, provenance=?, finished=?, duration_s=?, error=NULL WHERE run_key=?",
@@ -166,10 +193,14 @@ class ResultStore:
             columns = list(run)
             with closing(self._connect()) as db, db:
                 db.execute("DELETE FROM runs WHERE run_key=?", (run["run_key"],))
-                db.execute(f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                           [run[c] for c in columns])
-                db.executemany("INSERT INTO results VALUES (?,?,?,?,?)",
-                               [(run["run_key"], r["metric"], r["value"], r["unit"], r["details"]) for r in record["results"]])
+                db.execute(
+                    f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                    [run[c] for c in columns],
+                )
+                db.executemany(
+                    "INSERT INTO results VALUES (?,?,?,?,?)",
+                    [(run["run_key"], r["metric"], r["value"], r["unit"], r["details"]) for r in record["results"]],
+                )
 
     def records(self, run_keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Cells (all, or these) as self-contained records for `put`: the run row, its metric rows
@@ -181,18 +212,32 @@ class ResultStore:
                 run = dict(run)
                 if wanted is not None and run["run_key"] not in wanted:
                     continue
-                results = [dict(r) for r in db.execute(
-                    "SELECT metric, value, unit, details FROM results WHERE run_key=? ORDER BY metric", (run["run_key"],))]
+                results = [
+                    dict(r)
+                    for r in db.execute(
+                        "SELECT metric, value, unit, details FROM results WHERE run_key=? ORDER BY metric",
+                        (run["run_key"],),
+                    )
+                ]
                 folder = self.artifacts_root / run["run_key"]
-                files = {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
-                         if f.is_file() and not f.is_symlink()} if folder.is_dir() else {}
+                files = (
+                    {
+                        str(f.relative_to(folder)): f.read_bytes()
+                        for f in sorted(folder.rglob("*"))
+                        if f.is_file() and not f.is_symlink()
+                    }
+                    if folder.is_dir()
+                    else {}
+                )
                 out.append({"run": run, "results": results, "artifacts": files})
         return out
 
     def fail(self, key: RunKey, error: str) -> None:
         with closing(self._connect()) as db, db:
-            db.execute("UPDATE runs SET status=?, error=?, finished=? WHERE run_key=?",
-                       (FAILED, error[:2000], provenance.now(), key.digest))
+            db.execute(
+                "UPDATE runs SET status=?, error=?, finished=? WHERE run_key=?",
+                (FAILED, error[:2000], provenance.now(), key.digest),
+            )
 
     # --- reads ---------------------------------------------------------------------------
     def status(self, key: RunKey) -> str | None:
@@ -202,23 +247,28 @@ class ResultStore:
 
     def metrics(self, key: RunKey) -> list[Metric]:
         with closing(self._connect()) as db:
-            rows = db.execute("SELECT metric, value, unit, details FROM results WHERE run_key=? ORDER BY metric",
-                              (key.digest,)).fetchall()
+            rows = db.execute(
+                "SELECT metric, value, unit, details FROM results WHERE run_key=? ORDER BY metric", (key.digest,)
+            ).fetchall()
         return [Metric(r["metric"], r["value"], r["unit"] or "", json.loads(r["details"] or "{}")) for r in rows]
 
     def runs(self) -> list[dict[str, Any]]:
         """Every cell, one dict per run (JSON columns still as text), whatever its status."""
         with closing(self._connect()) as db:
-            return [dict(r) for r in db.execute(
-                "SELECT * FROM runs ORDER BY model, method, ratio, recovery, suite").fetchall()]
+            return [
+                dict(r)
+                for r in db.execute("SELECT * FROM runs ORDER BY model, method, ratio, recovery, suite").fetchall()
+            ]
 
     def results(self, run_keys: Iterable[str], prefix: str = "") -> list[dict[str, Any]]:
         """Metric rows of these cells (names starting with `prefix`), `details` parsed."""
         keys = list(run_keys)
         if not keys:
             return []
-        sql = (f"SELECT run_key, metric, value, unit, details FROM results WHERE run_key IN ({','.join('?' * len(keys))})"
-               " AND metric LIKE ? ESCAPE '\\' ORDER BY run_key, metric")
+        sql = (
+            f"SELECT run_key, metric, value, unit, details FROM results WHERE run_key IN ({','.join('?' * len(keys))})"
+            " AND metric LIKE ? ESCAPE '\\' ORDER BY run_key, metric"
+        )
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         with closing(self._connect()) as db:
             rows = [dict(r) for r in db.execute(sql, [*keys, pattern]).fetchall()]

@@ -47,19 +47,26 @@ class MethodSpec:
         from harness.params import shown
 
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
-            raise HarnessError("a sweep method is a name or a table with 'name' (and params, attn, attn_params), "
-                               f"got {shown(item)}")
+            raise HarnessError(
+                f"a sweep method is a name or a table with 'name' (and params, attn, attn_params), got {shown(item)}"
+            )
         unknown = set(item) - {"name", "params", "attn", "attn_params"}
         if unknown:
-            raise HarnessError(f"unknown key {sorted(map(str, unknown))[0]!r} in sweep method {item['name']!r}; "
-                               "use params, attn, attn_params")
+            raise HarnessError(
+                f"unknown key {sorted(map(str, unknown))[0]!r} in sweep method {item['name']!r}; "
+                "use params, attn, attn_params"
+            )
         for key in ("params", "attn_params"):
             if not isinstance(item.get(key) or {}, dict):
                 raise HarnessError(f"{key} of sweep method {item['name']!r} must be a table, got {shown(item[key])}")
         if item.get("attn") is not None and not isinstance(item["attn"], str):
-            raise HarnessError(f"attn of sweep method {item['name']!r} must be a method name, got {shown(item['attn'])}")
+            raise HarnessError(
+                f"attn of sweep method {item['name']!r} must be a method name, got {shown(item['attn'])}"
+            )
         name, _, attn = item["name"].partition("+")
-        return cls(name, dict(item.get("params") or {}), item.get("attn") or attn or None, dict(item.get("attn_params") or {}))
+        return cls(
+            name, dict(item.get("params") or {}), item.get("attn") or attn or None, dict(item.get("attn_params") or {})
+        )
 
     @property
     def label(self) -> str:
@@ -149,14 +156,17 @@ class Grid:
         except HarnessError:
             raise
         except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
-            raise HarnessError(f"sweep file {path} is not valid {path.suffix[1:].upper()}: {str(exc).splitlines()[0]}") from None
+            raise HarnessError(
+                f"sweep file {path} is not valid {path.suffix[1:].upper()}: {str(exc).splitlines()[0]}"
+            ) from None
         if not isinstance(data, dict):
             raise HarnessError(f"sweep file {path} must hold a table of keys (models, methods, ratios, suites, ...)")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise HarnessError(f"unknown key {sorted(map(str, unknown))[0]!r} in sweep file {path}; "
-                               f"known: {', '.join(sorted(known))}")
+            raise HarnessError(
+                f"unknown key {sorted(map(str, unknown))[0]!r} in sweep file {path}; known: {', '.join(sorted(known))}"
+            )
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 
@@ -240,7 +250,9 @@ def expand(grid: Grid) -> list[Task]:
                 except HarnessError as exc:  # recorded as failed cells under the parameters as given
                     error = str(exc)
                     name, calibration = spec.label, {}
-                    params = dict(spec.params) if spec.attn is None else {"linear": spec.params, "softmax": spec.attn_params}
+                    params = (
+                        dict(spec.params) if spec.attn is None else {"linear": spec.params, "softmax": spec.attn_params}
+                    )
                 run = RunCells(model, digest, family, name, params, seed, calibration, lora)
                 for ratio in ratios:
                     keys = [k for stage in run.stages for k, _ in run.cells(suites, ratio, recovery=stage)]
@@ -248,16 +260,30 @@ def expand(grid: Grid) -> list[Task]:
                     if dense:
                         dense_owner.add((model, seed))
                         keys = [k for k, _ in dense_cells.cells(suites, 0.0, dense=True)] + keys
-                    tasks.append(Task(model, spec, seed, ratio, dense, keys, {k.digest: _cell_label(k) for k in keys}, error))
+                    tasks.append(
+                        Task(model, spec, seed, ratio, dense, keys, {k.digest: _cell_label(k) for k in keys}, error)
+                    )
     return tasks
 
 
 def _job(task: Task, grid: Grid, done: list[dict], progress) -> dict[str, Any]:
     """What a worker needs to run a task (plain data: it travels to Ray workers)."""
-    return {"model": task.model, "method": asdict(task.method), "seed": task.seed, "ratio": task.ratio,
-            "dense": task.dense, "suites": grid.suites, "suite_params": grid.suite_params,
-            "calibration": grid.calibration, "lora": grid.lora if "lora" in grid.recovery else None,
-            "device": grid.device, "dtype": grid.dtype, "threads": grid.threads, "done": done, "progress": progress}
+    return {
+        "model": task.model,
+        "method": asdict(task.method),
+        "seed": task.seed,
+        "ratio": task.ratio,
+        "dense": task.dense,
+        "suites": grid.suites,
+        "suite_params": grid.suite_params,
+        "calibration": grid.calibration,
+        "lora": grid.lora if "lora" in grid.recovery else None,
+        "device": grid.device,
+        "dtype": grid.dtype,
+        "threads": grid.threads,
+        "done": done,
+        "progress": progress,
+    }
 
 
 def execute(job: dict[str, Any]) -> dict[str, Any]:
@@ -276,12 +302,24 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         scratch.put(job["done"])
         try:
             with fixed_threads(job["threads"]):
-                run(model=job["model"], method=method["name"], ratios=[job["ratio"]], suites=job["suites"],
-                    method_params=method["params"], suite_params=job["suite_params"], seed=job["seed"],
-                    calibration=CalibrationSpec(**{**job["calibration"], "seed": job["seed"]}), store=scratch.path,
-                    device=job["device"], dtype=job["dtype"], dense=job["dense"], progress=job["progress"] or False,
+                run(
+                    model=job["model"],
+                    method=method["name"],
+                    ratios=[job["ratio"]],
+                    suites=job["suites"],
+                    method_params=method["params"],
+                    suite_params=job["suite_params"],
+                    seed=job["seed"],
+                    calibration=CalibrationSpec(**{**job["calibration"], "seed": job["seed"]}),
+                    store=scratch.path,
+                    device=job["device"],
+                    dtype=job["dtype"],
+                    dense=job["dense"],
+                    progress=job["progress"] or False,
                     lora=LoraSpec(**{**job["lora"], "seed": job["seed"]}) if job["lora"] is not None else None,
-                    attn_method=method["attn"], attn_method_params=method["attn_params"])
+                    attn_method=method["attn"],
+                    attn_method_params=method["attn_params"],
+                )
         except Exception as exc:  # the failed cell is in the scratch store; the sweep goes on
             error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         seeded = {r["run"]["run_key"] for r in job["done"]}
@@ -346,9 +384,16 @@ def status(grid: Grid, store: str | Path, tasks: list[Task] | None = None) -> Sw
     return report
 
 
-def sweep(grid: Grid | str | Path | None = None, *, store: str | Path = DEFAULT_STORE,
-          executor: str = "local", address: str | None = None, max_retries: int = 2, progress: bool = True,
-          **grid_fields) -> SweepReport:
+def sweep(
+    grid: Grid | str | Path | None = None,
+    *,
+    store: str | Path = DEFAULT_STORE,
+    executor: str = "local",
+    address: str | None = None,
+    max_retries: int = 2,
+    progress: bool = True,
+    **grid_fields,
+) -> SweepReport:
     """Run every missing cell of the grid (a Grid, a sweep file, or Grid fields as keywords);
     see `harness sweep --help`. Returns what was done; the cells are in the store."""
     from harness.progress import bars
@@ -397,19 +442,27 @@ def _run_local(tasks: Sequence[Task], grid: Grid, driver: _Driver, display) -> N
         driver.finish(task, payload)
 
 
-def _run_ray(tasks: Sequence[Task], grid: Grid, driver: _Driver, address: str | None, max_retries: int,
-             worker=None) -> None:
+def _run_ray(
+    tasks: Sequence[Task], grid: Grid, driver: _Driver, address: str | None, max_retries: int, worker=None
+) -> None:
     """Each task a Ray task (`worker`, default `execute`) asking for one CPU, and one GPU when the
     sweep runs on CUDA; results come back to this process, which writes them as they arrive."""
     try:
         import ray
     except ImportError:
-        raise HarnessError("the ray executor needs Ray: pip install 'kc-harness[ray]' (or ray) on the driver and every node") from None
+        raise HarnessError(
+            "the ray executor needs Ray: pip install 'kc-harness[ray]' (or ray) on the driver and every node"
+        ) from None
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    gpus = 1 if grid.device.startswith("cuda") or (grid.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0) else 0
-    remote = ray.remote(worker or execute).options(num_cpus=1, num_gpus=gpus, max_retries=max_retries,
-                                                   retry_exceptions=False)
+    gpus = (
+        1
+        if grid.device.startswith("cuda") or (grid.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        else 0
+    )
+    remote = ray.remote(worker or execute).options(
+        num_cpus=1, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False
+    )
     pending = {remote.remote(_job(task, grid, _done_records(driver, task), None)): task for task in tasks}
     driver.bar.describe(f"sweep ({len(pending)} tasks on ray)")
     try:

@@ -14,9 +14,17 @@ from collections.abc import Callable, Iterable
 import torch
 
 
-def train_step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], step: int, *,
-               lr: float | None = None, clip: float = 0.0, params: Iterable[torch.Tensor] = (),
-               what: str = "training", hint: str = "") -> float:
+def train_step(
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[], torch.Tensor],
+    step: int,
+    *,
+    lr: float | None = None,
+    clip: float = 0.0,
+    params: Iterable[torch.Tensor] = (),
+    what: str = "training",
+    hint: str = "",
+) -> float:
     """Set the learning rate (`lr`, when the loop schedules it), compute `loss_fn()`, zero the
     gradients, backpropagate, clip the gradient norm of `params` to `clip` (0: no clipping), step
     the optimizer; return the loss. A loss that is not finite raises FloatingPointError

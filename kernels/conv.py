@@ -40,13 +40,13 @@ def _conv_dense(x, weight, bias, initial_state, activation, W):
     if initial_state is None:
         history = x.new_zeros(B, W - 1, D)
     else:
-        history = initial_state[..., 1:].to(x.dtype).transpose(1, 2)   # [B, W-1, D], oldest first
-    full = torch.cat([history, x], 1)                                   # [B, T+W-1, D]
+        history = initial_state[..., 1:].to(x.dtype).transpose(1, 2)  # [B, W-1, D], oldest first
+    full = torch.cat([history, x], 1)  # [B, T+W-1, D]
     if weight is None:
-        y = sum(full[:, w:w + T] for w in range(W))
+        y = sum(full[:, w : w + T] for w in range(W))
     else:
         weight = weight.to(x.dtype)
-        y = sum(full[:, w:w + T] * weight[:, w] for w in range(W))
+        y = sum(full[:, w : w + T] * weight[:, w] for w in range(W))
     if bias is not None:
         y = y + bias.to(x.dtype)
     if activation is not None:
@@ -103,7 +103,7 @@ def causal_conv1d(
         ys, finals = [], []
         for i, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
             seg = xc[:, bos:eos]
-            h0 = initial_state[i:i + 1] if initial_state is not None else None
+            h0 = initial_state[i : i + 1] if initial_state is not None else None
             ys.append(_conv_dense(seg, weight, bias, h0, activation, W))
             if output_final_state:
                 finals.append(_final_state(seg, h0, W))
@@ -133,9 +133,9 @@ def causal_conv1d_update(
     if weight is not None and x.shape[-1] != weight.shape[0]:
         x = x.reshape(*x.shape[:2], -1)
     D = x.shape[-1]
-    x2 = x.reshape(-1, D)                                                # [N, D]
+    x2 = x.reshape(-1, D)  # [N, D]
     dtype = _dtype(x)
-    window = torch.cat([cache[..., 1:].to(dtype), x2.to(dtype).unsqueeze(-1)], -1)   # [N, D, W]
+    window = torch.cat([cache[..., 1:].to(dtype), x2.to(dtype).unsqueeze(-1)], -1)  # [N, D, W]
     y = (window * weight.to(dtype)).sum(-1) if weight is not None else window.sum(-1)
     if bias is not None:
         y = y + bias.to(dtype)

@@ -42,9 +42,22 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def delta_rule_step_reference(q, k, v, beta, state, g=None, *, scale: float | None = None, l2norm: bool = True,
-                              A_log=None, dt_bias=None, beta_sigmoid: bool = False, allow_neg_eigval: bool = False,
-                              state_v_first: bool = False):
+def delta_rule_step_reference(
+    q,
+    k,
+    v,
+    beta,
+    state,
+    g=None,
+    *,
+    scale: float | None = None,
+    l2norm: bool = True,
+    A_log=None,
+    dt_bias=None,
+    beta_sigmoid: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+):
     """The torch twin: returns o and updates `state` in place (as the kernel does)."""
     q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     if l2norm:
@@ -65,12 +78,34 @@ def delta_rule_step_reference(q, k, v, beta, state, g=None, *, scale: float | No
 
 
 if triton is not None:
+
     @triton.jit
-    def _delta_step_kernel(Q, K, V, BETA, G, A_LOG, DT_BIAS, S, OUT, scale, eps, HV, GROUP,
-                           DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_G: tl.constexpr, L2NORM: tl.constexpr, GATE_IN_KERNEL: tl.constexpr,
-                           HAS_DT_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-                           V_FIRST: tl.constexpr):
+    def _delta_step_kernel(
+        Q,
+        K,
+        V,
+        BETA,
+        G,
+        A_LOG,
+        DT_BIAS,
+        S,
+        OUT,
+        scale,
+        eps,
+        HV,
+        GROUP,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        HAS_G: tl.constexpr,
+        L2NORM: tl.constexpr,
+        GATE_IN_KERNEL: tl.constexpr,
+        HAS_DT_BIAS: tl.constexpr,
+        BETA_SIGMOID: tl.constexpr,
+        NEG_EIGVAL: tl.constexpr,
+        V_FIRST: tl.constexpr,
+    ):
         bh = tl.program_id(0)  # (sequence, value head)
         iv = tl.program_id(1)
         qk = bh // GROUP  # (sequence, key head): b * H + hv // GROUP, as HV = H * GROUP
@@ -119,17 +154,39 @@ def launch(device, d_k: int) -> dict[str, int]:
     return launch_settings.settings(KERNEL, device_name(device), launch_settings.key_dim_class(d_k))
 
 
-def delta_rule_step(q, k, v, beta, state, g=None, *, scale: float | None = None, l2norm: bool = True,
-                    A_log=None, dt_bias=None, beta_sigmoid: bool = False, allow_neg_eigval: bool = False,
-                    state_v_first: bool = False, block_v: int | None = None, num_warps: int | None = None):
+def delta_rule_step(
+    q,
+    k,
+    v,
+    beta,
+    state,
+    g=None,
+    *,
+    scale: float | None = None,
+    l2norm: bool = True,
+    A_log=None,
+    dt_bias=None,
+    beta_sigmoid: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+):
     """One decode step for every (sequence, head): Triton on CUDA (or under TRITON_INTERPRET),
     the torch twin otherwise. Returns o in v's dtype; `state` is updated in place. No autotuning:
     the kernel writes the state in place, so benchmarking configs would run it several times;
     `block_v` and `num_warps` default to this GPU's tuned settings (`launch_settings`, by d_k)."""
     import os
 
-    options = dict(scale=scale, l2norm=l2norm, A_log=A_log, dt_bias=dt_bias, beta_sigmoid=beta_sigmoid,
-                   allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first)
+    options = dict(
+        scale=scale,
+        l2norm=l2norm,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        beta_sigmoid=beta_sigmoid,
+        allow_neg_eigval=allow_neg_eigval,
+        state_v_first=state_v_first,
+    )
     if triton is None or not (state.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return delta_rule_step_reference(q, k, v, beta, state, g, **options).to(v.dtype)
     b, h, dk = k.shape
@@ -151,8 +208,30 @@ def delta_rule_step(q, k, v, beta, state, g=None, *, scale: float | None = None,
     bv = block_v or tuned["BLOCK_V"] or min(triton.next_power_of_2(dv), 32 if dk > 64 else 64)
     num_warps = num_warps or tuned["NUM_WARPS"]
     _delta_step_kernel[(b * hv, triton.cdiv(dv, bv))](
-        q, k, v, beta, g, A_log, dt_bias, state, out, dk ** -0.5 if scale is None else scale, 1e-6, hv, hv // h,
-        DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv, HAS_G=has_g, L2NORM=l2norm,
-        GATE_IN_KERNEL=gate_in_kernel, HAS_DT_BIAS=has_dt_bias, BETA_SIGMOID=beta_sigmoid,
-        NEG_EIGVAL=allow_neg_eigval, V_FIRST=state_v_first, num_warps=num_warps)
+        q,
+        k,
+        v,
+        beta,
+        g,
+        A_log,
+        dt_bias,
+        state,
+        out,
+        dk**-0.5 if scale is None else scale,
+        1e-6,
+        hv,
+        hv // h,
+        DK=dk,
+        DV=dv,
+        BK=triton.next_power_of_2(dk),
+        BV=bv,
+        HAS_G=has_g,
+        L2NORM=l2norm,
+        GATE_IN_KERNEL=gate_in_kernel,
+        HAS_DT_BIAS=has_dt_bias,
+        BETA_SIGMOID=beta_sigmoid,
+        NEG_EIGVAL=allow_neg_eigval,
+        V_FIRST=state_v_first,
+        num_warps=num_warps,
+    )
     return out

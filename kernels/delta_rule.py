@@ -141,10 +141,10 @@ def _recurrent_core(q, k, v, beta, g, state):
     for t in range(T):
         if g is not None:
             state = state * g[:, :, t].exp()[..., None, None]
-        k_t = k[:, :, t].unsqueeze(-2)                                  # [B,H,1,K]
+        k_t = k[:, :, t].unsqueeze(-2)  # [B,H,1,K]
         b_t = beta[:, :, t] if per_value_beta else beta[:, :, t, None]
-        delta = b_t * (v[:, :, t] - (k_t @ state).squeeze(-2))         # [B,H,V]
-        state = state + k_t.transpose(-1, -2) * delta.unsqueeze(-2)    # rank-1 write
+        delta = b_t * (v[:, :, t] - (k_t @ state).squeeze(-2))  # [B,H,V]
+        state = state + k_t.transpose(-1, -2) * delta.unsqueeze(-2)  # rank-1 write
         outputs.append((q[:, :, t].unsqueeze(-2) @ state).squeeze(-2))
     o = torch.stack(outputs, 2) if outputs else v.new_zeros(v.shape)
     return o, state
@@ -168,11 +168,11 @@ def _chunk_core(q, k, v, beta, g, state, chunk_size: int):
     ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
     causal, strict = ones.tril(), ones.tril(-1)
     if g is not None:
-        G = g.reshape(B, H, N, C).cumsum(-1)                            # cumulative log decay in chunk
+        G = g.reshape(B, H, N, C).cumsum(-1)  # cumulative log decay in chunk
         D = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-        decay_in = G.exp()[..., None]                                   # exp(G_i): S_0 seen at token i
-        decay_out = (G[..., -1:] - G).exp()[..., None]                  # exp(G_C - G_j): token j at chunk end
-        decay_chunk = G[..., -1].exp()[..., None, None]                 # exp(G_C)
+        decay_in = G.exp()[..., None]  # exp(G_i): S_0 seen at token i
+        decay_out = (G[..., -1:] - G).exp()[..., None]  # exp(G_C - G_j): token j at chunk end
+        decay_chunk = G[..., -1].exp()[..., None, None]  # exp(G_C)
     else:
         D = causal.to(q.dtype)
         decay_in = decay_out = decay_chunk = None
@@ -182,13 +182,13 @@ def _chunk_core(q, k, v, beta, g, state, chunk_size: int):
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     rhs = torch.cat([v * beta[..., None], kb if decay_in is None else kb * decay_in], -1)
     U, W = torch.linalg.solve_triangular(L + eye, rhs, upper=False, unitriangular=True).split([V, K], -1)
-    P = ((q @ k.transpose(-1, -2)) * D).masked_fill(~causal, 0)        # intra-chunk attention
+    P = ((q @ k.transpose(-1, -2)) * D).masked_fill(~causal, 0)  # intra-chunk attention
     q_in = q if decay_in is None else q * decay_in
     k_out = (k if decay_out is None else k * decay_out).transpose(-1, -2)
 
     outputs = []
     for n in range(N):
-        delta = U[:, :, n] - W[:, :, n] @ state                         # values actually written
+        delta = U[:, :, n] - W[:, :, n] @ state  # values actually written
         outputs.append(q_in[:, :, n] @ state + P[:, :, n] @ delta)
         if decay_chunk is not None:
             state = decay_chunk[:, :, n] * state
@@ -304,8 +304,21 @@ def delta_rule_recurrent(
         raise ValueError("scale must be positive")
     if beta is None:
         beta = torch.ones_like(q[..., 0])
-    return _run("recurrent", q, k, v, beta, None, scale, initial_state, output_final_state,
-                use_qk_l2norm_in_kernel, False, cu_seqlens, q.dtype)
+    return _run(
+        "recurrent",
+        q,
+        k,
+        v,
+        beta,
+        None,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        False,
+        cu_seqlens,
+        q.dtype,
+    )
 
 
 def delta_rule_chunk(
@@ -328,8 +341,22 @@ def delta_rule_chunk(
     _check_unknown(kwargs, ("chunk_size",), "chunk_delta_rule")
     if beta.dim() != 3:
         raise ValueError("beta must be of shape [B, T, H]")
-    return _run("chunk", q, k, v, beta, None, scale, initial_state, output_final_state,
-                use_qk_l2norm_in_kernel, False, cu_seqlens, q.dtype, kwargs.get("chunk_size", 64))
+    return _run(
+        "chunk",
+        q,
+        k,
+        v,
+        beta,
+        None,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        False,
+        cu_seqlens,
+        q.dtype,
+        kwargs.get("chunk_size", 64),
+    )
 
 
 def gated_delta_rule_recurrent(
@@ -371,8 +398,21 @@ def gated_delta_rule_recurrent(
             raise ValueError("`A_log` and the raw `g` must be provided when `use_gate_in_kernel=True`.")
         g = gdn_gate(g, A_log, dt_bias)
     beta = _beta_in_kernel(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval)
-    return _run("recurrent", q, k, v, beta, g, scale, initial_state, output_final_state,
-                use_qk_l2norm_in_kernel, state_v_first, cu_seqlens, v.dtype)
+    return _run(
+        "recurrent",
+        q,
+        k,
+        v,
+        beta,
+        g,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        state_v_first,
+        cu_seqlens,
+        v.dtype,
+    )
 
 
 def gated_delta_rule_chunk(
@@ -408,5 +448,19 @@ def gated_delta_rule_chunk(
             raise ValueError("`A_log` and the raw `g` must be provided when `use_gate_in_kernel=True`.")
         g = gdn_gate(g, kwargs["A_log"], kwargs.get("dt_bias"))
     beta = _beta_in_kernel(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval)
-    return _run("chunk", q, k, v, beta, g, scale, initial_state, output_final_state,
-                use_qk_l2norm_in_kernel, state_v_first, cu_seqlens, q.dtype, kwargs.get("chunk_size", 64))
+    return _run(
+        "chunk",
+        q,
+        k,
+        v,
+        beta,
+        g,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        state_v_first,
+        cu_seqlens,
+        q.dtype,
+        kwargs.get("chunk_size", 64),
+    )

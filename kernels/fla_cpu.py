@@ -95,8 +95,11 @@ _FUNCTIONS: tuple[tuple[str, str, Callable], ...] = (
     ("fla.ops.delta_rule.chunk", "chunk_delta_rule", delta_rule.delta_rule_chunk),
     ("fla.ops.delta_rule.fused_recurrent", "fused_recurrent_delta_rule", delta_rule.delta_rule_recurrent),
     ("fla.ops.gated_delta_rule.chunk", "chunk_gated_delta_rule", delta_rule.gated_delta_rule_chunk),
-    ("fla.ops.gated_delta_rule.fused_recurrent", "fused_recurrent_gated_delta_rule",
-     delta_rule.gated_delta_rule_recurrent),
+    (
+        "fla.ops.gated_delta_rule.fused_recurrent",
+        "fused_recurrent_gated_delta_rule",
+        delta_rule.gated_delta_rule_recurrent,
+    ),
     ("fla.ops.kda.chunk", "chunk_kda", kda.chunk_kda),
     ("fla.ops.kda.fused_recurrent", "fused_recurrent_kda", kda.fused_recurrent_kda),
     ("fla.modules.causal_conv1d.ops", "causal_conv1d", conv.causal_conv1d),
@@ -119,8 +122,12 @@ _DEVICE_PATHS: dict[str, Callable] = {
 # (defining module, class, method, reference taking the module instance first)
 _METHODS: tuple[tuple[str, str, str, Callable], ...] = (
     ("fla.modules.fused_cross_entropy.ops", "FusedCrossEntropyLoss", "forward", loss.fused_cross_entropy_forward),
-    ("fla.modules.fused_linear_cross_entropy.ops", "FusedLinearCrossEntropyLoss", "forward",
-     loss.fused_linear_cross_entropy_forward),
+    (
+        "fla.modules.fused_linear_cross_entropy.ops",
+        "FusedLinearCrossEntropyLoss",
+        "forward",
+        loss.fused_linear_cross_entropy_forward,
+    ),
 )
 
 # every fla module the three model families import, so that copies of the functions exist to patch
@@ -192,8 +199,11 @@ def _is_wrapper(obj: Any) -> bool:
 
 def _fla_modules() -> list:
     """Loaded fla modules, each once (fla registers some modules under several alias names)."""
-    found = {id(m): m for name, m in list(sys.modules.items())
-             if m is not None and (name == "fla" or name.startswith("fla."))}
+    found = {
+        id(m): m
+        for name, m in list(sys.modules.items())
+        if m is not None and (name == "fla" or name.startswith("fla."))
+    }
     return list(found.values())
 
 

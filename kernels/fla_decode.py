@@ -68,10 +68,27 @@ def decode_backend() -> str:
     return value
 
 
-def refusal(q, k, v, beta=None, initial_state=None, output_final_state=False, cu_seqlens=None, *,
-            g=None, A_log=None, dt_bias=None, gated=False, state_v_first=False, use_gate_in_kernel=False,
-            use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, scale=None, unsupported=(),
-            devices: tuple[str, ...] | None = None) -> str | None:
+def refusal(
+    q,
+    k,
+    v,
+    beta=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    *,
+    g=None,
+    A_log=None,
+    dt_bias=None,
+    gated=False,
+    state_v_first=False,
+    use_gate_in_kernel=False,
+    use_beta_sigmoid_in_kernel=False,
+    allow_neg_eigval=False,
+    scale=None,
+    unsupported=(),
+    devices: tuple[str, ...] | None = None,
+) -> str | None:
     """Why a ``fused_recurrent_*`` call cannot take our step, or None when it can.
 
     Reads shapes, dtypes, devices and flags only (never tensor values, which would sync the device).
@@ -136,39 +153,122 @@ def _step(q, k, v, beta, initial_state, g=None, *, state_v_first=False, **option
 
 
 @torch.compiler.disable
-def delta_rule_decode(original, q, k, v, beta=None, scale=None, initial_state=None, output_final_state=False,
-                      use_qk_l2norm_in_kernel=False, cu_seqlens=None):
+def delta_rule_decode(
+    original,
+    q,
+    k,
+    v,
+    beta=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+):
     """``fla.ops.delta_rule.fused_recurrent_delta_rule`` (fla's signature after ``original``)."""
-    args = dict(q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                cu_seqlens=cu_seqlens)
-    if decode_backend() == "fla" or refusal(q, k, v, beta, initial_state, output_final_state, cu_seqlens,
-                                            scale=scale) is not None:
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        cu_seqlens=cu_seqlens,
+    )
+    if (
+        decode_backend() == "fla"
+        or refusal(q, k, v, beta, initial_state, output_final_state, cu_seqlens, scale=scale) is not None
+    ):
         return original(**args)
     o, state = _step(q, k, v, beta, initial_state, scale=scale, l2norm=use_qk_l2norm_in_kernel)
     return o.to(q.dtype), state  # fla's plain op returns o in q's dtype
 
 
 @torch.compiler.disable
-def gated_delta_rule_decode(original, q, k, v, g=None, gk=None, gv=None, beta=None, scale=None, initial_state=None,
-                            output_final_state=False, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
-                            A_log=None, dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
-                            state_v_first=False, cu_seqlens=None, **kwargs):
+def gated_delta_rule_decode(
+    original,
+    q,
+    k,
+    v,
+    g=None,
+    gk=None,
+    gv=None,
+    beta=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    use_gate_in_kernel=False,
+    A_log=None,
+    dt_bias=None,
+    use_beta_sigmoid_in_kernel=False,
+    allow_neg_eigval=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    **kwargs,
+):
     """``fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule`` (fla's signature after ``original``)."""
-    args = dict(q=q, k=k, v=v, g=g, gk=gk, gv=gv, beta=beta, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-                use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-                state_v_first=state_v_first, cu_seqlens=cu_seqlens, **kwargs)
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        gk=gk,
+        gv=gv,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        use_gate_in_kernel=use_gate_in_kernel,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+        allow_neg_eigval=allow_neg_eigval,
+        state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens,
+        **kwargs,
+    )
     if not use_gate_in_kernel:  # fla ignores them then
         A_log = dt_bias = None
     unsupported = [name for name, value in (("gk", gk), ("gv", gv), *kwargs.items()) if value is not None]
-    if decode_backend() == "fla" or refusal(
-            q, k, v, beta, initial_state, output_final_state, cu_seqlens, g=g, A_log=A_log, dt_bias=dt_bias,
-            gated=True, state_v_first=state_v_first, use_gate_in_kernel=use_gate_in_kernel,
-            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-            unsupported=unsupported) is not None:
+    if (
+        decode_backend() == "fla"
+        or refusal(
+            q,
+            k,
+            v,
+            beta,
+            initial_state,
+            output_final_state,
+            cu_seqlens,
+            g=g,
+            A_log=A_log,
+            dt_bias=dt_bias,
+            gated=True,
+            state_v_first=state_v_first,
+            use_gate_in_kernel=use_gate_in_kernel,
+            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+            allow_neg_eigval=allow_neg_eigval,
+            unsupported=unsupported,
+        )
+        is not None
+    ):
         return original(**args)
-    return _step(q, k, v, beta, initial_state, g, state_v_first=state_v_first, scale=scale,
-                 l2norm=use_qk_l2norm_in_kernel, A_log=A_log, dt_bias=dt_bias,
-                 beta_sigmoid=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval)
+    return _step(
+        q,
+        k,
+        v,
+        beta,
+        initial_state,
+        g,
+        state_v_first=state_v_first,
+        scale=scale,
+        l2norm=use_qk_l2norm_in_kernel,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        beta_sigmoid=use_beta_sigmoid_in_kernel,
+        allow_neg_eigval=allow_neg_eigval,
+    )

@@ -45,8 +45,9 @@ __all__ = ["REFERENCE_CHUNK", "chunk_kda", "fused_recurrent_kda", "kda_gate"]
 REFERENCE_CHUNK = 8
 
 
-def kda_gate(g: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None = None,
-             lower_bound: float | None = None) -> torch.Tensor:
+def kda_gate(
+    g: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None = None, lower_bound: float | None = None
+) -> torch.Tensor:
     """fla's in-kernel KDA decay from the raw gate ``g`` ``[..., HV, K]`` (log space, <= 0)."""
     HV, K = g.shape[-2:]
     dtype = _compute_dtype(g, A_log, dt_bias)
@@ -71,7 +72,7 @@ def _recurrent_core(q, k, v, beta, g, state):
     outputs = []
     for t in range(q.shape[2]):
         state = state * g[:, :, t].exp()[..., None]
-        k_t = k[:, :, t].unsqueeze(-2)                                  # [B,H,1,K]
+        k_t = k[:, :, t].unsqueeze(-2)  # [B,H,1,K]
         delta = beta[:, :, t, None] * (v[:, :, t] - (k_t @ state).squeeze(-2))
         state = state + k_t.transpose(-1, -2) * delta.unsqueeze(-2)
         outputs.append((q[:, :, t].unsqueeze(-2) @ state).squeeze(-2))
@@ -94,18 +95,18 @@ def _chunk_core(q, k, v, beta, g, state, chunk_size: int = REFERENCE_CHUNK):
 
     ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
     causal, strict = ones.tril(), ones.tril(-1)
-    G = g.cumsum(-2)                                                    # [B,H,N,C,K]
+    G = g.cumsum(-2)  # [B,H,N,C,K]
     D = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[..., None], float("-inf")).exp()
-    Dk = D * k[..., None, :, :]                                         # D_ijc k_jc: [B,H,N,C,C,K]
+    Dk = D * k[..., None, :, :]  # D_ijc k_jc: [B,H,N,C,C,K]
     kb = k * beta[..., None]
     L = (kb[..., :, None, :] * Dk).sum(-1).masked_fill(~strict, 0)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     rhs = torch.cat([v * beta[..., None], kb * G.exp()], -1)
     U, W = torch.linalg.solve_triangular(L + eye, rhs, upper=False, unitriangular=True).split([V, K], -1)
-    P = (q[..., :, None, :] * Dk).sum(-1)                               # causal already: D is 0 above
+    P = (q[..., :, None, :] * Dk).sum(-1)  # causal already: D is 0 above
     q_in = q * G.exp()
-    k_out = (k * (G[..., -1:, :] - G).exp()).transpose(-1, -2)          # [B,H,N,K,C]
-    decay_chunk = G[..., -1, :].exp()[..., None]                        # [B,H,N,K,1]
+    k_out = (k * (G[..., -1:, :] - G).exp()).transpose(-1, -2)  # [B,H,N,K,C]
+    decay_chunk = G[..., -1, :].exp()[..., None]  # [B,H,N,K,1]
 
     outputs = []
     # unbind, not indexing: the backward of one unbind is one stack, of N selects N full-size zeros
@@ -117,8 +118,9 @@ def _chunk_core(q, k, v, beta, g, state, chunk_size: int = REFERENCE_CHUNK):
     return o, state
 
 
-def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-         state_v_first, cu_seqlens):
+def _run(
+    core, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, state_v_first, cu_seqlens
+):
     """Inputs in fla's layout, g and beta already activated."""
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got q={tuple(q.shape)} vs k={tuple(k.shape)}")
@@ -132,7 +134,7 @@ def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, use_q
         raise ValueError(f"beta must have shape [B, T, HV]={[B, T, HV]}, got {list(beta.shape)}")
     _check_varlen(q, initial_state, cu_seqlens)
     if scale is None:
-        scale = K ** -0.5
+        scale = K**-0.5
     out_dtype = v.dtype
 
     dtype = _compute_dtype(q, k, v, g, beta, initial_state)
@@ -170,8 +172,9 @@ def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, use_q
     return o.to(out_dtype), final_state
 
 
-def _activate(g, beta, A_log, dt_bias, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
-              lower_bound, safe_gate):
+def _activate(
+    g, beta, A_log, dt_bias, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, lower_bound, safe_gate
+):
     if safe_gate and use_gate_in_kernel:
         if lower_bound is None:
             raise ValueError("`lower_bound` must be specified when `safe_gate=True` and `use_gate_in_kernel=True`.")
@@ -213,10 +216,23 @@ def fused_recurrent_kda(
     _check_unknown(kwargs, (), "fused_recurrent_kda")
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
         raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
-    g, beta = _activate(g, beta, A_log, dt_bias, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
-                        lower_bound, False)
-    return _run(_recurrent_core, q, k, v, g, beta, scale, initial_state, output_final_state,
-                use_qk_l2norm_in_kernel, state_v_first, cu_seqlens)
+    g, beta = _activate(
+        g, beta, A_log, dt_bias, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, lower_bound, False
+    )
+    return _run(
+        _recurrent_core,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        state_v_first,
+        cu_seqlens,
+    )
 
 
 def chunk_kda(
@@ -259,7 +275,28 @@ def chunk_kda(
         raise ValueError(f"`chunk_size` must be either 32 or 64 for KDA, got {kwargs['chunk_size']}.")
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
         raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
-    g, beta = _activate(g, beta, kwargs.get("A_log"), kwargs.get("dt_bias"), use_gate_in_kernel,
-                        use_beta_sigmoid_in_kernel, allow_neg_eigval, lower_bound, safe_gate)
-    return _run(_chunk_core, q, k, v, g, beta, scale, initial_state, output_final_state,
-                use_qk_l2norm_in_kernel, state_v_first, cu_seqlens)
+    g, beta = _activate(
+        g,
+        beta,
+        kwargs.get("A_log"),
+        kwargs.get("dt_bias"),
+        use_gate_in_kernel,
+        use_beta_sigmoid_in_kernel,
+        allow_neg_eigval,
+        lower_bound,
+        safe_gate,
+    )
+    return _run(
+        _chunk_core,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        state_v_first,
+        cu_seqlens,
+    )

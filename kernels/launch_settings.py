@@ -69,8 +69,11 @@ def _entry(table: dict[str, Any], kernel: str, device: str, cls: str) -> dict[st
 
 @functools.lru_cache(maxsize=None)
 def _stored(kernel: str, device: str, cls: str) -> tuple[tuple[str, int], ...]:
-    merged = {**DEFAULTS.get(kernel, {}), **_entry(_read(SHIPPED), kernel, device, cls),
-              **_entry(_read(user_cache()), kernel, device, cls)}
+    merged = {
+        **DEFAULTS.get(kernel, {}),
+        **_entry(_read(SHIPPED), kernel, device, cls),
+        **_entry(_read(user_cache()), kernel, device, cls),
+    }
     return tuple(merged.items())
 
 

@@ -83,8 +83,9 @@ def fused_cross_entropy_forward(module, input: torch.Tensor, target: torch.Tenso
     return (loss, z_loss) if module.return_z_loss else loss
 
 
-def fused_linear_cross_entropy_forward(module, x: torch.Tensor, target: torch.Tensor,
-                                       weight: torch.Tensor, bias: torch.Tensor | None = None):
+def fused_linear_cross_entropy_forward(
+    module, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+):
     """``FusedLinearCrossEntropyLoss.forward`` for CPU tensors (scalar float32 loss)."""
     from fla.modules.l2warp import l2_warp  # plain torch in fla
 

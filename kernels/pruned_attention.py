@@ -37,8 +37,9 @@ def additive(mask: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def full_channel_rule(q_slots: torch.Tensor, k_slots: torch.Tensor, pads: torch.Tensor, sink: int,
-                      recent: int) -> torch.Tensor:
+def full_channel_rule(
+    q_slots: torch.Tensor, k_slots: torch.Tensor, pads: torch.Tensor, sink: int, recent: int
+) -> torch.Tensor:
     """(B, L, T) bool: True where query slot scores key slot with all channels."""
     is_sink = (k_slots[None, :] - pads[:, None]) < sink  # (B, T)
     is_recent = (q_slots[:, None] - k_slots[None, :]) < recent  # (L, T)
@@ -49,8 +50,19 @@ def _expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def masked_attention(query, key, value, mask, *, key_scale, sink: int, recent: int, scaling: float,
-                     pads: torch.Tensor | None = None, full_queries: int = 0):
+def masked_attention(
+    query,
+    key,
+    value,
+    mask,
+    *,
+    key_scale,
+    sink: int,
+    recent: int,
+    scaling: float,
+    pads: torch.Tensor | None = None,
+    full_queries: int = 0,
+):
     """Dense reference. query (B, Hq, L, d), key/value (B, Hkv, T, d|dv); key_scale (Hkv, d) or
     (B, Hkv, d) multiplies middle keys; the first `full_queries` query slots (counted from slot 0)
     score everything with all channels (LeanK scores only answer tokens against pruned keys).
@@ -105,8 +117,10 @@ def pruned_cache_attention(query, layer, mask, *, scaling: float):
             return q_kept @ _expand_kv(k_kept.float(), n_rep).transpose(-1, -2)
 
         blocks, values = [], []
-        for keys, vals, full in ((layer.head_keys(group), layer.head_values(group), head_full),
-                                 (layer.window_keys(group), layer.window_values(group), win_full)):
+        for keys, vals, full in (
+            (layer.head_keys(group), layer.head_values(group), head_full),
+            (layer.window_keys(group), layer.window_values(group), win_full),
+        ):
             s_full = q @ _expand_kv(keys.float(), n_rep).transpose(-1, -2)
             blocks.append(torch.where(full[:, None], s_full, kept_scores(keys)))
             values.append(_expand_kv(vals.float(), n_rep))
@@ -115,13 +129,15 @@ def pruned_cache_attention(query, layer, mask, *, scaling: float):
                 blocks.insert(1, q_kept @ _expand_kv(group.mid_keys.float(), n_rep).transpose(-1, -2))
                 values.insert(1, _expand_kv(group.mid_values.float(), n_rep))
             else:  # n_mid scores of exactly 0 whose values sum to value_sum: one column, weight n_mid
-                blocks.insert(1, torch.full((b, len(q_heads), length, 1), math.log(n_mid) / scaling, device=query.device))
+                blocks.insert(
+                    1, torch.full((b, len(q_heads), length, 1), math.log(n_mid) / scaling, device=query.device)
+                )
                 values.insert(1, _expand_kv((group.value_sum / n_mid)[:, :, None, :], n_rep))
         scores = torch.cat(blocks, dim=-1) * scaling
         if bias is not None:  # middle slots are never pads and precede every query: no bias there
             n_cols = scores.shape[-1] - n_head - n_win
             middle = bias.new_zeros(*bias.shape[:-1], n_cols)
-            scores = scores + torch.cat([bias[..., :n_head], middle, bias[..., n_head + n_mid:total]], dim=-1)
+            scores = scores + torch.cat([bias[..., :n_head], middle, bias[..., n_head + n_mid : total]], dim=-1)
         probs = torch.softmax(scores, dim=-1)
         out[:, q_heads] = probs @ torch.cat(values, dim=-2)
     return out.transpose(1, 2).to(query.dtype)

@@ -69,6 +69,7 @@ GROUPS_PER_LAUNCH = 4  # kept-count groups one launch handles (more groups: more
 
 # --- per-layer constants, cached on device so a decode step copies nothing from the host --------
 
+
 class _Consts:
     def __init__(self, layer, batch: int, device):
         self.key = (layer.pads, tuple(g.channels for g in layer.groups), device)
@@ -98,8 +99,12 @@ class _Consts:
     def fresh(self, layer, device) -> bool:
         pads, channels, dev = self.key
         now = tuple(g.channels for g in layer.groups)
-        return (pads is layer.pads and dev == device and len(channels) == len(now)
-                and all(a is b for a, b in zip(channels, now)))
+        return (
+            pads is layer.pads
+            and dev == device
+            and len(channels) == len(now)
+            and all(a is b for a, b in zip(channels, now))
+        )
 
     def head_window_slots(self, n_head: int, n_win: int, n_mid: int, device):
         """Slot index of each head and window position (B-independent), from cached aranges."""
@@ -124,7 +129,9 @@ def _layer_consts(layer, batch: int, device) -> _Consts:
 
 def _check(query, layer):
     if query.dim() != 4 or query.shape[2] != 1:
-        raise ValueError(f"pruned_decode_attention decodes one token: query must be (B, Hq, 1, d), got {tuple(query.shape)}")
+        raise ValueError(
+            f"pruned_decode_attention decodes one token: query must be (B, Hq, 1, d), got {tuple(query.shape)}"
+        )
     if query.shape[1] % layer.num_heads:
         raise ValueError(f"{query.shape[1]} query heads do not share {layer.num_heads} KV heads evenly")
 
@@ -140,8 +147,9 @@ def _split_groups(layer):
     return kernel, (sums[0] if sums else None)
 
 
-def _split_plan(n_mid: int, rows: int, block: int, split: int | None, sms: int,
-                items_per_sm: int = 8, min_blocks: int = 4) -> tuple[int, int]:
+def _split_plan(
+    n_mid: int, rows: int, block: int, split: int | None, sms: int, items_per_sm: int = 8, min_blocks: int = 4
+) -> tuple[int, int]:
     """(S, tokens per split): S splits of whole blocks of the middle for each of `rows` (row, KV
     head) pairs; by default about `items_per_sm` work items per SM, each at least `min_blocks`
     blocks long. No split is empty."""
@@ -155,6 +163,7 @@ def _split_plan(n_mid: int, rows: int, block: int, split: int | None, sms: int,
 
 
 # --- the torch twin: head/window partial, value-sum partial, middle splits, merge -----------------
+
 
 def _head_window(q, layer, mask, consts, scaling: float, out_m, out_acc):
     """Partial softmax state over the head and window segments, all KV heads, written to
@@ -175,7 +184,7 @@ def _head_window(q, layer, mask, consts, scaling: float, out_m, out_acc):
     s = torch.where(full[:, None, None, :], s2[:, :, :n_rep], s2[:, :, n_rep:]) * scaling
     if mask is not None:  # (B, 1 | Hq, L, >= total): its last query row, head and window columns
         row = mask[:, :, -1, :total]
-        row = torch.cat([row[..., :n_head], row[..., n_head + n_mid:]], dim=-1) if n_mid else row
+        row = torch.cat([row[..., :n_head], row[..., n_head + n_mid :]], dim=-1) if n_mid else row
         row = row[:, :, None, :] if row.shape[1] == 1 else row.reshape(row.shape[0], -1, n_rep, row.shape[-1])
         if row.dtype == torch.bool:  # as `additive`: the most negative fp32 where the mask is False
             s = s.masked_fill(~row, torch.finfo(torch.float32).min)
@@ -255,12 +264,14 @@ if triton is not None:
         return m_new, l_i, acc * alpha[:, None] + pv
 
     @triton.jit
-    def _query_rows(q_ptr, keep_ptr, bh, rows, rmask, cd, dmask_k, N_REP: tl.constexpr, D: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+    def _query_rows(
+        q_ptr, keep_ptr, bh, rows, rmask, cd, dmask_k, N_REP: tl.constexpr, D: tl.constexpr, DOT_F32: tl.constexpr
+    ):
         """The n_rep query heads of (row, KV head) `bh` (query (B, HQ, 1, D) contiguous), with all
         channels and with the kept ones only (keep (B, HKV, D) 0/1)."""
-        q = tl.load(q_ptr + (bh * N_REP + rows)[:, None] * D + cd[None, :],
-                    mask=rmask[:, None] & dmask_k[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + (bh * N_REP + rows)[:, None] * D + cd[None, :], mask=rmask[:, None] & dmask_k[None, :], other=0.0
+        )
         keep = tl.load(keep_ptr + bh * D + cd, mask=dmask_k, other=0.0)
         q_kept = tl.where(keep[None, :] != 0, q, tl.zeros_like(q))  # exact in q's dtype
         if DOT_F32:
@@ -291,11 +302,36 @@ if triton is not None:
 
     @triton.jit
     def _middle_item(
-        item, q_ptr, m_ptr, a_ptr, ch_ptr, heads_ptr, k_ptr, v_ptr, hg, k_hs, v_hs,
-        n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
-        HQ: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
-        C: tl.constexpr, C_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-        BLOCK: tl.constexpr, DOT_F32: tl.constexpr, ROW_LENGTHS: tl.constexpr,
+        item,
+        q_ptr,
+        m_ptr,
+        a_ptr,
+        ch_ptr,
+        heads_ptr,
+        k_ptr,
+        v_ptr,
+        hg,
+        k_hs,
+        v_hs,
+        n_mid,
+        per_split,
+        n_split,
+        n_slots,
+        scaling,
+        len_ptr,
+        mid_start,
+        HQ: tl.constexpr,
+        D: tl.constexpr,
+        HKV: tl.constexpr,
+        N_REP: tl.constexpr,
+        REP_P: tl.constexpr,
+        C: tl.constexpr,
+        C_P: tl.constexpr,
+        DV: tl.constexpr,
+        DV_P: tl.constexpr,
+        BLOCK: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        ROW_LENGTHS: tl.constexpr,
     ):
         """Work item (row, head of the group, split) -> its middle partial. Channels (B, hg, C)
         contiguous; keys / values: (row, head) at `k_hs` / `v_hs` element strides (row stride
@@ -321,8 +357,11 @@ if triton is not None:
 
         # the n_rep query heads of this KV head, gathered once to this (row, head)'s kept channels
         ch = tl.load(ch_ptr + bh * C + cc, mask=cmask, other=0)
-        q = tl.load(q_ptr + pid_b * (HQ * D) + (head * N_REP + rows)[:, None] * D + ch[None, :],
-                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + pid_b * (HQ * D) + (head * N_REP + rows)[:, None] * D + ch[None, :],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
         if DOT_F32:
             q = q.to(tl.float32)
 
@@ -350,12 +389,40 @@ if triton is not None:
 
     @triton.jit
     def _head_window_item(
-        item, q_ptr, m_ptr, a_ptr, keep_ptr, sink_end_ptr, hk_ptr, hv_ptr, wk_ptr, wv_ptr,
-        mask_ptr, smask_b, smask_h, smask_t, sum_index_ptr, sum_ptr, sum_hg,
-        n_head, n_mid, n_win, recent, n_slots, scaling,
-        HQ: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
-        D: tl.constexpr, D_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-        BLOCK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+        item,
+        q_ptr,
+        m_ptr,
+        a_ptr,
+        keep_ptr,
+        sink_end_ptr,
+        hk_ptr,
+        hv_ptr,
+        wk_ptr,
+        wv_ptr,
+        mask_ptr,
+        smask_b,
+        smask_h,
+        smask_t,
+        sum_index_ptr,
+        sum_ptr,
+        sum_hg,
+        n_head,
+        n_mid,
+        n_win,
+        recent,
+        n_slots,
+        scaling,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        N_REP: tl.constexpr,
+        REP_P: tl.constexpr,
+        D: tl.constexpr,
+        D_P: tl.constexpr,
+        DV: tl.constexpr,
+        DV_P: tl.constexpr,
+        BLOCK: tl.constexpr,
+        MASK_KIND: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         """Work item (row, KV head) -> the partial over the head and window segments (slot
         n_slots - 1), with the full-channel rule and the mask; for a value-sum head also the
@@ -395,8 +462,10 @@ if triton is not None:
             full = (slot < sink_end) | (slot >= total - recent)
             s = tl.where(full[None, :], s_full, s_kept) * scaling
             if MASK_KIND != 0:
-                mvals = tl.load(mask_ptr + pid_b * smask_b + (pid_h * N_REP + rows)[:, None] * smask_h
-                                + slot[None, :] * smask_t, mask=rmask[:, None] & (j < n_hw)[None, :])
+                mvals = tl.load(
+                    mask_ptr + pid_b * smask_b + (pid_h * N_REP + rows)[:, None] * smask_h + slot[None, :] * smask_t,
+                    mask=rmask[:, None] & (j < n_hw)[None, :],
+                )
                 if MASK_KIND == 1:
                     s = tl.where(mvals != 0, s, -3.4028234663852886e38)
                 else:
@@ -412,18 +481,82 @@ if triton is not None:
         if vi >= 0:  # a head keeping 0 channels: n_mid scores of exactly 0 whose values sum to value_sum
             vsum = tl.load(sum_ptr + (pid_b * sum_hg + vi) * DV + dd, mask=dmask, other=0.0)
             zeros = tl.zeros([REP_P], tl.float32)
-            _store_partial(m_ptr, a_ptr, slot_row, 0, n_slots, zeros, zeros + n_mid, zeros[:, None] + vsum[None, :],
-                           rmask, dd, dmask, DV)
+            _store_partial(
+                m_ptr,
+                a_ptr,
+                slot_row,
+                0,
+                n_slots,
+                zeros,
+                zeros + n_mid,
+                zeros[:, None] + vsum[None, :],
+                rmask,
+                dd,
+                dmask,
+                DV,
+            )
 
     @triton.jit
     def _middle_items(
-        item, n_rows, q_ptr, m_ptr, a_ptr, n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
-        ch0, hd0, k0, v0, hg0, khs0, vhs0, ch1, hd1, k1, v1, hg1, khs1, vhs1,
-        ch2, hd2, k2, v2, hg2, khs2, vhs2, ch3, hd3, k3, v3, hg3, khs3, vhs3,
-        HQ: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
-        DV: tl.constexpr, DV_P: tl.constexpr, NG: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
-        C2: tl.constexpr, C3: tl.constexpr, CP0: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr,
-        CP3: tl.constexpr, BLOCK: tl.constexpr, DOT_F32: tl.constexpr, ROW_LENGTHS: tl.constexpr,
+        item,
+        n_rows,
+        q_ptr,
+        m_ptr,
+        a_ptr,
+        n_mid,
+        per_split,
+        n_split,
+        n_slots,
+        scaling,
+        len_ptr,
+        mid_start,
+        ch0,
+        hd0,
+        k0,
+        v0,
+        hg0,
+        khs0,
+        vhs0,
+        ch1,
+        hd1,
+        k1,
+        v1,
+        hg1,
+        khs1,
+        vhs1,
+        ch2,
+        hd2,
+        k2,
+        v2,
+        hg2,
+        khs2,
+        vhs2,
+        ch3,
+        hd3,
+        k3,
+        v3,
+        hg3,
+        khs3,
+        vhs3,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        N_REP: tl.constexpr,
+        REP_P: tl.constexpr,
+        D: tl.constexpr,
+        DV: tl.constexpr,
+        DV_P: tl.constexpr,
+        NG: tl.constexpr,
+        C0: tl.constexpr,
+        C1: tl.constexpr,
+        C2: tl.constexpr,
+        C3: tl.constexpr,
+        CP0: tl.constexpr,
+        CP1: tl.constexpr,
+        CP2: tl.constexpr,
+        CP3: tl.constexpr,
+        BLOCK: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        ROW_LENGTHS: tl.constexpr,
     ):
         """Middle work item `item` (numbered from 0 over the NG groups in order: group 0's
         n_rows x hg0 x n_split items, then group 1's, ...) -> `_middle_item` of its group, each
@@ -431,27 +564,143 @@ if triton is not None:
         e0 = n_rows * hg0 * n_split
         if NG > 0:  # NG == 0: no middle to stream (group slots hold placeholders, never compiled)
             if (item >= 0) & (item < e0):
-                _middle_item(item, q_ptr, m_ptr, a_ptr, ch0, hd0, k0, v0, hg0, khs0, vhs0,
-                             n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
-                             HQ, D, HKV, N_REP, REP_P, C0, CP0, DV, DV_P, BLOCK, DOT_F32, ROW_LENGTHS)
+                _middle_item(
+                    item,
+                    q_ptr,
+                    m_ptr,
+                    a_ptr,
+                    ch0,
+                    hd0,
+                    k0,
+                    v0,
+                    hg0,
+                    khs0,
+                    vhs0,
+                    n_mid,
+                    per_split,
+                    n_split,
+                    n_slots,
+                    scaling,
+                    len_ptr,
+                    mid_start,
+                    HQ,
+                    D,
+                    HKV,
+                    N_REP,
+                    REP_P,
+                    C0,
+                    CP0,
+                    DV,
+                    DV_P,
+                    BLOCK,
+                    DOT_F32,
+                    ROW_LENGTHS,
+                )
         if NG > 1:
             e1 = e0 + n_rows * hg1 * n_split
             if (item >= e0) & (item < e1):
-                _middle_item(item - e0, q_ptr, m_ptr, a_ptr, ch1, hd1, k1, v1, hg1, khs1, vhs1,
-                             n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
-                             HQ, D, HKV, N_REP, REP_P, C1, CP1, DV, DV_P, BLOCK, DOT_F32, ROW_LENGTHS)
+                _middle_item(
+                    item - e0,
+                    q_ptr,
+                    m_ptr,
+                    a_ptr,
+                    ch1,
+                    hd1,
+                    k1,
+                    v1,
+                    hg1,
+                    khs1,
+                    vhs1,
+                    n_mid,
+                    per_split,
+                    n_split,
+                    n_slots,
+                    scaling,
+                    len_ptr,
+                    mid_start,
+                    HQ,
+                    D,
+                    HKV,
+                    N_REP,
+                    REP_P,
+                    C1,
+                    CP1,
+                    DV,
+                    DV_P,
+                    BLOCK,
+                    DOT_F32,
+                    ROW_LENGTHS,
+                )
             if NG > 2:
                 e2 = e1 + n_rows * hg2 * n_split
                 if (item >= e1) & (item < e2):
-                    _middle_item(item - e1, q_ptr, m_ptr, a_ptr, ch2, hd2, k2, v2, hg2, khs2, vhs2,
-                                 n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
-                                 HQ, D, HKV, N_REP, REP_P, C2, CP2, DV, DV_P, BLOCK, DOT_F32, ROW_LENGTHS)
+                    _middle_item(
+                        item - e1,
+                        q_ptr,
+                        m_ptr,
+                        a_ptr,
+                        ch2,
+                        hd2,
+                        k2,
+                        v2,
+                        hg2,
+                        khs2,
+                        vhs2,
+                        n_mid,
+                        per_split,
+                        n_split,
+                        n_slots,
+                        scaling,
+                        len_ptr,
+                        mid_start,
+                        HQ,
+                        D,
+                        HKV,
+                        N_REP,
+                        REP_P,
+                        C2,
+                        CP2,
+                        DV,
+                        DV_P,
+                        BLOCK,
+                        DOT_F32,
+                        ROW_LENGTHS,
+                    )
                 if NG > 3:
                     e3 = e2 + n_rows * hg3 * n_split
                     if (item >= e2) & (item < e3):
-                        _middle_item(item - e2, q_ptr, m_ptr, a_ptr, ch3, hd3, k3, v3, hg3, khs3, vhs3,
-                                     n_mid, per_split, n_split, n_slots, scaling, len_ptr, mid_start,
-                                     HQ, D, HKV, N_REP, REP_P, C3, CP3, DV, DV_P, BLOCK, DOT_F32, ROW_LENGTHS)
+                        _middle_item(
+                            item - e2,
+                            q_ptr,
+                            m_ptr,
+                            a_ptr,
+                            ch3,
+                            hd3,
+                            k3,
+                            v3,
+                            hg3,
+                            khs3,
+                            vhs3,
+                            n_mid,
+                            per_split,
+                            n_split,
+                            n_slots,
+                            scaling,
+                            len_ptr,
+                            mid_start,
+                            HQ,
+                            D,
+                            HKV,
+                            N_REP,
+                            REP_P,
+                            C3,
+                            CP3,
+                            DV,
+                            DV_P,
+                            BLOCK,
+                            DOT_F32,
+                            ROW_LENGTHS,
+                        )
 
     # Integer arguments that change from step to step or shape to shape are not specialized:
     # Triton compiles a variant per (value == 1, divisible by 16) pattern of its int arguments,
@@ -460,17 +709,82 @@ if triton is not None:
     # address the key and value tiles stay specialized (steady, and they let loads vectorize).
     @triton.jit(do_not_specialize=["n_rows", "n_mid", "n_split", "n_slots", "smask_b", "smask_h"])
     def _partials_kernel(
-        q_ptr, m_ptr, a_ptr, n_rows, n_mid, per_split, n_split, n_slots, scaling,
-        keep_ptr, sink_end_ptr, hk_ptr, hv_ptr, wk_ptr, wv_ptr, mask_ptr, smask_b, smask_h, smask_t,
-        sum_index_ptr, sum_ptr, sum_hg, n_head, n_win, recent,
-        ch0, hd0, k0, v0, hg0, khs0, vhs0, ch1, hd1, k1, v1, hg1, khs1, vhs1,
-        ch2, hd2, k2, v2, hg2, khs2, vhs2, ch3, hd3, k3, v3, hg3, khs3, vhs3,
-        HQ: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
-        D: tl.constexpr, D_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-        HAS_HW: tl.constexpr, HW_BLOCK: tl.constexpr, MASK_KIND: tl.constexpr, HW_DOT_F32: tl.constexpr,
-        NG: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
-        CP0: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr, CP3: tl.constexpr,
-        BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+        q_ptr,
+        m_ptr,
+        a_ptr,
+        n_rows,
+        n_mid,
+        per_split,
+        n_split,
+        n_slots,
+        scaling,
+        keep_ptr,
+        sink_end_ptr,
+        hk_ptr,
+        hv_ptr,
+        wk_ptr,
+        wv_ptr,
+        mask_ptr,
+        smask_b,
+        smask_h,
+        smask_t,
+        sum_index_ptr,
+        sum_ptr,
+        sum_hg,
+        n_head,
+        n_win,
+        recent,
+        ch0,
+        hd0,
+        k0,
+        v0,
+        hg0,
+        khs0,
+        vhs0,
+        ch1,
+        hd1,
+        k1,
+        v1,
+        hg1,
+        khs1,
+        vhs1,
+        ch2,
+        hd2,
+        k2,
+        v2,
+        hg2,
+        khs2,
+        vhs2,
+        ch3,
+        hd3,
+        k3,
+        v3,
+        hg3,
+        khs3,
+        vhs3,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        N_REP: tl.constexpr,
+        REP_P: tl.constexpr,
+        D: tl.constexpr,
+        D_P: tl.constexpr,
+        DV: tl.constexpr,
+        DV_P: tl.constexpr,
+        HAS_HW: tl.constexpr,
+        HW_BLOCK: tl.constexpr,
+        MASK_KIND: tl.constexpr,
+        HW_DOT_F32: tl.constexpr,
+        NG: tl.constexpr,
+        C0: tl.constexpr,
+        C1: tl.constexpr,
+        C2: tl.constexpr,
+        C3: tl.constexpr,
+        CP0: tl.constexpr,
+        CP1: tl.constexpr,
+        CP2: tl.constexpr,
+        CP3: tl.constexpr,
+        BLOCK: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         """Every partial of one decode step in one launch: programs 0..n_rows*HKV-1 the head/window
         items (when HAS_HW; first, so the long middle items do not wait behind them), then the
@@ -478,19 +792,119 @@ if triton is not None:
         pid = tl.program_id(0)
         n_hw = n_rows * HKV if HAS_HW else 0
         if pid < n_hw:
-            _head_window_item(pid, q_ptr, m_ptr, a_ptr, keep_ptr, sink_end_ptr, hk_ptr, hv_ptr, wk_ptr, wv_ptr,
-                              mask_ptr, smask_b, smask_h, smask_t, sum_index_ptr, sum_ptr, sum_hg,
-                              n_head, n_mid, n_win, recent, n_slots, scaling,
-                              HQ, HKV, N_REP, REP_P, D, D_P, DV, DV_P, HW_BLOCK, MASK_KIND, HW_DOT_F32)
-        _middle_items(pid - n_hw, n_rows, q_ptr, m_ptr, a_ptr, n_mid, per_split, n_split, n_slots, scaling, 0, 0,
-                      ch0, hd0, k0, v0, hg0, khs0, vhs0, ch1, hd1, k1, v1, hg1, khs1, vhs1,
-                      ch2, hd2, k2, v2, hg2, khs2, vhs2, ch3, hd3, k3, v3, hg3, khs3, vhs3,
-                      HQ, HKV, N_REP, REP_P, D, DV, DV_P, NG, C0, C1, C2, C3, CP0, CP1, CP2, CP3, BLOCK, DOT_F32, False)
+            _head_window_item(
+                pid,
+                q_ptr,
+                m_ptr,
+                a_ptr,
+                keep_ptr,
+                sink_end_ptr,
+                hk_ptr,
+                hv_ptr,
+                wk_ptr,
+                wv_ptr,
+                mask_ptr,
+                smask_b,
+                smask_h,
+                smask_t,
+                sum_index_ptr,
+                sum_ptr,
+                sum_hg,
+                n_head,
+                n_mid,
+                n_win,
+                recent,
+                n_slots,
+                scaling,
+                HQ,
+                HKV,
+                N_REP,
+                REP_P,
+                D,
+                D_P,
+                DV,
+                DV_P,
+                HW_BLOCK,
+                MASK_KIND,
+                HW_DOT_F32,
+            )
+        _middle_items(
+            pid - n_hw,
+            n_rows,
+            q_ptr,
+            m_ptr,
+            a_ptr,
+            n_mid,
+            per_split,
+            n_split,
+            n_slots,
+            scaling,
+            0,
+            0,
+            ch0,
+            hd0,
+            k0,
+            v0,
+            hg0,
+            khs0,
+            vhs0,
+            ch1,
+            hd1,
+            k1,
+            v1,
+            hg1,
+            khs1,
+            vhs1,
+            ch2,
+            hd2,
+            k2,
+            v2,
+            hg2,
+            khs2,
+            vhs2,
+            ch3,
+            hd3,
+            k3,
+            v3,
+            hg3,
+            khs3,
+            vhs3,
+            HQ,
+            HKV,
+            N_REP,
+            REP_P,
+            D,
+            DV,
+            DV_P,
+            NG,
+            C0,
+            C1,
+            C2,
+            C3,
+            CP0,
+            CP1,
+            CP2,
+            CP3,
+            BLOCK,
+            DOT_F32,
+            False,
+        )
 
     @triton.jit(do_not_specialize=["n_split", "has_mid", "n_slots"])
-    def _merge_kernel(m_ptr, a_ptr, out_ptr, sum_index_ptr, n_split, has_mid, n_slots,
-                      HKV: tl.constexpr, N_REP: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-                      SB: tl.constexpr):
+    def _merge_kernel(
+        m_ptr,
+        a_ptr,
+        out_ptr,
+        sum_index_ptr,
+        n_split,
+        has_mid,
+        n_slots,
+        HKV: tl.constexpr,
+        N_REP: tl.constexpr,
+        DV: tl.constexpr,
+        DV_P: tl.constexpr,
+        SB: tl.constexpr,
+    ):
         """Log-sum-exp merge of one query head's partials (program = (row, query head)): its middle
         slots (S splits, 1 for a value-sum head, none without a middle) and the last slot (head and
         window); the buffers are not initialized, so other slots are never read. out (B, 1, HQ, DV)
@@ -601,8 +1015,15 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
     dot_f32 = bool(kernel_groups) and _dot_f32(query, kernel_groups[0].mid_keys, kernel_groups[0].mid_values)
     tuned = launch(dev, n_mid)
     block, stages = _block_stages(tuned, dot_f32)
-    n_split, per = _split_plan(n_mid, b * sum(len(g.heads) for g in kernel_groups), block, split, _sm_count(dev),
-                               tuned["ITEMS_PER_SM"], tuned["MIN_BLOCKS_PER_SPLIT"])
+    n_split, per = _split_plan(
+        n_mid,
+        b * sum(len(g.heads) for g in kernel_groups),
+        block,
+        split,
+        _sm_count(dev),
+        tuned["ITEMS_PER_SM"],
+        tuned["MIN_BLOCKS_PER_SPLIT"],
+    )
     n_slots = max(n_split, sum_group is not None) + 1  # the middle's slots, then the head/window
     m_buf = torch.empty(b, hkv, n_rep, n_slots, dtype=torch.float32, device=dev)
     acc_buf = torch.empty(b, hkv, n_rep, n_slots, dv + 1, dtype=torch.float32, device=dev)
@@ -619,12 +1040,49 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
     sum_index = consts.value_sum_index(layer, sum_group, dev)
     sums = sum_group.value_sum.float().contiguous() if sum_group is not None else acc_buf
     hw_f32 = _dot_f32(query, head_k, head_v)
-    common = [query, m_buf, acc_buf, b, n_mid, per, max(n_split, 1), n_slots, float(scaling),
-              consts.keep, consts.sink_end, head_k, head_v, win_k, win_v, row, *strides,
-              sum_index, sums, len(sum_group.heads) if sum_group is not None else 1, n_head, n_win, layer.recent]
-    shapes = dict(HQ=hq, HKV=hkv, N_REP=n_rep, REP_P=_pow2(n_rep), D=d, D_P=_pow2(d), DV=dv, DV_P=_pow2(dv),
-                  HW_BLOCK=32 if hw_f32 else 64, MASK_KIND=kind, HW_DOT_F32=hw_f32, BLOCK=block, DOT_F32=dot_f32)
-    launches = [kernel_groups[i:i + GROUPS_PER_LAUNCH] for i in range(0, len(kernel_groups), GROUPS_PER_LAUNCH)] or [[]]
+    common = [
+        query,
+        m_buf,
+        acc_buf,
+        b,
+        n_mid,
+        per,
+        max(n_split, 1),
+        n_slots,
+        float(scaling),
+        consts.keep,
+        consts.sink_end,
+        head_k,
+        head_v,
+        win_k,
+        win_v,
+        row,
+        *strides,
+        sum_index,
+        sums,
+        len(sum_group.heads) if sum_group is not None else 1,
+        n_head,
+        n_win,
+        layer.recent,
+    ]
+    shapes = dict(
+        HQ=hq,
+        HKV=hkv,
+        N_REP=n_rep,
+        REP_P=_pow2(n_rep),
+        D=d,
+        D_P=_pow2(d),
+        DV=dv,
+        DV_P=_pow2(dv),
+        HW_BLOCK=32 if hw_f32 else 64,
+        MASK_KIND=kind,
+        HW_DOT_F32=hw_f32,
+        BLOCK=block,
+        DOT_F32=dot_f32,
+    )
+    launches = [kernel_groups[i : i + GROUPS_PER_LAUNCH] for i in range(0, len(kernel_groups), GROUPS_PER_LAUNCH)] or [
+        []
+    ]
     for first, groups in enumerate(launches):
         args, counts = [], []
         for g in groups:
@@ -635,13 +1093,32 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
         args += [sum_index, sum_index, query, query, 1, 0, 0] * pad
         counts += [0] * pad
         _partials_kernel[(items,)](
-            *common, *args, **shapes, HAS_HW=first == 0, NG=len(groups),
-            **{f"C{i}": c for i, c in enumerate(counts)}, **{f"CP{i}": _pow2(c) for i, c in enumerate(counts)},
-            num_warps=tuned["NUM_WARPS"], num_stages=stages,
+            *common,
+            *args,
+            **shapes,
+            HAS_HW=first == 0,
+            NG=len(groups),
+            **{f"C{i}": c for i, c in enumerate(counts)},
+            **{f"CP{i}": _pow2(c) for i, c in enumerate(counts)},
+            num_warps=tuned["NUM_WARPS"],
+            num_stages=stages,
         )
     out = torch.empty(b, 1, hq, dv, dtype=query.dtype, device=dev)
-    _merge_kernel[(b * hq,)](m_buf, acc_buf, out, sum_index, max(n_split, 1), int(n_mid > 0), n_slots,
-                             HKV=hkv, N_REP=n_rep, DV=dv, DV_P=_pow2(dv, 2), SB=16, num_warps=4)
+    _merge_kernel[(b * hq,)](
+        m_buf,
+        acc_buf,
+        out,
+        sum_index,
+        max(n_split, 1),
+        int(n_mid > 0),
+        n_slots,
+        HKV=hkv,
+        N_REP=n_rep,
+        DV=dv,
+        DV_P=_pow2(dv, 2),
+        SB=16,
+        num_warps=4,
+    )
     return out
 
 

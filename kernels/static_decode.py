@@ -37,6 +37,7 @@ __all__ = ["static_append", "static_append_torch", "static_decode_attention", "s
 
 # --- torch twins ---------------------------------------------------------------------------------
 
+
 def static_append_torch(layer, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor) -> None:
     """Twin of the append kernel. key (B, Hkv, 1, d), value (B, Hkv, 1, dv); lengths (B,)."""
     sink, window = layer.sink, layer.window
@@ -74,7 +75,9 @@ def static_decode_attention_torch(query: torch.Tensor, layer, lengths: torch.Ten
     """Twin of the Triton path: query (B, Hq, 1, d) -> (B, 1, Hq, dv) in query's dtype."""
     b, hq, length, d = query.shape
     if length != 1:
-        raise ValueError(f"static decode attention decodes one token: query must be (B, Hq, 1, d), got {tuple(query.shape)}")
+        raise ValueError(
+            f"static decode attention decodes one token: query must be (B, Hq, 1, d), got {tuple(query.shape)}"
+        )
     hkv, dv = layer.num_heads, layer.value_dim
     n_rep = hq // hkv
     q = query.reshape(b, hkv, n_rep, d).float()
@@ -95,7 +98,9 @@ def static_decode_attention_torch(query: torch.Tensor, layer, lengths: torch.Ten
         scores = torch.cat([hw.index_select(1, g.heads), s_mid], -1)
         vals = torch.cat([values.index_select(1, g.heads), g.values.float()], 2)
         out[:, g.heads] = torch.softmax(scores, -1) @ vals
-    if layer.sum_heads is not None:  # n_mid scores of exactly 0 whose values sum to value_sum: one column of weight n_mid
+    if (
+        layer.sum_heads is not None
+    ):  # n_mid scores of exactly 0 whose values sum to value_sum: one column of weight n_mid
         log_n = torch.where(n_mid > 0, n_mid.clamp(min=1).float().log(), float("-inf"))
         column = log_n[:, None, None, None].expand(-1, len(layer.sum_heads), n_rep, 1)
         scores = torch.cat([hw.index_select(1, layer.sum_heads), column], -1)
@@ -111,9 +116,33 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["sum_hg", "sink", "window"])
     def _append_kernel(
-        len_ptr, k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, hk_ptr, hv_ptr, rk_ptr, rv_ptr,
-        mk_ptr, mv_ptr, koff_ptr, voff_ptr, cnt_ptr, chan_ptr, sum_index_ptr, sum_ptr, sum_hg, sink, window,
-        HKV: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
+        len_ptr,
+        k_ptr,
+        v_ptr,
+        sk_b,
+        sk_h,
+        sv_b,
+        sv_h,
+        hk_ptr,
+        hv_ptr,
+        rk_ptr,
+        rv_ptr,
+        mk_ptr,
+        mv_ptr,
+        koff_ptr,
+        voff_ptr,
+        cnt_ptr,
+        chan_ptr,
+        sum_index_ptr,
+        sum_ptr,
+        sum_hg,
+        sink,
+        window,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+        D_P: tl.constexpr,
+        DV: tl.constexpr,
+        DV_P: tl.constexpr,
     ):
         """Program (row, KV head): evict the ring slot token t replaces, then write token t.
         Middle stores are flat: (row, head)'s keys start at koff[row, head] (count channels a
@@ -154,11 +183,34 @@ if triton is not None:
 
     @triton.jit
     def _head_ring_item(
-        item, q_ptr, m_ptr, a_ptr, keep_ptr, len_ptr, hk_ptr, hv_ptr, rk_ptr, rv_ptr,
-        sum_index_ptr, sum_ptr, sum_hg, sink, recent, window, n_slots, scaling,
-        HQ: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
-        D: tl.constexpr, D_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-        BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+        item,
+        q_ptr,
+        m_ptr,
+        a_ptr,
+        keep_ptr,
+        len_ptr,
+        hk_ptr,
+        hv_ptr,
+        rk_ptr,
+        rv_ptr,
+        sum_index_ptr,
+        sum_ptr,
+        sum_hg,
+        sink,
+        recent,
+        window,
+        n_slots,
+        scaling,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        N_REP: tl.constexpr,
+        REP_P: tl.constexpr,
+        D: tl.constexpr,
+        D_P: tl.constexpr,
+        DV: tl.constexpr,
+        DV_P: tl.constexpr,
+        BLOCK: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         """Work item (row, KV head) -> its partial over the head and the ring (slot n_slots - 1);
         for a value-sum head also the middle's partial (slot 0: max 0, sum n_mid, acc value_sum;
@@ -187,18 +239,26 @@ if triton is not None:
             p = j - sink
             age = (r_mod - p + window) % window
             in_ring = (j >= sink) & (j < sink + window) & (age <= max_age)
-            k = tl.load(hk_ptr + (bh * sink + j)[:, None] * D + cd[None, :],
-                        mask=in_head[:, None] & dmask_k[None, :], other=0.0)
-            k += tl.load(rk_ptr + (bh * window + p)[:, None] * D + cd[None, :],
-                         mask=in_ring[:, None] & dmask_k[None, :], other=0.0)
+            k = tl.load(
+                hk_ptr + (bh * sink + j)[:, None] * D + cd[None, :], mask=in_head[:, None] & dmask_k[None, :], other=0.0
+            )
+            k += tl.load(
+                rk_ptr + (bh * window + p)[:, None] * D + cd[None, :],
+                mask=in_ring[:, None] & dmask_k[None, :],
+                other=0.0,
+            )
             s_full, s_kept = pd._full_and_kept_scores(q, q_kept, k, DOT_F32)
             full = in_head | (age < recent)
             s = tl.where(full[None, :], s_full, s_kept) * scaling
             s = tl.where((in_head | in_ring)[None, :], s, float("-inf"))
-            v = tl.load(hv_ptr + (bh * sink + j)[:, None] * DV + dd[None, :],
-                        mask=in_head[:, None] & dmask[None, :], other=0.0)
-            v += tl.load(rv_ptr + (bh * window + p)[:, None] * DV + dd[None, :],
-                         mask=in_ring[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(
+                hv_ptr + (bh * sink + j)[:, None] * DV + dd[None, :], mask=in_head[:, None] & dmask[None, :], other=0.0
+            )
+            v += tl.load(
+                rv_ptr + (bh * window + p)[:, None] * DV + dd[None, :],
+                mask=in_ring[:, None] & dmask[None, :],
+                other=0.0,
+            )
             # with sink 0 a block may come before any real slot: the guarded step
             m_i, l_i, acc = pd._online_softmax_step(s, v, m_i, l_i, acc, DOT_F32, True)
         slot_row = bh * N_REP + rows
@@ -211,22 +271,106 @@ if triton is not None:
             vsum = tl.load(sum_ptr + (pid_b * sum_hg + vi) * DV + dd, mask=dmask, other=0.0) * some
             zeros = tl.zeros([REP_P], tl.float32)
             m0 = tl.where(n_mid > 0, zeros, float("-inf"))
-            pd._store_partial(m_ptr, a_ptr, slot_row, 0, n_slots, m0, zeros + n_mid.to(tl.float32),
-                              zeros[:, None] + vsum[None, :], rmask, dd, dmask, DV)
+            pd._store_partial(
+                m_ptr,
+                a_ptr,
+                slot_row,
+                0,
+                n_slots,
+                m0,
+                zeros + n_mid.to(tl.float32),
+                zeros[:, None] + vsum[None, :],
+                rmask,
+                dd,
+                dmask,
+                DV,
+            )
 
-    @triton.jit(do_not_specialize=["n_rows", "n_split", "n_slots", "sum_hg", "sink", "recent", "window",
-                                   "hg0", "hg1", "hg2", "hg3"])
+    @triton.jit(
+        do_not_specialize=[
+            "n_rows",
+            "n_split",
+            "n_slots",
+            "sum_hg",
+            "sink",
+            "recent",
+            "window",
+            "hg0",
+            "hg1",
+            "hg2",
+            "hg3",
+        ]
+    )
     def _static_partials_kernel(
-        q_ptr, m_ptr, a_ptr, len_ptr, n_rows, n_split, n_slots, scaling,
-        keep_ptr, hk_ptr, hv_ptr, rk_ptr, rv_ptr, sum_index_ptr, sum_ptr, sum_hg, sink, recent, window,
-        ch0, hd0, k0, v0, hg0, khs0, vhs0, ch1, hd1, k1, v1, hg1, khs1, vhs1,
-        ch2, hd2, k2, v2, hg2, khs2, vhs2, ch3, hd3, k3, v3, hg3, khs3, vhs3,
-        HQ: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, REP_P: tl.constexpr,
-        D: tl.constexpr, D_P: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-        HAS_HW: tl.constexpr, HW_BLOCK: tl.constexpr, HW_DOT_F32: tl.constexpr,
-        NG: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
-        CP0: tl.constexpr, CP1: tl.constexpr, CP2: tl.constexpr, CP3: tl.constexpr,
-        BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+        q_ptr,
+        m_ptr,
+        a_ptr,
+        len_ptr,
+        n_rows,
+        n_split,
+        n_slots,
+        scaling,
+        keep_ptr,
+        hk_ptr,
+        hv_ptr,
+        rk_ptr,
+        rv_ptr,
+        sum_index_ptr,
+        sum_ptr,
+        sum_hg,
+        sink,
+        recent,
+        window,
+        ch0,
+        hd0,
+        k0,
+        v0,
+        hg0,
+        khs0,
+        vhs0,
+        ch1,
+        hd1,
+        k1,
+        v1,
+        hg1,
+        khs1,
+        vhs1,
+        ch2,
+        hd2,
+        k2,
+        v2,
+        hg2,
+        khs2,
+        vhs2,
+        ch3,
+        hd3,
+        k3,
+        v3,
+        hg3,
+        khs3,
+        vhs3,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        N_REP: tl.constexpr,
+        REP_P: tl.constexpr,
+        D: tl.constexpr,
+        D_P: tl.constexpr,
+        DV: tl.constexpr,
+        DV_P: tl.constexpr,
+        HAS_HW: tl.constexpr,
+        HW_BLOCK: tl.constexpr,
+        HW_DOT_F32: tl.constexpr,
+        NG: tl.constexpr,
+        C0: tl.constexpr,
+        C1: tl.constexpr,
+        C2: tl.constexpr,
+        C3: tl.constexpr,
+        CP0: tl.constexpr,
+        CP1: tl.constexpr,
+        CP2: tl.constexpr,
+        CP3: tl.constexpr,
+        BLOCK: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         """Every partial of one static decode step: programs 0..n_rows*HKV-1 the head/ring items
         (when HAS_HW), then the middle items of the NG groups, each row's middle length read from
@@ -234,16 +378,98 @@ if triton is not None:
         pid = tl.program_id(0)
         n_hw = n_rows * HKV if HAS_HW else 0
         if pid < n_hw:
-            _head_ring_item(pid, q_ptr, m_ptr, a_ptr, keep_ptr, len_ptr, hk_ptr, hv_ptr, rk_ptr, rv_ptr,
-                            sum_index_ptr, sum_ptr, sum_hg, sink, recent, window, n_slots, scaling,
-                            HQ, HKV, N_REP, REP_P, D, D_P, DV, DV_P, HW_BLOCK, HW_DOT_F32)
+            _head_ring_item(
+                pid,
+                q_ptr,
+                m_ptr,
+                a_ptr,
+                keep_ptr,
+                len_ptr,
+                hk_ptr,
+                hv_ptr,
+                rk_ptr,
+                rv_ptr,
+                sum_index_ptr,
+                sum_ptr,
+                sum_hg,
+                sink,
+                recent,
+                window,
+                n_slots,
+                scaling,
+                HQ,
+                HKV,
+                N_REP,
+                REP_P,
+                D,
+                D_P,
+                DV,
+                DV_P,
+                HW_BLOCK,
+                HW_DOT_F32,
+            )
         # n_mid and per_split are per row here (ROW_LENGTHS): `sink` only fills their int32 slots
-        pd._middle_items(pid - n_hw, n_rows, q_ptr, m_ptr, a_ptr, sink, sink, n_split, n_slots, scaling,
-                         len_ptr, sink + recent,
-                         ch0, hd0, k0, v0, hg0, khs0, vhs0, ch1, hd1, k1, v1, hg1, khs1, vhs1,
-                         ch2, hd2, k2, v2, hg2, khs2, vhs2, ch3, hd3, k3, v3, hg3, khs3, vhs3,
-                         HQ, HKV, N_REP, REP_P, D, DV, DV_P, NG, C0, C1, C2, C3, CP0, CP1, CP2, CP3,
-                         BLOCK, DOT_F32, True)
+        pd._middle_items(
+            pid - n_hw,
+            n_rows,
+            q_ptr,
+            m_ptr,
+            a_ptr,
+            sink,
+            sink,
+            n_split,
+            n_slots,
+            scaling,
+            len_ptr,
+            sink + recent,
+            ch0,
+            hd0,
+            k0,
+            v0,
+            hg0,
+            khs0,
+            vhs0,
+            ch1,
+            hd1,
+            k1,
+            v1,
+            hg1,
+            khs1,
+            vhs1,
+            ch2,
+            hd2,
+            k2,
+            v2,
+            hg2,
+            khs2,
+            vhs2,
+            ch3,
+            hd3,
+            k3,
+            v3,
+            hg3,
+            khs3,
+            vhs3,
+            HQ,
+            HKV,
+            N_REP,
+            REP_P,
+            D,
+            DV,
+            DV_P,
+            NG,
+            C0,
+            C1,
+            C2,
+            C3,
+            CP0,
+            CP1,
+            CP2,
+            CP3,
+            BLOCK,
+            DOT_F32,
+            True,
+        )
 
 
 def _append_triton(layer, key, value, lengths) -> None:
@@ -254,11 +480,34 @@ def _append_triton(layer, key, value, lengths) -> None:
         value = value.contiguous()
     sums = layer.value_sum if layer.value_sum is not None else layer.keep
     _append_kernel[(b * hkv,)](
-        lengths, key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        layer.head_k, layer.head_v, layer.ring_k, layer.ring_v, layer.keys_flat, layer.values_flat,
-        layer.key_offsets, layer.value_offsets, layer.counts, layer.channel_table, layer.sum_index, sums,
-        max(layer.num_sum_heads, 1), layer.sink, layer.window,
-        HKV=hkv, D=d, D_P=pd._pow2(d, 2), DV=layer.value_dim, DV_P=pd._pow2(layer.value_dim, 2), num_warps=1,
+        lengths,
+        key,
+        value,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        layer.head_k,
+        layer.head_v,
+        layer.ring_k,
+        layer.ring_v,
+        layer.keys_flat,
+        layer.values_flat,
+        layer.key_offsets,
+        layer.value_offsets,
+        layer.counts,
+        layer.channel_table,
+        layer.sum_index,
+        sums,
+        max(layer.num_sum_heads, 1),
+        layer.sink,
+        layer.window,
+        HKV=hkv,
+        D=d,
+        D_P=pd._pow2(d, 2),
+        DV=layer.value_dim,
+        DV_P=pd._pow2(layer.value_dim, 2),
+        num_warps=1,
     )
 
 
@@ -269,15 +518,18 @@ def split_count(layer, batch: int, device, split: int | None = None) -> tuple[in
     dot_f32 = bool(layer.groups) and pd._dot_f32(layer.ring_k, layer.groups[0].keys, layer.groups[0].values)
     block, _ = pd._block_stages(tuned, dot_f32)
     rows = batch * sum(len(g.heads) for g in layer.groups)
-    n_split, _ = pd._split_plan(layer.capacity, rows, block, split, pd._sm_count(device),
-                                tuned["ITEMS_PER_SM"], tuned["MIN_BLOCKS_PER_SPLIT"])
+    n_split, _ = pd._split_plan(
+        layer.capacity, rows, block, split, pd._sm_count(device), tuned["ITEMS_PER_SM"], tuned["MIN_BLOCKS_PER_SPLIT"]
+    )
     return n_split, tuned
 
 
 def _attention_triton(query, layer, lengths, *, scaling: float, split: int | None = None) -> torch.Tensor:
     b, hq, length, d = query.shape
     if length != 1:
-        raise ValueError(f"static decode attention decodes one token: query must be (B, Hq, 1, d), got {tuple(query.shape)}")
+        raise ValueError(
+            f"static decode attention decodes one token: query must be (B, Hq, 1, d), got {tuple(query.shape)}"
+        )
     hkv, dv, dev = layer.num_heads, layer.value_dim, query.device
     n_rep = hq // hkv
     n_split, tuned = split_count(layer, b, dev, split)
@@ -290,13 +542,43 @@ def _attention_triton(query, layer, lengths, *, scaling: float, split: int | Non
     query = query.contiguous()
     sums = layer.value_sum if layer.value_sum is not None else acc_buf
     hw_f32 = pd._dot_f32(query, layer.ring_k, layer.ring_v)
-    common = [query, m_buf, acc_buf, lengths, b, max(n_split, 1), n_slots, float(scaling),
-              layer.keep, layer.head_k, layer.head_v, layer.ring_k, layer.ring_v, layer.sum_index, sums,
-              max(layer.num_sum_heads, 1), layer.sink, layer.recent, layer.window]
-    shapes = dict(HQ=hq, HKV=hkv, N_REP=n_rep, REP_P=pd._pow2(n_rep), D=d, D_P=pd._pow2(d), DV=dv, DV_P=pd._pow2(dv),
-                  HW_BLOCK=32 if hw_f32 else 64, HW_DOT_F32=hw_f32, BLOCK=block, DOT_F32=dot_f32)
+    common = [
+        query,
+        m_buf,
+        acc_buf,
+        lengths,
+        b,
+        max(n_split, 1),
+        n_slots,
+        float(scaling),
+        layer.keep,
+        layer.head_k,
+        layer.head_v,
+        layer.ring_k,
+        layer.ring_v,
+        layer.sum_index,
+        sums,
+        max(layer.num_sum_heads, 1),
+        layer.sink,
+        layer.recent,
+        layer.window,
+    ]
+    shapes = dict(
+        HQ=hq,
+        HKV=hkv,
+        N_REP=n_rep,
+        REP_P=pd._pow2(n_rep),
+        D=d,
+        D_P=pd._pow2(d),
+        DV=dv,
+        DV_P=pd._pow2(dv),
+        HW_BLOCK=32 if hw_f32 else 64,
+        HW_DOT_F32=hw_f32,
+        BLOCK=block,
+        DOT_F32=dot_f32,
+    )
     per_launch = pd.GROUPS_PER_LAUNCH
-    launches = [groups[i:i + per_launch] for i in range(0, len(groups), per_launch)] if n_split else []
+    launches = [groups[i : i + per_launch] for i in range(0, len(groups), per_launch)] if n_split else []
     for first, part in enumerate(launches or [[]]):
         args, counts = [], []
         for g in part:
@@ -307,14 +589,33 @@ def _attention_triton(query, layer, lengths, *, scaling: float, split: int | Non
         args += [layer.sum_index, layer.sum_index, query, query, 1, 0, 0] * pad
         counts += [0] * pad
         _static_partials_kernel[(items,)](
-            *common, *args, **shapes, HAS_HW=first == 0, NG=len(part),
-            **{f"C{i}": c for i, c in enumerate(counts)}, **{f"CP{i}": pd._pow2(c) for i, c in enumerate(counts)},
-            num_warps=tuned["NUM_WARPS"], num_stages=stages,
+            *common,
+            *args,
+            **shapes,
+            HAS_HW=first == 0,
+            NG=len(part),
+            **{f"C{i}": c for i, c in enumerate(counts)},
+            **{f"CP{i}": pd._pow2(c) for i, c in enumerate(counts)},
+            num_warps=tuned["NUM_WARPS"],
+            num_stages=stages,
         )
     out = torch.empty(b, 1, hq, dv, dtype=query.dtype, device=dev)
     has_mid = int(layer.capacity > 0 and (n_split > 0 or layer.num_sum_heads > 0))
-    pd._merge_kernel[(b * hq,)](m_buf, acc_buf, out, layer.sum_index, max(n_split, 1), has_mid, n_slots,
-                                HKV=hkv, N_REP=n_rep, DV=dv, DV_P=pd._pow2(dv, 2), SB=16, num_warps=4)
+    pd._merge_kernel[(b * hq,)](
+        m_buf,
+        acc_buf,
+        out,
+        layer.sum_index,
+        max(n_split, 1),
+        has_mid,
+        n_slots,
+        HKV=hkv,
+        N_REP=n_rep,
+        DV=dv,
+        DV_P=pd._pow2(dv, 2),
+        SB=16,
+        num_warps=4,
+    )
     return out
 
 
@@ -326,11 +627,11 @@ def static_append(layer, key: torch.Tensor, value: torch.Tensor, lengths: torch.
         static_append_torch(layer, key, value, lengths)
 
 
-def static_decode_attention(query: torch.Tensor, layer, lengths: torch.Tensor, *, scaling: float,
-                            split: int | None = None) -> torch.Tensor:
+def static_decode_attention(
+    query: torch.Tensor, layer, lengths: torch.Tensor, *, scaling: float, split: int | None = None
+) -> torch.Tensor:
     """Decode attention of query (B, Hq, 1, d) over `layer` after `static_append`; (B, 1, Hq, dv).
     `split`: the middle's splits per (row, KV head) (default: from the GPU's size and the capacity)."""
     if triton is not None and query.is_cuda:
         return _attention_triton(query, layer, lengths, scaling=scaling, split=split)
     return static_decode_attention_torch(query, layer, lengths, scaling=scaling)
-

@@ -49,7 +49,9 @@ with st.sidebar:
         chosen[column] = st.multiselect(column, options, key=column)
     suites = st.multiselect("suite", sorted({data.suite_of(c) for c in board.metrics}), key="suite")
 
-view, shown = data.filtered(board.table, board.metrics, suites=suites, **chosen) if not board.table.empty else (board.table, [])
+view, shown = (
+    data.filtered(board.table, board.metrics, suites=suites, **chosen) if not board.table.empty else (board.table, [])
+)
 shown = data.ordered_metrics(view, shown)  # headlines first; columns empty for these rows left out
 with tab_table:
     table.render(board, view, shown)

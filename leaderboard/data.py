@@ -129,11 +129,23 @@ def cells(board: Board, suite: str | None = None, status: str | None = COMPLETE)
 
 def head_grid(board: Board, run_keys: list[str], quantity: str) -> pd.DataFrame:
     """Per-head state-rank rows of these cells: columns run_key, layer, head, value."""
-    rows = [r for r in board.store.results(run_keys, f"{quantity}/")
-            if r["details"].get("scope") == "head" and r["value"] is not None]
-    return pd.DataFrame([{"run_key": r["run_key"], "layer": int(r["details"]["layer"]),
-                          "head": int(r["details"]["head"]), "value": r["value"]} for r in rows],
-                        columns=["run_key", "layer", "head", "value"])
+    rows = [
+        r
+        for r in board.store.results(run_keys, f"{quantity}/")
+        if r["details"].get("scope") == "head" and r["value"] is not None
+    ]
+    return pd.DataFrame(
+        [
+            {
+                "run_key": r["run_key"],
+                "layer": int(r["details"]["layer"]),
+                "head": int(r["details"]["head"]),
+                "value": r["value"],
+            }
+            for r in rows
+        ],
+        columns=["run_key", "layer", "head", "value"],
+    )
 
 
 def head_quantities(board: Board, run_keys: list[str]) -> list[str]:
@@ -150,7 +162,9 @@ def utilization_curves(board: Board, run_keys: list[str]) -> pd.DataFrame:
             if r["metric"] != metric:
                 continue
             positions, curve = r["details"].get("positions", []), r["details"].get("utilization_vs_position", [])
-            out += [{"run_key": r["run_key"], "position": int(p), "utilization": float(u)} for p, u in zip(positions, curve)]
+            out += [
+                {"run_key": r["run_key"], "position": int(p), "utilization": float(u)} for p, u in zip(positions, curve)
+            ]
     return pd.DataFrame(out, columns=["run_key", "position", "utilization"])
 
 
@@ -168,9 +182,17 @@ def selection_grid(board: Board, run_key: str) -> pd.DataFrame | None:
     path = board.store.artifacts_dir(run_key, create=False) / "selection.json"
     try:
         data: dict[str, Any] = json.loads(path.read_text())
-        rows = [{"layer": int(i), "head": h, "kept": len(kept), "of": int(layer["head_dim"]),
-                 "channels": ", ".join(str(int(c)) for c in kept)}
-                for i, layer in data["layers"].items() for h, kept in enumerate(layer["kept"])]
+        rows = [
+            {
+                "layer": int(i),
+                "head": h,
+                "kept": len(kept),
+                "of": int(layer["head_dim"]),
+                "channels": ", ".join(str(int(c)) for c in kept),
+            }
+            for i, layer in data["layers"].items()
+            for h, kept in enumerate(layer["kept"])
+        ]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return pd.DataFrame(rows, columns=["layer", "head", "kept", "of", "channels"]).sort_values(["layer", "head"])
@@ -178,6 +200,7 @@ def selection_grid(board: Board, run_key: str) -> pd.DataFrame | None:
 
 def provenance(run: pd.Series) -> dict[str, Any]:
     """A cell's parameters and provenance, JSON columns parsed (unparseable text kept as text)."""
+
     def parsed(text):
         try:
             return json.loads(text) if isinstance(text, str) else text
@@ -188,11 +211,30 @@ def provenance(run: pd.Series) -> dict[str, Any]:
         value = value.item() if hasattr(value, "item") else value  # numpy scalars from pandas
         return None if isinstance(value, float) and value != value else value  # NaN is not JSON
 
-    fields = ("model", "model_digest", "family", "method", "ratio", "recovery", "suite", "seed", "status",
-              "kept_ratio", "selection_digest", "started", "finished", "duration_s", "run_key")
-    return {**{f: clean(run.get(f)) for f in fields},
-            **{f: parsed(run.get(f)) for f in ("method_params", "recovery_params", "suite_params", "calibration",
-                                               "provenance")}}
+    fields = (
+        "model",
+        "model_digest",
+        "family",
+        "method",
+        "ratio",
+        "recovery",
+        "suite",
+        "seed",
+        "status",
+        "kept_ratio",
+        "selection_digest",
+        "started",
+        "finished",
+        "duration_s",
+        "run_key",
+    )
+    return {
+        **{f: clean(run.get(f)) for f in fields},
+        **{
+            f: parsed(run.get(f))
+            for f in ("method_params", "recovery_params", "suite_params", "calibration", "provenance")
+        },
+    }
 
 
 def method_cards() -> list[dict[str, Any]]:

@@ -40,9 +40,20 @@ class DRRQR(Method):
     def select_head(self, layer: LayerData, head: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
         m = np.concatenate([layer.q[:, head].numpy(), layer.k[:, head].numpy()], axis=0).astype(np.float64)
         result = strong_rrqr(
-            m, n_keep, f=self.f, max_swaps=self.max_swaps or 10 * layer.head_dim,
+            m,
+            n_keep,
+            f=self.f,
+            max_swaps=self.max_swaps or 10 * layer.head_dim,
             permute_seed=int(rng.integers(2**31)) if self.permute else None,
         )
-        self.record("certificate", {"layer": layer.index, "head": head, "max_rho": result.max_rho,
-                                    "swaps": result.swaps, "hit_swap_cap": result.hit_swap_cap})
+        self.record(
+            "certificate",
+            {
+                "layer": layer.index,
+                "head": head,
+                "max_rho": result.max_rho,
+                "swaps": result.swaps,
+                "hit_swap_cap": result.hit_swap_cap,
+            },
+        )
         return result.kept

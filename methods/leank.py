@@ -65,8 +65,10 @@ class LeanK(CacheWindow, Method):
         shape = tuple(load_mask(self.mask).shape)
         heads, head_dim, _ = geometry[min(geometry)]
         if shape != (len(geometry), heads, head_dim):
-            raise HarnessError(f"the LeanK mask {self.mask} is {list(shape)} [layers, KV heads, head_dim], the model's "
-                               f"attention is {[len(geometry), heads, head_dim]}: use the mask made for this model")
+            raise HarnessError(
+                f"the LeanK mask {self.mask} is {list(shape)} [layers, KV heads, head_dim], the model's "
+                f"attention is {[len(geometry), heads, head_dim]}: use the mask made for this model"
+            )
 
     # --- stage 1 ------------------------------------------------------------------------------
     def fit(self, model, tokenizer, progress) -> None:
@@ -81,7 +83,9 @@ class LeanK(CacheWindow, Method):
         corpus = tokenizer(load_text(None, split="train"), add_special_tokens=False)["input_ids"]
         data = [passkey_batch(corpus, tokenizer, rng, self.batch, self.seq_len) for _ in range(self.pool)]
         with torch.no_grad():  # the full model's final hidden states: the distillation targets
-            targets = [model.model(input_ids=ids.to(model.device), use_cache=False).last_hidden_state for ids, _ in data]
+            targets = [
+                model.model(input_ids=ids.to(model.device), use_cache=False).last_hidden_state for ids, _ in data
+            ]
         n_layers, (heads, d, _) = len(geometry), next(iter(geometry.values()))
         alpha = torch.ones(n_layers, heads, d, device=model.device, requires_grad=True)
         self._trained = {"model": model, "adapter": adapter, "data": data, "targets": targets, "d": d}
@@ -90,9 +94,20 @@ class LeanK(CacheWindow, Method):
 
     def _train(self, alpha, steps: int, lam: float, binary_ratio: float | None, advance) -> None:
         state = self._trained
-        loss = train_scales(state["model"], state["adapter"], state["data"], state["targets"], alpha, steps=steps,
-                            lr=self.lr, lam=lam, binary=None if binary_ratio is None else (binary_ratio, self._align()),
-                            sink=self.sink, recent=self.recent, advance=advance)
+        loss = train_scales(
+            state["model"],
+            state["adapter"],
+            state["data"],
+            state["targets"],
+            alpha,
+            steps=steps,
+            lr=self.lr,
+            lam=lam,
+            binary=None if binary_ratio is None else (binary_ratio, self._align()),
+            sink=self.sink,
+            recent=self.recent,
+            advance=advance,
+        )
         if loss is not None:
             self.record("final_loss", round(loss, 6))
 
@@ -120,6 +135,7 @@ class LeanK(CacheWindow, Method):
     def _check_geometry(mask: torch.Tensor, layers) -> None:
         model_shape = (len(layers), layers[0].num_heads, layers[0].head_dim) if layers else None
         if tuple(mask.shape) != model_shape:
-            raise HarnessError(f"LeanK mask is [layers, kv_heads, head_dim] = {list(mask.shape)} but the model has "
-                               f"{list(model_shape)}; use the mask released for this model")
-
+            raise HarnessError(
+                f"LeanK mask is [layers, kv_heads, head_dim] = {list(mask.shape)} but the model has "
+                f"{list(model_shape)}; use the mask released for this model"
+            )

@@ -39,7 +39,9 @@ def binarize(alpha: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
         counts.view(-1)[remainder.topk(min(spare_blocks, raw.numel())).indices] += align
     counts = counts.clamp(0, alpha.shape[-1]).long()
     order = torch.from_numpy(np.argsort(-alpha.detach().cpu().numpy(), axis=-1, kind="stable")).to(alpha.device)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(alpha.shape[-1], device=alpha.device).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(alpha.shape[-1], device=alpha.device).expand_as(order)
+    )
     return (ranks < counts[..., None]).to(alpha.dtype)
 
 
@@ -57,15 +59,16 @@ def passkey_batch(corpus_ids: list[int], tokenizer, rng: np.random.Generator, ba
         if n_fill < 2:
             raise HarnessError(f"LeanK seq_len {seq_len} is too short for a pass-key sequence; use at least 128")
         start = int(rng.integers(0, len(corpus_ids) - n_fill))
-        filler = corpus_ids[start:start + n_fill]
+        filler = corpus_ids[start : start + n_fill]
         depth = int(rng.integers(1, n_fill))
         rows.append(filler[:depth] + needle + filler[depth:] + question + answer)
         starts.append(seq_len - len(answer))
     return torch.tensor(rows, dtype=torch.long), torch.tensor(starts)
 
 
-def heldout_distillation_loss(model, tokenizer, selection: ChannelSelection, *, sequences: int = 32,
-                              seq_len: int = 256, seed: int = 1234) -> float:
+def heldout_distillation_loss(
+    model, tokenizer, selection: ChannelSelection, *, sequences: int = 32, seq_len: int = 256, seed: int = 1234
+) -> float:
     """LeanK's objective on held-out pass-key sequences (the corpus's held-out split): MSE between
     the final hidden states of the full model and of the model with `selection`'s middle keys
     masked, on the positions that predict the answer (the prompt attends fully, as in LeanK)."""
@@ -83,8 +86,13 @@ def heldout_distillation_loss(model, tokenizer, selection: ChannelSelection, *, 
         ids = ids.to(model.device)
         with torch.no_grad():
             target = model.model(input_ids=ids, use_cache=False).last_hidden_state
-            with adapter.key_scaling(model, mask.to(model.device), sink=int(window.get("sink", DEFAULT_SINK)),
-                                     recent=int(window.get("recent", DEFAULT_RECENT)), full_queries=int(starts.min()) - 1):
+            with adapter.key_scaling(
+                model,
+                mask.to(model.device),
+                sink=int(window.get("sink", DEFAULT_SINK)),
+                recent=int(window.get("recent", DEFAULT_RECENT)),
+                full_queries=int(starts.min()) - 1,
+            ):
                 hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
         total += float(distill_loss(hidden, target, starts)) * len(ids)
     return total / (-(-sequences // batch) * batch)
@@ -98,8 +106,19 @@ def distill_loss(hidden: torch.Tensor, target: torch.Tensor, answer_starts: torc
     return (hidden - target).pow(2)[scored].mean()
 
 
-def _scaled_loss(model, adapter, alpha, ids, answer_starts, target, *, lam: float, binary: tuple[float, int] | None,
-                 sink: int, recent: int) -> torch.Tensor:
+def _scaled_loss(
+    model,
+    adapter,
+    alpha,
+    ids,
+    answer_starts,
+    target,
+    *,
+    lam: float,
+    binary: tuple[float, int] | None,
+    sink: int,
+    recent: int,
+) -> torch.Tensor:
     scale = alpha
     if binary is not None:  # straight-through: binary forward, gradient to alpha
         scale = binarize(alpha.detach(), *binary) + alpha - alpha.detach()
@@ -109,8 +128,21 @@ def _scaled_loss(model, adapter, alpha, ids, answer_starts, target, *, lam: floa
     return distill_loss(hidden, target, answer_starts) + lam * alpha.abs().mean()
 
 
-def train_scales(model, adapter, data, targets, alpha: torch.Tensor, *, steps: int, lr: float, lam: float,
-                 binary: tuple[float, int] | None, sink: int, recent: int, advance) -> float | None:
+def train_scales(
+    model,
+    adapter,
+    data,
+    targets,
+    alpha: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    lam: float,
+    binary: tuple[float, int] | None,
+    sink: int,
+    recent: int,
+    advance,
+) -> float | None:
     """Fit `alpha` [layers, KV heads, head_dim] in place: Adam on the distillation loss over the
     cycled pass-key batches `data` (ids, answer starts) against the full model's `targets`, plus
     `lam * mean|alpha|`, clamping alpha to [0, 1] after each step. With `binary` = (ratio, align)
@@ -124,9 +156,24 @@ def train_scales(model, adapter, data, targets, alpha: torch.Tensor, *, steps: i
     try:
         for step in range(steps):
             ids, answer_starts = data[step % len(data)]
-            loss = train_step(optimizer, functools.partial(
-                _scaled_loss, model, adapter, alpha, ids, answer_starts, targets[step % len(data)], lam=lam,
-                binary=binary, sink=sink, recent=recent), step, what="LeanK training")
+            loss = train_step(
+                optimizer,
+                functools.partial(
+                    _scaled_loss,
+                    model,
+                    adapter,
+                    alpha,
+                    ids,
+                    answer_starts,
+                    targets[step % len(data)],
+                    lam=lam,
+                    binary=binary,
+                    sink=sink,
+                    recent=recent,
+                ),
+                step,
+                what="LeanK training",
+            )
             with torch.no_grad():
                 alpha.clamp_(0.0, 1.0)
             advance()

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.method import (ACTIVATIONS, LINEAR_FAMILIES, SOFTMAX_FAMILIES, CacheWindow, LayerData, Method,
-                            top_channels)
+from harness.method import ACTIVATIONS, LINEAR_FAMILIES, SOFTMAX_FAMILIES, CacheWindow, LayerData, Method, top_channels
 
 
 @dataclass

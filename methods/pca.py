@@ -36,6 +36,12 @@ class PCA(Method):
         top = eigvecs[:, np.argsort(-eigvals, kind="stable")[:n_keep]]
         # a deterministic sign per column (eigenvectors are defined up to sign)
         signs = np.sign(top[np.argmax(np.abs(top), axis=0), np.arange(n_keep)])
-        self.record("explained_energy", {"layer": layer.index, "head": head,
-                                         "fraction": float(eigvals[::-1][:n_keep].sum() / max(eigvals.sum(), 1e-30))})
+        self.record(
+            "explained_energy",
+            {
+                "layer": layer.index,
+                "head": head,
+                "fraction": float(eigvals[::-1][:n_keep].sum() / max(eigvals.sum(), 1e-30)),
+            },
+        )
         return top * signs

@@ -170,5 +170,6 @@ def strong_rrqr(M, k: int, *, f: float = 1.5, max_swaps: int | None = None, perm
             swaps += 1
             max_rho, i, j = _rho(R, s)
     kept = np.sort(order[:k]).astype(np.int64)
-    return RRQRResult(kept=kept, order=order.astype(np.int64), max_rho=float(max_rho), swaps=swaps,
-                      hit_swap_cap=hit_cap, rank=rank)
+    return RRQRResult(
+        kept=kept, order=order.astype(np.int64), max_rho=float(max_rho), swaps=swaps, hit_swap_cap=hit_cap, rank=rank
+    )

@@ -27,6 +27,7 @@ class TaylorGrad(Method):
 
     def select_head(self, layer: LayerData, head: int, n_keep: int, rng: np.random.Generator) -> np.ndarray:
         rows = head_rows(layer, head)
-        score = ((layer.q_weight[rows].double() * layer.q_grad[rows].double()).abs().sum(1)
-                 + (layer.k_weight[rows].double() * layer.k_grad[rows].double()).abs().sum(1))
+        score = (layer.q_weight[rows].double() * layer.q_grad[rows].double()).abs().sum(1) + (
+            layer.k_weight[rows].double() * layer.k_grad[rows].double()
+        ).abs().sum(1)
         return top_channels(score, n_keep)

@@ -38,20 +38,24 @@ class ThinK(CacheWindow, Method):
         for layer in layers:
             n_keep = keep_count(layer.head_dim, ratio)
             # placeholder indices: the real ones are chosen per sequence (meta says so)
-            chosen[layer.index] = LayerSelection(layer.head_dim, layer.value_dim,
-                                                 tuple(tuple(range(n_keep)) for _ in range(layer.num_heads)))
+            chosen[layer.index] = LayerSelection(
+                layer.head_dim, layer.value_dim, tuple(tuple(range(n_keep)) for _ in range(layer.num_heads))
+            )
             if progress is not None:
                 progress()
         counts = {sel.kept_counts[0] for sel in chosen.values()}
-        meta = {**self.window_meta(), "prefill_chooser": {"method": self.name, "params": params.as_dict(self),
-                                                          "count": counts.pop()}}
+        meta = {
+            **self.window_meta(),
+            "prefill_chooser": {"method": self.name, "params": params.as_dict(self), "count": counts.pop()},
+        }
         return ChannelSelection(family=family, layers=chosen, method=self.name, ratio=ratio, meta=meta)
 
-    def choose_at_prefill(self, query: torch.Tensor, keys: torch.Tensor, pads: torch.Tensor | None,
-                          count: int) -> torch.Tensor:
+    def choose_at_prefill(
+        self, query: torch.Tensor, keys: torch.Tensor, pads: torch.Tensor | None, count: int
+    ) -> torch.Tensor:
         """query (B, Hq, L, d), keys (B, Hkv, T, d), pads (B,) left padding -> kept (B, Hkv, count)."""
         b, hkv, total, d = keys.shape
-        recent_q = query[:, :, -self.window:].float()
+        recent_q = query[:, :, -self.window :].float()
         q_energy = recent_q.reshape(b, hkv, -1, d).pow(2).mean(2)  # GQA: a KV head's query heads pooled
         real = torch.ones(b, total, dtype=torch.bool, device=keys.device)
         if pads is not None:
@@ -59,4 +63,3 @@ class ThinK(CacheWindow, Method):
         k_sq = keys.float().pow(2) * real[:, None, :, None]
         k_energy = k_sq.sum(2) / real.sum(-1).clamp(min=1)[:, None, None]
         return (q_energy * k_energy).topk(count, dim=-1).indices
-

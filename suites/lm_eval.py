@@ -41,6 +41,7 @@ UNITS = {"bits_per_byte": "bits/byte"}
 
 # ---------------------------------------------------------------- local task data
 
+
 def split_documents(text: str) -> list[str]:
     """Documents of a text: parts separated by two blank lines (the corpus's own separator)."""
     return [doc.strip() for doc in text.split(DOC_SEPARATOR) if doc.strip()]
@@ -89,15 +90,19 @@ def continuation_items(text: str, n_choices: int = 4, seed: int = 0) -> list[dic
 
 def write_local_data(folder: Path, text: str, tasks=LOCAL_TASKS, n_choices: int = 4, seed: int = 0) -> dict[str, int]:
     """Write the rows of the local `tasks` as `<folder>/<task>.jsonl`; returns rows per task."""
-    builders = {PPL_TASK: lambda: [{"text": doc} for doc in split_documents(text)],
-                CHOICE_TASK: lambda: continuation_items(text, n_choices, seed)}
+    builders = {
+        PPL_TASK: lambda: [{"text": doc} for doc in split_documents(text)],
+        CHOICE_TASK: lambda: continuation_items(text, n_choices, seed),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     counts = {}
     for task in (t for t in LOCAL_TASKS if t in tasks):
         rows = builders[task]()
         if not rows:
-            raise HarnessError(f"the text gives no rows for lm-eval task {task}; "
-                               "use a longer text_file (several documents separated by two blank lines)")
+            raise HarnessError(
+                f"the text gives no rows for lm-eval task {task}; "
+                "use a longer text_file (several documents separated by two blank lines)"
+            )
         with (folder / f"{task}.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         counts[task] = len(rows)
@@ -109,8 +114,10 @@ def _local_dataset(task: str, metadata: dict):
 
     folder = metadata.get(DATA_DIR_KEY)
     if not folder:
-        raise ValueError(f"lm-eval task {task} reads {task}.jsonl from a folder given as metadata "
-                         f'{{"{DATA_DIR_KEY}": <folder>}}; the harness lm-eval suite writes it')
+        raise ValueError(
+            f"lm-eval task {task} reads {task}.jsonl from a folder given as metadata "
+            f'{{"{DATA_DIR_KEY}": <folder>}}; the harness lm-eval suite writes it'
+        )
     path = Path(folder) / f"{task}.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})  # in memory: no cache files
@@ -127,6 +134,7 @@ def heldout_continuation_dataset(**metadata):
 
 
 # ---------------------------------------------------------------- running lm-eval
+
 
 @contextlib.contextmanager
 def hub_access(allow_download: bool):
@@ -151,8 +159,11 @@ def hub_access(allow_download: bool):
     def silent(*args, **kwargs):
         return tqdm_class(*args, **{**kwargs, "disable": True})
 
-    bars = [m for name, m in list(sys.modules.items()) if name.startswith("lm_eval")
-            and isinstance(getattr(m, "tqdm", None), type) and issubclass(m.tqdm, tqdm_class)]
+    bars = [
+        m
+        for name, m in list(sys.modules.items())
+        if name.startswith("lm_eval") and isinstance(getattr(m, "tqdm", None), type) and issubclass(m.tqdm, tqdm_class)
+    ]
     originals = [m.tqdm for m in bars]
     for m in bars:
         m.tqdm = silent
@@ -170,8 +181,9 @@ def task_manager(data_dir: Path, include_defaults: bool = True):
     metadata. Indexing lm-eval's built-in task YAMLs takes seconds: skip it when not needed."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults,
-                       metadata={DATA_DIR_KEY: str(data_dir)})
+    return TaskManager(
+        include_path=str(TASKS_DIR), include_defaults=include_defaults, metadata={DATA_DIR_KEY: str(data_dir)}
+    )
 
 
 def _dataset_of(task: str, manager) -> str:
@@ -186,8 +198,10 @@ def load_tasks(names: list[str], manager) -> list:
     """lm-eval Task objects, one per name; a task that cannot load is a one-line HarnessError."""
     for name in names:
         if name not in manager.task_index:
-            raise HarnessError(f"unknown lm-eval task {name!r}; the local tasks are {', '.join(LOCAL_TASKS)}, "
-                               "and any name of `lm_eval ls tasks` works when its dataset is available")
+            raise HarnessError(
+                f"unknown lm-eval task {name!r}; the local tasks are {', '.join(LOCAL_TASKS)}, "
+                "and any name of `lm_eval ls tasks` works when its dataset is available"
+            )
     tasks = []
     for name in names:
         try:
@@ -198,7 +212,8 @@ def load_tasks(names: list[str], manager) -> list:
                 f"lm-eval task {name!r} needs the dataset {dataset}, which is not in the local Hugging Face "
                 f"cache ({type(exc).__name__}); download it once where there is a network "
                 f"(python -c \"import lm_eval.tasks as t; t.TaskManager().load(['{name}'])\"), or set "
-                "HF_DATASETS_CACHE to a cache that has it, or pass allow_download=true when online") from None
+                "HF_DATASETS_CACHE to a cache that has it, or pass allow_download=true when online"
+            ) from None
         tasks += loaded["tasks"].values()
     return tasks
 
@@ -221,14 +236,29 @@ def _rows(task, result: dict, samples: list[dict], tok_encode, n_docs: int) -> l
         # summed log-likelihood over that token count is the token-level perplexity
         loglik = sum(float(s["filtered_resps"][0]) for s in samples)
         tokens = sum(len(tok_encode(s["arguments"][0][0])) for s in samples)
-        rows.append(Metric(f"{name}.token_perplexity", math.exp(-loglik / tokens), "",
-                           {"task": name, "docs": n_docs, "tokens": tokens, "nll": -loglik / tokens}))
+        rows.append(
+            Metric(
+                f"{name}.token_perplexity",
+                math.exp(-loglik / tokens),
+                "",
+                {"task": name, "docs": n_docs, "tokens": tokens, "nll": -loglik / tokens},
+            )
+        )
     return rows
 
 
-def evaluate_tasks(lm, names: list[str], *, data_dir: Path, limit: int = 0, num_fewshot: int | None = None,
-                   seed: int = 0, bootstrap_iters: int = 100, allow_download: bool = False,
-                   progress=None) -> list[Metric]:
+def evaluate_tasks(
+    lm,
+    names: list[str],
+    *,
+    data_dir: Path,
+    limit: int = 0,
+    num_fewshot: int | None = None,
+    seed: int = 0,
+    bootstrap_iters: int = 100,
+    allow_download: bool = False,
+    progress=None,
+) -> list[Metric]:
     """Run `names` through `lm_eval.simple_evaluate` with an lm-eval LM object; per-task rows plus
     `avg_acc` (mean `acc` over the tasks that report one, as papers average zero-shot accuracy)."""
     from lm_eval import simple_evaluate
@@ -239,19 +269,34 @@ def evaluate_tasks(lm, names: list[str], *, data_dir: Path, limit: int = 0, num_
         advance = progress("lm-eval", len(tasks)) if progress else (lambda n=1: None)
         rows = []
         for task in tasks:
-            out = simple_evaluate(model=lm, tasks=[task], limit=limit or None, num_fewshot=num_fewshot,
-                                  bootstrap_iters=bootstrap_iters, log_samples=True, task_manager=manager,
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
+            out = simple_evaluate(
+                model=lm,
+                tasks=[task],
+                limit=limit or None,
+                num_fewshot=num_fewshot,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=True,
+                task_manager=manager,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
             name = task.task_name
             n_docs = int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
-            rows += _rows(task, out["results"][name], out.get("samples", {}).get(name, []),
-                          getattr(lm, "tok_encode", None), n_docs)
+            rows += _rows(
+                task,
+                out["results"][name],
+                out.get("samples", {}).get(name, []),
+                getattr(lm, "tok_encode", None),
+                n_docs,
+            )
             advance()
     accs = [r for r in rows if r.name.endswith(".acc")]
     if accs:
-        rows.append(Metric("avg_acc", sum(r.value for r in accs) / len(accs), "",
-                           {"tasks": [r.details["task"] for r in accs]}))
+        rows.append(
+            Metric("avg_acc", sum(r.value for r in accs) / len(accs), "", {"tasks": [r.details["task"] for r in accs]})
+        )
     return rows
 
 
@@ -297,8 +342,21 @@ class LmEvalSuite(Suite):
         with hub_access(self.allow_download):
             # a copy: lm-eval sets a pad token on the tokenizer it is given; float32 log-softmax as
             # the ppl suite does, also for bf16 models
-            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size,
-                      max_length=self.max_length or None, softmax_dtype=torch.float32)
-        return evaluate_tasks(lm, names, data_dir=data_dir, limit=self.limit, num_fewshot=self.num_fewshot,
-                              seed=ctx.seed, bootstrap_iters=self.bootstrap_iters,
-                              allow_download=self.allow_download, progress=ctx.progress)
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=copy.deepcopy(tokenizer),
+                batch_size=self.batch_size,
+                max_length=self.max_length or None,
+                softmax_dtype=torch.float32,
+            )
+        return evaluate_tasks(
+            lm,
+            names,
+            data_dir=data_dir,
+            limit=self.limit,
+            num_fewshot=self.num_fewshot,
+            seed=ctx.seed,
+            bootstrap_iters=self.bootstrap_iters,
+            allow_download=self.allow_download,
+            progress=ctx.progress,
+        )

@@ -36,8 +36,10 @@ from harness import graph_decode
 from harness.errors import HarnessError
 from harness.suite import Headline, Metric, Suite, SuiteContext
 
-DATA_HINT = ("get LongBench's data from https://huggingface.co/datasets/THUDM/LongBench (data.zip) "
-             "and pass its data folder as data_dir")
+DATA_HINT = (
+    "get LongBench's data from https://huggingface.co/datasets/THUDM/LongBench (data.zip) "
+    "and pass its data folder as data_dir"
+)
 CATEGORIES = {
     "single_doc_qa": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
     "multi_doc_qa": ("hotpotqa", "2wikimqa", "musique", "dureader"),
@@ -51,16 +53,48 @@ CHINESE = ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh
 SUBSET_GROUPS = {
     "all": ALL_SUBSETS,
     "en": tuple(s for s in ALL_SUBSETS if s not in CHINESE),
-    "e": tuple(f"{s}_e" for s in ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news",
-                                  "trec", "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc",
-                                  "repobench-p")),
+    "e": tuple(
+        f"{s}_e"
+        for s in (
+            "qasper",
+            "multifieldqa_en",
+            "hotpotqa",
+            "2wikimqa",
+            "gov_report",
+            "multi_news",
+            "trec",
+            "triviaqa",
+            "samsum",
+            "passage_count",
+            "passage_retrieval_en",
+            "lcc",
+            "repobench-p",
+        )
+    ),
 }
 # max new tokens per subset (LongBench's dataset2maxlen.json values; numbers, used when no maxlen_file)
 MAX_NEW_TOKENS = {
-    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
-    "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
-    "vcsum": 512, "trec": 64, "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32,
-    "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
+    "narrativeqa": 128,
+    "qasper": 128,
+    "multifieldqa_en": 64,
+    "multifieldqa_zh": 64,
+    "hotpotqa": 32,
+    "2wikimqa": 32,
+    "musique": 32,
+    "dureader": 128,
+    "gov_report": 512,
+    "qmsum": 512,
+    "multi_news": 512,
+    "vcsum": 512,
+    "trec": 64,
+    "triviaqa": 32,
+    "samsum": 128,
+    "lsht": 64,
+    "passage_count": 32,
+    "passage_retrieval_en": 32,
+    "passage_retrieval_zh": 32,
+    "lcc": 64,
+    "repobench-p": 64,
 }
 NO_CHAT = ("trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p")  # raw prompts even for chat models
 FIRST_LINE_ONLY = ("trec", "triviaqa", "samsum", "lsht")
@@ -75,11 +109,11 @@ GENERIC_PROMPTS = {
     "qmsum": "Answer the query about the transcript below.\n\n{context}\n\nQuery: {input}\nAnswer:",
     **{s: "{context}\n{input}" for s in CATEGORIES["few_shot"]},
     "passage_count": "{context}\n\nHow many distinct paragraphs are above (duplicates count once)? "
-                     "Reply with one number.\nAnswer:",
+    "Reply with one number.\nAnswer:",
     "passage_retrieval_en": "{context}\n\nWhich paragraph above does this summary describe? "
-                            "Reply like \"Paragraph 3\".\n\nSummary: {input}\nAnswer:",
+    'Reply like "Paragraph 3".\n\nSummary: {input}\nAnswer:',
     "passage_retrieval_zh": "{context}\n\nWhich paragraph above does this summary describe? "
-                            "Reply like \"段落3\".\n\nSummary: {input}\nAnswer:",
+    'Reply like "段落3".\n\nSummary: {input}\nAnswer:',
     "lcc": "Complete the next line of code.\n{context}",
     "repobench-p": "Complete the next line of code.\n{context}{input}",
 }
@@ -88,14 +122,17 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- metrics (LongBench's definitions)
 
+
 def normalize_answer(text: str) -> str:
     """Lowercase; drop ASCII punctuation, the articles a/an/the, and extra whitespace."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
-_ZH_PUNCTUATION = set(string.punctuation) | set("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠"
-                                                  "｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
+_ZH_PUNCTUATION = set(string.punctuation) | set(
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠"
+    "｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+)
 
 
 def normalize_zh_answer(text: str) -> str:
@@ -107,8 +144,9 @@ def _jieba_words(text: str) -> list[str]:
     try:
         import jieba
     except ImportError:
-        raise HarnessError("LongBench's Chinese subsets are scored on jieba word segmentation: "
-                           "pip install jieba") from None
+        raise HarnessError(
+            "LongBench's Chinese subsets are scored on jieba word segmentation: pip install jieba"
+        ) from None
     return list(jieba.cut(text, cut_all=False))
 
 
@@ -127,6 +165,7 @@ def qa_f1(prediction: str, truth: str, **_) -> float:
 def qa_f1_zh(prediction: str, truth: str, **_) -> float:
     def words(text):
         return [w for w in (normalize_zh_answer(t) for t in _jieba_words(text)) if w]
+
     return token_f1(words(prediction), words(truth))
 
 
@@ -193,11 +232,17 @@ def code_sim(prediction: str, truth: str, **_) -> float:
 
 METRIC_OF = {
     **{s: qa_f1 for s in ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "triviaqa")},
-    "multifieldqa_zh": qa_f1_zh, "dureader": rouge_l_zh, "vcsum": rouge_l_zh,
+    "multifieldqa_zh": qa_f1_zh,
+    "dureader": rouge_l_zh,
+    "vcsum": rouge_l_zh,
     **{s: rouge_l for s in ("gov_report", "qmsum", "multi_news", "samsum")},
-    "trec": classification_acc, "lsht": classification_acc,
-    "passage_retrieval_en": retrieval_acc, "passage_retrieval_zh": retrieval_acc_zh,
-    "passage_count": count_acc, "lcc": code_sim, "repobench-p": code_sim,
+    "trec": classification_acc,
+    "lsht": classification_acc,
+    "passage_retrieval_en": retrieval_acc,
+    "passage_retrieval_zh": retrieval_acc_zh,
+    "passage_count": count_acc,
+    "lcc": code_sim,
+    "repobench-p": code_sim,
 }
 
 
@@ -217,6 +262,7 @@ def length_bucket(length: int) -> str:
 
 
 # ---------------------------------------------------------------- data, prompts, generation
+
 
 def read_subset(data_dir: Path, subset: str, limit: int = 0) -> list[dict]:
     path = data_dir / f"{subset}.jsonl"
@@ -256,15 +302,22 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
     extra = {}
     if stop_at_newline:  # samsum: models otherwise keep writing further dialogues
         stops = (tokenizer.eos_token_id, tokenizer.encode("\n", add_special_tokens=False)[-1])
         extra = {"eos_token_id": [t for t in stops if t is not None], "min_new_tokens": 1}
     device = next(model.parameters()).device
-    out = graph_decode.generate_or_fallback(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                            do_sample=False, pad_token_id=pad, **extra)
+    out = graph_decode.generate_or_fallback(
+        model,
+        ids.to(device),
+        mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        **extra,
+    )
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
@@ -288,16 +341,20 @@ class LongBenchSuite(Suite):
             raise ValueError("need max_length >= 16, limit >= 0 and batch_size >= 1")
         unknown = [s for s in self.subset_names() if base_subset(s) not in METRIC_OF]
         if unknown:
-            raise ValueError(f"unknown LongBench subset {unknown[0]!r}; known: {', '.join(ALL_SUBSETS)} "
-                             f"(add _e for LongBench-E), or a group: {', '.join(SUBSET_GROUPS)}")
+            raise ValueError(
+                f"unknown LongBench subset {unknown[0]!r}; known: {', '.join(ALL_SUBSETS)} "
+                f"(add _e for LongBench-E), or a group: {', '.join(SUBSET_GROUPS)}"
+            )
         if self.data_dir is not None:  # fail before any model is loaded
             folder = Path(self.data_dir).expanduser()
             if not folder.is_dir():
                 raise HarnessError(f"LongBench data_dir {self.data_dir} is not a folder; {DATA_HINT}")
             for subset in self.subset_names():
                 if not (folder / f"{subset}.jsonl").is_file():
-                    raise HarnessError(f"LongBench subset file {folder / f'{subset}.jsonl'} not found; {DATA_HINT}, "
-                                       "or pick present subsets with subsets=...")
+                    raise HarnessError(
+                        f"LongBench subset file {folder / f'{subset}.jsonl'} not found; {DATA_HINT}, "
+                        "or pick present subsets with subsets=..."
+                    )
 
     def subset_names(self) -> list[str]:
         names = []
@@ -319,8 +376,9 @@ class LongBenchSuite(Suite):
         if self.chat_template and base_subset(subset) not in NO_CHAT:
             if not getattr(tokenizer, "chat_template", None):
                 raise HarnessError("chat_template=true but the tokenizer has no chat template")
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                 add_generation_prompt=True, return_dict=False)
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=False
+            )
         return tokenizer(prompt)["input_ids"]
 
     def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
@@ -338,27 +396,50 @@ class LongBenchSuite(Suite):
             encoded = [self._encode(prompts[base].format(**ex), subset, tokenizer) for ex in examples]
             predictions = []
             for b in range(0, len(encoded), self.batch_size):
-                predictions += generate_batch(model, tokenizer, encoded[b:b + self.batch_size], int(maxlen[base]),
-                                              stop_at_newline=base == "samsum")
-                advance(len(encoded[b:b + self.batch_size]))
-            per_example = [example_score(subset, p, ex["answers"], ex.get("all_classes"))
-                           for p, ex in zip(predictions, examples)]
+                predictions += generate_batch(
+                    model,
+                    tokenizer,
+                    encoded[b : b + self.batch_size],
+                    int(maxlen[base]),
+                    stop_at_newline=base == "samsum",
+                )
+                advance(len(encoded[b : b + self.batch_size]))
+            per_example = [
+                example_score(subset, p, ex["answers"], ex.get("all_classes")) for p, ex in zip(predictions, examples)
+            ]
             scores[subset] = 100 * sum(per_example) / max(len(per_example), 1)
-            details = {"subset": subset, "examples": len(examples), "prompts": prompt_source,
-                       "max_length": self.max_length}
+            details = {
+                "subset": subset,
+                "examples": len(examples),
+                "prompts": prompt_source,
+                "max_length": self.max_length,
+            }
             rows.append(Metric(f"{subset}.{METRIC_OF[base].__name__}", scores[subset], "%", details))
             if subset.endswith("_e"):
                 buckets: dict[str, list[float]] = {}
                 for s, ex in zip(per_example, examples):
                     buckets.setdefault(length_bucket(int(ex.get("length", 0))), []).append(s)
                 for bucket, values in sorted(buckets.items()):
-                    rows.append(Metric(f"{subset}.{METRIC_OF[base].__name__}.{bucket}", 100 * sum(values) / len(values),
-                                       "%", {**details, "examples": len(values)}))
+                    rows.append(
+                        Metric(
+                            f"{subset}.{METRIC_OF[base].__name__}.{bucket}",
+                            100 * sum(values) / len(values),
+                            "%",
+                            {**details, "examples": len(values)},
+                        )
+                    )
         for category, members in CATEGORIES.items():
             present = [scores[s] for s in subsets if base_subset(s) in members]
             if present:
-                rows.append(Metric(f"category.{category}", sum(present) / len(present), "%",
-                                   {"subsets": [s for s in subsets if base_subset(s) in members]}))
-        rows.append(Metric("avg", sum(scores.values()) / len(scores), "%",
-                           {"subsets": subsets, "prompts": prompt_source}))
+                rows.append(
+                    Metric(
+                        f"category.{category}",
+                        sum(present) / len(present),
+                        "%",
+                        {"subsets": [s for s in subsets if base_subset(s) in members]},
+                    )
+                )
+        rows.append(
+            Metric("avg", sum(scores.values()) / len(scores), "%", {"subsets": subsets, "prompts": prompt_source})
+        )
         return rows

@@ -42,10 +42,14 @@ class MqarSuite(Suite):
         pairs = parse_ints(self.kv_pairs, "kv_pairs")
         parse_ints(self.seq_lens, "seq_lens")
         if not self.settings():
-            raise ValueError(f"no setting has seq_len >= 4 * kv_pairs (kv_pairs={self.kv_pairs}, seq_lens={self.seq_lens})")
+            raise ValueError(
+                f"no setting has seq_len >= 4 * kv_pairs (kv_pairs={self.kv_pairs}, seq_lens={self.seq_lens})"
+            )
         if self.num_keys < max(pairs) or self.num_values < max(pairs):
-            raise ValueError(f"num_keys and num_values must be >= the largest kv_pairs ({max(pairs)}), "
-                             f"got {self.num_keys} and {self.num_values}")
+            raise ValueError(
+                f"num_keys and num_values must be >= the largest kv_pairs ({max(pairs)}), "
+                f"got {self.num_keys} and {self.num_values}"
+            )
         if self.limit < 1 or self.batch_size < 1:
             raise ValueError("limit and batch_size must be >= 1")
         if not 0.0 < self.power_a <= 1.0:
@@ -53,8 +57,12 @@ class MqarSuite(Suite):
 
     def settings(self) -> list[tuple[int, int]]:
         """(kv_pairs, seq_len) pairs to evaluate."""
-        return [(n, length) for n in parse_ints(self.kv_pairs, "kv_pairs")
-                for length in parse_ints(self.seq_lens, "seq_lens") if length >= 4 * n]
+        return [
+            (n, length)
+            for n in parse_ints(self.kv_pairs, "kv_pairs")
+            for length in parse_ints(self.seq_lens, "seq_lens")
+            if length >= 4 * n
+        ]
 
     def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
         sets = tokenizer_sets(tokenizer, self.num_keys, self.num_values, model)
@@ -67,22 +75,52 @@ class MqarSuite(Suite):
             data = mqar_batch(sets, self.limit, n, length, rng, self.power_a)
             hits, hits_full = [], []
             for start in range(0, self.limit, self.batch_size):
-                part = MqarBatch(*(t[start:start + self.batch_size] for t in
-                                   (data.input_ids, data.query_positions, data.answers)))
+                part = MqarBatch(
+                    *(t[start : start + self.batch_size] for t in (data.input_ids, data.query_positions, data.answers))
+                )
                 restricted, full = recall_hits(model, part, sets.values)
                 hits.append(restricted)
                 hits_full.append(full)
                 advance(len(part.input_ids))
             acc = torch.cat(hits).float().mean().item()
             by_kv.setdefault(n, []).append(acc)
-            rows.append(Metric(f"acc/kv{n}/len{length}", acc, "fraction", {
-                "scope": "setting", "kv_pairs": n, "seq_len": length, "sequences": self.limit,
-                "queries": self.limit * n, "chance": chance,
-                "acc_full_vocab": torch.cat(hits_full).float().mean().item()}))
+            rows.append(
+                Metric(
+                    f"acc/kv{n}/len{length}",
+                    acc,
+                    "fraction",
+                    {
+                        "scope": "setting",
+                        "kv_pairs": n,
+                        "seq_len": length,
+                        "sequences": self.limit,
+                        "queries": self.limit * n,
+                        "chance": chance,
+                        "acc_full_vocab": torch.cat(hits_full).float().mean().item(),
+                    },
+                )
+            )
         for n, accs in by_kv.items():
-            rows.append(Metric(f"acc/kv{n}", float(np.mean(accs)), "fraction",
-                               {"scope": "kv_pairs", "kv_pairs": n, "settings": len(accs), "chance": chance}))
-        rows.append(Metric("acc", float(np.mean([r.value for r in rows if r.details["scope"] == "setting"])),
-                           "fraction", {"scope": "summary", "settings": len(settings), "chance": chance,
-                                        "num_keys": self.num_keys, "num_values": self.num_values}))
+            rows.append(
+                Metric(
+                    f"acc/kv{n}",
+                    float(np.mean(accs)),
+                    "fraction",
+                    {"scope": "kv_pairs", "kv_pairs": n, "settings": len(accs), "chance": chance},
+                )
+            )
+        rows.append(
+            Metric(
+                "acc",
+                float(np.mean([r.value for r in rows if r.details["scope"] == "setting"])),
+                "fraction",
+                {
+                    "scope": "summary",
+                    "settings": len(settings),
+                    "chance": chance,
+                    "num_keys": self.num_keys,
+                    "num_values": self.num_values,
+                },
+            )
+        )
         return rows

@@ -57,7 +57,7 @@ class PerplexitySuite(Suite):
         advance = ctx.progress("ppl", len(windows))
         device = next(model.parameters()).device
         for b in range(0, len(windows), self.batch_size):
-            group = windows[b:b + self.batch_size]
+            group = windows[b : b + self.batch_size]
             width = max(end - start for start, end, _ in group)
             batch = torch.full((len(group), width), tokenizer.pad_token_id or 0, dtype=torch.long)
             labels = torch.full((len(group), width), -100, dtype=torch.long)

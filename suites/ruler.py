@@ -43,6 +43,7 @@ DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiq
 
 # ------------------------------------------------------------------------------------ generation
 
+
 def pad_id_of(tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
@@ -61,14 +62,15 @@ def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def generate_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-                           advance=None) -> list[str]:
+def generate_continuations(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8, advance=None
+) -> list[str]:
     """Greedy continuations of `prompts` (decoded, special tokens dropped), in the input order.
 
     Prompts are batched by length (left padding), so one long prompt does not pad many short ones."""
@@ -77,18 +79,20 @@ def generate_continuations(model, tokenizer, prompts: list[str], max_new_tokens:
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         ids, mask = left_padded([encoded[i] for i in chunk], pad_id)
-        generated = graph_decode.generate_or_fallback(model, ids.to(device), mask.to(device),
-                                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        generated = graph_decode.generate_or_fallback(
+            model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
+        )
         for row, i in enumerate(chunk):
-            out[i] = tokenizer.decode(generated[row, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            out[i] = tokenizer.decode(generated[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
         if advance is not None:
             advance(len(chunk))
     return out
 
 
 # ------------------------------------------------------------------------------------ scoring
+
 
 def postprocess(prediction: str) -> str:
     """RULER's clean-up: strip, control characters to newlines, strip again."""
@@ -108,6 +112,7 @@ def string_match_part(prediction: str, answers) -> float:
 
 
 # ------------------------------------------------------------------------------------ suite
+
 
 def _names(text: str, what: str, allowed: tuple[str, ...] | None = None) -> list[str]:
     names = [t.strip() for t in str(text).split(",") if t.strip()]
@@ -141,8 +146,9 @@ class RulerSuite(Suite):
         if self.limit < 1 or self.batch_size < 1:
             raise ValueError("limit and batch_size must be >= 1")
         if self.max_new_tokens < 0 or (self.max_new_tokens and self.max_new_tokens >= min(lengths)):
-            raise ValueError(f"max_new_tokens must be 0 (task budgets) or below the shortest length, "
-                             f"got {self.max_new_tokens}")
+            raise ValueError(
+                f"max_new_tokens must be 0 (task budgets) or below the shortest length, got {self.max_new_tokens}"
+            )
 
     def length_list(self) -> list[int]:
         try:
@@ -160,8 +166,12 @@ class RulerSuite(Suite):
     def samples(self, tokenizer, seed: int) -> list[Sample]:
         haystack = make_haystack(load_text(self.text_file, split="train"))
         count = lambda prompt: len(encode_prompt(tokenizer, prompt))  # noqa: E731
-        return [make_sample(task, length, index, seed, haystack, count, self.max_new_tokens)
-                for length in self.length_list() for task in self.task_list() for index in range(self.limit)]
+        return [
+            make_sample(task, length, index, seed, haystack, count, self.max_new_tokens)
+            for length in self.length_list()
+            for task in self.task_list()
+            for index in range(self.limit)
+        ]
 
     def run(self, model, tokenizer, ctx: SuiteContext) -> list[Metric]:
         samples = self.samples(tokenizer, ctx.seed)
@@ -171,20 +181,33 @@ class RulerSuite(Suite):
             groups.setdefault((sample.task, sample.length), []).append(sample)
         records, rows = [], []
         for (task, length), group in groups.items():
-            outputs = generate_continuations(model, tokenizer, [s.prompt for s in group], group[0].max_new_tokens,
-                                             self.batch_size, advance)
+            outputs = generate_continuations(
+                model, tokenizer, [s.prompt for s in group], group[0].max_new_tokens, self.batch_size, advance
+            )
             scores_all, scores_part = [], []
             for sample, output in zip(group, outputs):
                 prediction = postprocess(output)
                 scores_all.append(string_match_all(prediction, sample.answers))
                 scores_part.append(string_match_part(prediction, sample.answers))
                 records.append({**asdict(sample), "prediction": prediction, "score": scores_all[-1]})
-            rows.append(Metric(f"{task}/{length}", 100 * sum(scores_all) / len(group), "%", {
-                "scope": "task_length", "task": task, "length": length, "samples": len(group),
-                "metric": "string_match_all", "string_match_part": 100 * sum(scores_part) / len(group),
-                "prompt_tokens_mean": sum(s.prompt_tokens for s in group) / len(group),
-                "max_new_tokens": group[0].max_new_tokens,
-                "example": {"answers": list(group[0].answers), "prediction": postprocess(outputs[0])[:200]}}))
+            rows.append(
+                Metric(
+                    f"{task}/{length}",
+                    100 * sum(scores_all) / len(group),
+                    "%",
+                    {
+                        "scope": "task_length",
+                        "task": task,
+                        "length": length,
+                        "samples": len(group),
+                        "metric": "string_match_all",
+                        "string_match_part": 100 * sum(scores_part) / len(group),
+                        "prompt_tokens_mean": sum(s.prompt_tokens for s in group) / len(group),
+                        "max_new_tokens": group[0].max_new_tokens,
+                        "example": {"answers": list(group[0].answers), "prediction": postprocess(outputs[0])[:200]},
+                    },
+                )
+            )
         rows += self.summary_rows(rows)
         self.save_predictions(ctx, records)
         return rows
@@ -199,11 +222,23 @@ class RulerSuite(Suite):
             out.append(Metric(task, mean(values), "%", {"scope": "task", "task": task, "lengths": len(values)}))
         for length in self.length_list():
             values = [m.value for m in cells if m.details["length"] == length]
-            out.append(Metric(f"avg/{length}", mean(values), "%", {"scope": "length", "length": length,
-                                                                    "tasks": len(values)}))
-        out.append(Metric("avg", mean([m.value for m in cells]), "%", {
-            "scope": "summary", "tasks": self.task_list(), "lengths": self.length_list(), "samples_per_cell": self.limit,
-            "metric": "string_match_all"}))
+            out.append(
+                Metric(f"avg/{length}", mean(values), "%", {"scope": "length", "length": length, "tasks": len(values)})
+            )
+        out.append(
+            Metric(
+                "avg",
+                mean([m.value for m in cells]),
+                "%",
+                {
+                    "scope": "summary",
+                    "tasks": self.task_list(),
+                    "lengths": self.length_list(),
+                    "samples_per_cell": self.limit,
+                    "metric": "string_match_all",
+                },
+            )
+        )
         return out
 
     @staticmethod

@@ -44,29 +44,48 @@ NIAH_SHAPES = {  # (keys, values per key, queried keys)
 }
 TASKS = (*NIAH_SHAPES, "vt", "cwe", "fwe")
 
-NIAH_TEMPLATE = ("Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
-                 "I will quiz you about the {kind} afterwards.\n{context}\nWhat are all the special magic {kind} "
-                 "for {query} mentioned in the provided text? The special magic {kind} for {query} mentioned in "
-                 "the provided text are")
+NIAH_TEMPLATE = (
+    "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {kind} afterwards.\n{context}\nWhat are all the special magic {kind} "
+    "for {query} mentioned in the provided text? The special magic {kind} for {query} mentioned in "
+    "the provided text are"
+)
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
-VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-               "Question: Find all variables that are assigned the value {query} in the text above. Answer: "
-               "According to the chain(s) of variable assignment in the text above, {count} variables are "
-               "assigned the value {query}, they are:")
-CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize "
-                "the ones that appear most often.\n{context}\nQuestion: What are the {count} most common words in "
-                "the above list? Answer: The top {count} words that appear most often in the list are:")
-FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find the three most "
-                "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please "
-                "ignore the dots '....'. What are the three most frequently appeared words in the above coded "
-                "text? Answer: According to the coded text above, the three most frequently appeared words are:")
-NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                   "There and back again.")
+VT_TEMPLATE = (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+    "Question: Find all variables that are assigned the value {query} in the text above. Answer: "
+    "According to the chain(s) of variable assignment in the text above, {count} variables are "
+    "assigned the value {query}, they are:"
+)
+CWE_TEMPLATE = (
+    "Below is a numbered list of words. In these words, some appear more often than others. Memorize "
+    "the ones that appear most often.\n{context}\nQuestion: What are the {count} most common words in "
+    "the above list? Answer: The top {count} words that appear most often in the list are:"
+)
+FWE_TEMPLATE = (
+    "Read the following coded text and track the frequency of each coded word. Find the three most "
+    "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please "
+    "ignore the dots '....'. What are the three most frequently appeared words in the above coded "
+    "text? Answer: According to the coded text above, the three most frequently appeared words are:"
+)
+NOISE_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
 FWE_NOISE = "..."
-ZETA_2 = math.pi ** 2 / 6
+ZETA_2 = math.pi**2 / 6
 
-GENERATION_BUDGET = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 48, "niah_multiquery": 48,
-                     "vt": 40, "fwe": 30}  # cwe: cwe_budget(length); sized for the zoo's small BPE vocabulary
+GENERATION_BUDGET = {
+    "niah_single": 24,
+    "niah_multikey": 24,
+    "niah_multivalue": 48,
+    "niah_multiquery": 48,
+    "vt": 40,
+    "fwe": 30,
+}  # cwe: cwe_budget(length); sized for the zoo's small BPE vocabulary
 
 
 def cwe_common(length: int) -> int:
@@ -103,24 +122,30 @@ class Haystack:
 def make_haystack(text: str) -> Haystack:
     """Sentences (whitespace collapsed, 3 to 30 words) and a word pool (4 to 10 letters, seen 3+ times)."""
     parts = re.split(r"(?<=[.!?])\s+|\n\s*\n", text)
-    sentences = tuple(s for s in (" ".join(p.split()) for p in parts)
-                      if 3 <= s.count(" ") + 1 <= 30 and re.search("[A-Za-z]", s))
+    sentences = tuple(
+        s for s in (" ".join(p.split()) for p in parts) if 3 <= s.count(" ") + 1 <= 30 and re.search("[A-Za-z]", s)
+    )
     counts = Counter(re.findall(r"\b[a-z]{4,10}\b", text))
     words = tuple(sorted(w for w, c in counts.items() if c >= 3))
     if len(sentences) < 50 or len(words) < 100:
-        raise ValueError(f"the haystack text is too small: {len(sentences)} sentences and {len(words)} distinct words; "
-                         "it needs at least 50 and 100")
+        raise ValueError(
+            f"the haystack text is too small: {len(sentences)} sentences and {len(words)} distinct words; "
+            "it needs at least 50 and 100"
+        )
     return Haystack(text, sentences, words)
 
 
-def fit(render: Callable[[int], str], count_tokens: Callable[[str], int], budget: int, upper: int,
-        task: str, length: int) -> tuple[int, str, int]:
+def fit(
+    render: Callable[[int], str], count_tokens: Callable[[str], int], budget: int, upper: int, task: str, length: int
+) -> tuple[int, str, int]:
     """(n, prompt, tokens) for the largest n in [0, upper] whose prompt takes <= budget tokens."""
     prompt = render(0)
     tokens = count_tokens(prompt)
     if tokens > budget:
-        raise ValueError(f"length {length} is too short for {task}: its template and evidence alone take {tokens} "
-                         f"tokens and {length - budget} are kept for the answer")
+        raise ValueError(
+            f"length {length} is too short for {task}: its template and evidence alone take {tokens} "
+            f"tokens and {length - budget} are kept for the answer"
+        )
     lo, hi = 0, upper
     while lo < hi:  # invariant: render(lo) fits
         mid = (lo + hi + 1) // 2
@@ -155,8 +180,10 @@ def niah(task: str, rng: random.Random, hay: Haystack, count_tokens, length: int
     n_keys, n_values, n_queries = NIAH_SHAPES[task]
     taken: set[str] = set()
     keys = [_fresh(rng, lambda: "-".join(rng.sample(hay.words, 2)), hay.text, taken) for _ in range(n_keys)]
-    values = [[_fresh(rng, lambda: str(rng.randint(1_000_000, 9_999_999)), hay.text, taken)
-               for _ in range(n_values)] for _ in keys]
+    values = [
+        [_fresh(rng, lambda: str(rng.randint(1_000_000, 9_999_999)), hay.text, taken) for _ in range(n_values)]
+        for _ in keys
+    ]
     needles = [NEEDLE.format(kind="numbers", key=k, value=v) for k, vs in zip(keys, values) for v in vs]
     depths = [rng.random() for _ in needles]
     queried = rng.sample(range(n_keys), n_queries)
@@ -253,8 +280,9 @@ def fwe(rng: random.Random, count_tokens, length: int, budget: int):
     return prompt, tuple(vocab[1:4]), tokens
 
 
-def make_sample(task: str, length: int, index: int, seed: int, hay: Haystack, count_tokens,
-                max_new_tokens: int = 0) -> Sample:
+def make_sample(
+    task: str, length: int, index: int, seed: int, hay: Haystack, count_tokens, max_new_tokens: int = 0
+) -> Sample:
     """Sample `index` of `task` at `length`: a pure function of (seed, task, length, index)."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; tasks: {', '.join(TASKS)}")

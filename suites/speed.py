@@ -56,8 +56,12 @@ def stats(samples: list[float]) -> dict[str, float]:
     """Median, min and interquartile range of a list of timings."""
     ordered = sorted(samples)
     quartiles = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
-    return {"median": statistics.median(ordered), "min": ordered[0], "iqr": quartiles[2] - quartiles[0],
-            "rounds": len(ordered)}
+    return {
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "iqr": quartiles[2] - quartiles[0],
+        "rounds": len(ordered),
+    }
 
 
 STATE_NAMES = frozenset({"recurrent_state", "recurrent_states", "conv_state", "conv_states", "state"})
@@ -156,7 +160,9 @@ class SpeedSuite(Suite):
 
     def prompts(self, tokenizer, context: int, batch: int) -> torch.Tensor:
         ids = tokenizer(load_text(None, split="heldout"), add_special_tokens=False)["input_ids"]
-        rows = [(ids * (1 + (context * (b + 1)) // max(len(ids), 1)))[b * context: (b + 1) * context] for b in range(batch)]
+        rows = [
+            (ids * (1 + (context * (b + 1)) // max(len(ids), 1)))[b * context : (b + 1) * context] for b in range(batch)
+        ]
         return torch.tensor(rows, dtype=torch.long)
 
     @torch.no_grad()
@@ -181,8 +187,13 @@ class SpeedSuite(Suite):
                 from harness import graph_decode
 
                 graph_decode.release(model)  # its cache must not stay resident beside the next model's
-        result = {"prefill": stats(prefills), "decode": stats(decodes), "cache_bytes": nbytes, "engine": engine,
-                  "cache_read_bytes": read}
+        result = {
+            "prefill": stats(prefills),
+            "decode": stats(decodes),
+            "cache_bytes": nbytes,
+            "engine": engine,
+            "cache_read_bytes": read,
+        }
         if device.type == "cuda":
             result["peak_memory"] = torch.cuda.max_memory_allocated(device)
         return result
@@ -196,8 +207,15 @@ class SpeedSuite(Suite):
         model.__dict__.pop("_previous_max_cache_length", None)
         pad = getattr(model.generation_config, "pad_token_id", None) or getattr(model.config, "pad_token_id", None) or 0
         clock = StepClock(prompt.device)
-        out = model.generate(prompt, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False,
-                             pad_token_id=pad, return_dict_in_generate=True, streamer=clock)
+        out = model.generate(
+            prompt,
+            max_new_tokens=self.new_tokens,
+            min_new_tokens=self.new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            streamer=clock,
+        )
         cache = out.past_key_values  # at the end: all but the last token, about what a late step reads
         return clock.prefill(), clock.steps(), cache_bytes(cache), cache_bytes(cache, moved=True)
 
@@ -208,8 +226,9 @@ class SpeedSuite(Suite):
         from harness import graph_decode
 
         batch, context = prompt.shape
-        dec = graph_decode.decoder(model, batch, graph_decode.capacity_for(context, self.new_tokens),
-                                   max_new_tokens=self.new_tokens)  # no end of sequence: every token is decoded
+        dec = graph_decode.decoder(
+            model, batch, graph_decode.capacity_for(context, self.new_tokens), max_new_tokens=self.new_tokens
+        )  # no end of sequence: every token is decoded
         first = None
 
         def prefill():
@@ -237,13 +256,26 @@ class SpeedSuite(Suite):
                     found[prefix] = self.measure(m, prompt)
                     advance()
                 for prefix, r in found.items():
-                    info = {"device": device, "context": context, "batch": batch, "new_tokens": self.new_tokens,
-                            "engine": r["engine"]}
+                    info = {
+                        "device": device,
+                        "context": context,
+                        "batch": batch,
+                        "new_tokens": self.new_tokens,
+                        "engine": r["engine"],
+                    }
                     rows += [
-                        Metric(f"{prefix}prefill_tokens_per_s/{where}", batch * context / r["prefill"]["median"], "tokens/s",
-                               {**info, **r["prefill"]}),
-                        Metric(f"{prefix}decode_ms_per_token/{where}", 1e3 * r["decode"]["median"], "ms",
-                               {**info, **{k: v * 1e3 if k != "rounds" else v for k, v in r["decode"].items()}}),
+                        Metric(
+                            f"{prefix}prefill_tokens_per_s/{where}",
+                            batch * context / r["prefill"]["median"],
+                            "tokens/s",
+                            {**info, **r["prefill"]},
+                        ),
+                        Metric(
+                            f"{prefix}decode_ms_per_token/{where}",
+                            1e3 * r["decode"]["median"],
+                            "ms",
+                            {**info, **{k: v * 1e3 if k != "rounds" else v for k, v in r["decode"].items()}},
+                        ),
                         Metric(f"{prefix}cache_bytes/{where}", r["cache_bytes"], "bytes", info),
                     ]
                     if "peak_memory" in r:
@@ -251,12 +283,23 @@ class SpeedSuite(Suite):
                 if "dense_" in found:
                     ours, dense = found[""], found["dense_"]
                     rows += [
-                        Metric(f"decode_speedup/{where}", dense["decode"]["median"] / max(ours["decode"]["median"], 1e-12),
-                               "x", {"device": device}),
-                        Metric(f"prefill_speedup/{where}", dense["prefill"]["median"] / ours["prefill"]["median"], "x",
-                               {"device": device}),
+                        Metric(
+                            f"decode_speedup/{where}",
+                            dense["decode"]["median"] / max(ours["decode"]["median"], 1e-12),
+                            "x",
+                            {"device": device},
+                        ),
+                        Metric(
+                            f"prefill_speedup/{where}",
+                            dense["prefill"]["median"] / ours["prefill"]["median"],
+                            "x",
+                            {"device": device},
+                        ),
                     ]
         last = f"/c{contexts[-1]}b{batches[-1]}"
-        summary = [Metric(m.name.removesuffix(last), m.value, m.unit, {**m.details, "at": last[1:]})
-                   for m in rows if m.name.endswith(last)]
+        summary = [
+            Metric(m.name.removesuffix(last), m.value, m.unit, {**m.details, "at": last[1:]})
+            for m in rows
+            if m.name.endswith(last)
+        ]
         return rows + summary

@@ -142,11 +142,13 @@ def record_delta_rule_calls(layers: list[tuple[int, torch.nn.Module]]):
             if running:
                 calls.setdefault(running[-1], []).append(DeltaRuleCall(op, _named_arguments(fn, args, kwargs)))
             return fn(*args, **kwargs)
+
         return record
 
     def enter(index: int):
         def hook(_module, _args):
             running.append(index)
+
         return hook
 
     def leave(_module, _args, _output):
@@ -220,16 +222,23 @@ def _rank_stats(singular: torch.Tensor, capacity: torch.Tensor) -> tuple[torch.T
     return u, sr, rm.effective_rank_from_singular_values(singular)
 
 
-def _profile(kind: str, positions: list[int], per_layer: list[list[tuple[torch.Tensor, ...]]],
-             dims: list[tuple[int, int]], capacity: torch.Tensor, layers: list[int]) -> RankProfile:
+def _profile(
+    kind: str,
+    positions: list[int],
+    per_layer: list[list[tuple[torch.Tensor, ...]]],
+    dims: list[tuple[int, int]],
+    capacity: torch.Tensor,
+    layers: list[int],
+) -> RankProfile:
     # per_layer[l] = one (u, sr, erank) triple of [P, B, H] per batch -> mean over all sequences
     means = [[torch.cat([b[j] for b in batches], 1).mean(1) for j in range(3)] for batches in per_layer]
     u, sr, er = (torch.stack([m[j] for m in means]).float() for j in range(3))
     return RankProfile(kind, positions, u, sr, er, dims, capacity.float().cpu(), list(layers))
 
 
-def linear_profile(model, layers, batches: list[torch.Tensor], positions: list[int], advance,
-                   replay_threads: int | None = None) -> RankProfile:
+def linear_profile(
+    model, layers, batches: list[torch.Tensor], positions: list[int], advance, replay_threads: int | None = None
+) -> RankProfile:
     per_layer: list[list] = [[] for _ in layers]
     dims: list[tuple[int, int]] = [(0, 0)] * len(layers)
     device = next(model.parameters()).device
@@ -239,8 +248,10 @@ def linear_profile(model, layers, batches: list[torch.Tensor], positions: list[i
         for slot, (index, _attn) in enumerate(layers):
             made = calls.get(index, [])
             if len(made) != 1:
-                raise RuntimeError(f"layer {index} made {len(made)} delta-rule calls, expected 1 of "
-                                   f"{', '.join(REPLAY)} (did fla change its layer forward?)")
+                raise RuntimeError(
+                    f"layer {index} made {len(made)} delta-rule calls, expected 1 of "
+                    f"{', '.join(REPLAY)} (did fla change its layer forward?)"
+                )
             # the token loop is thousands of tiny ops: extra CPU threads only add hand-off cost
             with fixed_threads(replay_threads if device.type == "cpu" else None):
                 states = replay_states(made[0], positions)  # [P, B, H, K, V]
@@ -261,8 +272,9 @@ class KeySpectra:
     kept: torch.Tensor | None  # [L, H] kept channel counts (masked models only)
 
 
-def softmax_profile(model, batches: list[torch.Tensor], positions: list[int],
-                    advance) -> tuple[RankProfile, KeySpectra]:
+def softmax_profile(
+    model, batches: list[torch.Tensor], positions: list[int], advance
+) -> tuple[RankProfile, KeySpectra]:
     from transformers import DynamicCache
 
     from harness.families.hf_softmax import attention_modules
@@ -296,8 +308,9 @@ def softmax_profile(model, batches: list[torch.Tensor], positions: list[int],
         advance()
     kept = torch.stack([(m != 0).sum(-1).float().cpu() for m in masks]) if all(m is not None for m in masks) else None
     spectra = KeySpectra(torch.stack([rm.normalized_spectrum(e) for e in energy]).float(), kept)
-    profile = _profile("key", positions, per_layer, dims, torch.stack([c[-1] for c in capacity]),
-                       [m.layer_idx for m in modules])
+    profile = _profile(
+        "key", positions, per_layer, dims, torch.stack([c[-1] for c in capacity]), [m.layer_idx for m in modules]
+    )
     return profile, spectra
 
 
@@ -320,10 +333,14 @@ def plot_profile(profile: RankProfile, folder: Path) -> list[str]:
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()
     for layer, u in zip(profile.layers, profile.utilization):  # u: [P, H]
-        line, = ax.plot(profile.positions, u.mean(-1), marker=".", label=f"layer {layer}")
+        (line,) = ax.plot(profile.positions, u.mean(-1), marker=".", label=f"layer {layer}")
         ax.fill_between(profile.positions, u.amin(-1), u.amax(-1), color=line.get_color(), alpha=0.15)
-    ax.set(xlabel="tokens seen", ylabel="rank utilization sr / min(d, d')", ylim=(0, None),
-           title=f"{what}: utilization vs position (line: head mean, band: min-max)")
+    ax.set(
+        xlabel="tokens seen",
+        ylabel="rank utilization sr / min(d, d')",
+        ylim=(0, None),
+        title=f"{what}: utilization vs position (line: head mean, band: min-max)",
+    )
     ax.legend(fontsize=7, ncol=1 + len(profile.utilization) // 9)
     position_png = f"{profile.kind}_utilization_vs_position.png"
     fig.savefig(folder / position_png)
@@ -333,15 +350,28 @@ def plot_profile(profile: RankProfile, folder: Path) -> list[str]:
     for n, (label, grid) in enumerate(final.items()):
         ax = fig.add_subplot(1, 2, n + 1)
         image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-        ax.set(xlabel="head", ylabel="layer", title=f"{label} at token {profile.positions[-1]}",
-               xticks=range(grid.shape[1]), yticks=range(grid.shape[0]), yticklabels=profile.layers)
+        ax.set(
+            xlabel="head",
+            ylabel="layer",
+            title=f"{label} at token {profile.positions[-1]}",
+            xticks=range(grid.shape[1]),
+            yticks=range(grid.shape[0]),
+            yticklabels=profile.layers,
+        )
         fig.colorbar(image, ax=ax)
         if grid.numel() <= 256:
             middle = (grid.min() + grid.max()).item() / 2  # dark text on the bright half of viridis
             for layer, row in enumerate(grid.tolist()):
                 for head, value in enumerate(row):
-                    ax.text(head, layer, f"{value:.2g}", ha="center", va="center", fontsize=7,
-                            color="k" if value > middle else "w")
+                    ax.text(
+                        head,
+                        layer,
+                        f"{value:.2g}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="k" if value > middle else "w",
+                    )
     fig.suptitle(what)
     fig.tight_layout()
     heatmap_png = f"{profile.kind}_rank_heatmap.png"
@@ -354,8 +384,12 @@ def plot_spectra(spectra: KeySpectra, folder: Path, layers: list[int] | None = N
     ax = fig.add_subplot()
     for layer, spectrum in zip(layers or range(len(spectra.energy)), spectra.energy):  # [H, d]
         ax.plot(range(1, spectrum.shape[-1] + 1), spectrum.mean(0), marker=".", label=f"layer {layer}")
-    ax.set(yscale="log", xlabel="channel (sorted by energy)", ylabel="share of key energy (head mean)",
-           title="key channel-energy spectrum")
+    ax.set(
+        yscale="log",
+        xlabel="channel (sorted by energy)",
+        ylabel="share of key energy (head mean)",
+        title="key channel-energy spectrum",
+    )
     ax.legend(fontsize=7, ncol=1 + len(spectra.energy) // 9)
     name = "key_energy_spectrum.png"
     fig.savefig(folder / name)
@@ -370,8 +404,7 @@ def plot_spectra(spectra: KeySpectra, folder: Path, layers: list[int] | None = N
 class StateRankSuite(Suite):
     name = "state-rank"
     families = LINEAR_FAMILIES + SOFTMAX_FAMILIES + HYBRID_FAMILIES
-    description = ("rank utilization / effective rank of each head's state (linear) or keys (softmax); "
-                   "hybrids: both")
+    description = "rank utilization / effective rank of each head's state (linear) or keys (softmax); hybrids: both"
     headlines = (
         Headline("u_final_mean", "state rank use", "", "fraction"),
         Headline("key_u_mean", "key rank use", "", "fraction"),
@@ -404,8 +437,10 @@ class StateRankSuite(Suite):
         ids = tokenizer(load_text(self.text_file, split="heldout"), add_special_tokens=False)["input_ids"]
         windows = len(ids) // self.seq_len
         if windows < self.num_sequences:
-            raise HarnessError(f"the text holds {windows} windows of {self.seq_len} tokens; "
-                               f"lower num_sequences ({self.num_sequences}) or seq_len")
+            raise HarnessError(
+                f"the text holds {windows} windows of {self.seq_len} tokens; "
+                f"lower num_sequences ({self.num_sequences}) or seq_len"
+            )
         picks = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[: self.num_sequences]
         return torch.tensor(ids[: windows * self.seq_len]).view(windows, self.seq_len)[picks.sort().values]
 
@@ -427,8 +462,9 @@ class StateRankSuite(Suite):
         advance = ctx.progress("state-rank", len(batches) * (linear + softmax))
         profiles: list[tuple[RankProfile, KeySpectra | None]] = []
         if linear:
-            profiles.append((linear_profile(model, linear_layers, batches, positions, advance,
-                                            self.replay_threads or None), None))
+            profiles.append(
+                (linear_profile(model, linear_layers, batches, positions, advance, self.replay_threads or None), None)
+            )
         if softmax:
             profiles.append(softmax_profile(model, batches, positions, advance))
         rows: list[Metric] = []
@@ -451,39 +487,96 @@ class StateRankSuite(Suite):
         if self.per_head:
             for layer, head in itertools.product(range(u.shape[0]), range(u.shape[1])):
                 index = profile.layers[layer]  # the model's layer index (a hybrid profiles some layers)
-                where = {"scope": "head", "layer": index, "head": head, **dict(zip(dim_keys, profile.dims[layer])),
-                         "capacity": profile.capacity[layer, head].item()}
-                rows.append(Metric(f"{u_name}/L{index}H{head}", u[layer, head].item(), "fraction",
-                                   {**where, "quantity": u_name, "stable_rank": sr[layer, head].item(),
-                                    "u_mean_over_positions": profile.utilization[layer, :, head].mean().item()}))
-                rows.append(Metric(f"{er_name}/L{index}H{head}", er[layer, head].item(), "dims",
-                                   {**where, "quantity": er_name}))
+                where = {
+                    "scope": "head",
+                    "layer": index,
+                    "head": head,
+                    **dict(zip(dim_keys, profile.dims[layer])),
+                    "capacity": profile.capacity[layer, head].item(),
+                }
+                rows.append(
+                    Metric(
+                        f"{u_name}/L{index}H{head}",
+                        u[layer, head].item(),
+                        "fraction",
+                        {
+                            **where,
+                            "quantity": u_name,
+                            "stable_rank": sr[layer, head].item(),
+                            "u_mean_over_positions": profile.utilization[layer, :, head].mean().item(),
+                        },
+                    )
+                )
+                rows.append(
+                    Metric(f"{er_name}/L{index}H{head}", er[layer, head].item(), "dims", {**where, "quantity": er_name})
+                )
                 if spectra is not None:
                     spectrum = [round(x, 6) for x in spectra.energy[layer, head].tolist()]
-                    rows.append(Metric(f"key_energy_channels/L{index}H{head}", needed[layer, head].item(), "channels",
-                                       {**where, "quantity": "key_energy_channels",
-                                        "fraction": self.energy_fraction, "spectrum": spectrum}))
+                    rows.append(
+                        Metric(
+                            f"key_energy_channels/L{index}H{head}",
+                            needed[layer, head].item(),
+                            "channels",
+                            {
+                                **where,
+                                "quantity": "key_energy_channels",
+                                "fraction": self.energy_fraction,
+                                "spectrum": spectrum,
+                            },
+                        )
+                    )
                     if spectra.kept is not None:
-                        rows.append(Metric(f"kept_channels/L{index}H{head}", spectra.kept[layer, head].item(),
-                                           "channels", {**where, "quantity": "kept_channels"}))
+                        rows.append(
+                            Metric(
+                                f"kept_channels/L{index}H{head}",
+                                spectra.kept[layer, head].item(),
+                                "channels",
+                                {**where, "quantity": "kept_channels"},
+                            )
+                        )
         summary = {"scope": "summary", "sequences": self.num_sequences, "seq_len": self.seq_len}
         curve = profile.utilization.mean((0, 2))
         rows += [
-            Metric(f"{u_name}_mean", u.mean().item(), "fraction", {
-                **summary, "plots": plots, "min": u.min().item(), "max": u.max().item(),
-                "per_layer": [round(x, 6) for x in u.mean(1).tolist()], "positions": profile.positions,
-                "utilization_vs_position": [round(x, 6) for x in curve.tolist()],
-                "dims": [list(d) for d in profile.dims], "layers": profile.layers}),
-            Metric(f"{u_name}_position_mean", curve.mean().item(), "fraction",
-                   {**summary, "note": "mean over recorded positions, layers and heads"}),
+            Metric(
+                f"{u_name}_mean",
+                u.mean().item(),
+                "fraction",
+                {
+                    **summary,
+                    "plots": plots,
+                    "min": u.min().item(),
+                    "max": u.max().item(),
+                    "per_layer": [round(x, 6) for x in u.mean(1).tolist()],
+                    "positions": profile.positions,
+                    "utilization_vs_position": [round(x, 6) for x in curve.tolist()],
+                    "dims": [list(d) for d in profile.dims],
+                    "layers": profile.layers,
+                },
+            ),
+            Metric(
+                f"{u_name}_position_mean",
+                curve.mean().item(),
+                "fraction",
+                {**summary, "note": "mean over recorded positions, layers and heads"},
+            ),
             Metric(f"{er_name}_mean", er.mean().item(), "dims", summary),
-            Metric(f"{er_name}_ratio_mean", (er / profile.capacity.clamp_min(1)).mean().item(), "fraction",
-                   {**summary, "note": "effective rank / min(d, d') (masked keys: d = kept channels)"}),
+            Metric(
+                f"{er_name}_ratio_mean",
+                (er / profile.capacity.clamp_min(1)).mean().item(),
+                "fraction",
+                {**summary, "note": "effective rank / min(d, d') (masked keys: d = kept channels)"},
+            ),
             Metric(f"{'sr_final' if state else 'key_sr'}_mean", sr.mean().item(), "dims", summary),
         ]
         if spectra is not None:
-            rows.append(Metric("key_energy_channels_mean", needed.mean().item(), "channels",
-                               {**summary, "fraction": self.energy_fraction}))
+            rows.append(
+                Metric(
+                    "key_energy_channels_mean",
+                    needed.mean().item(),
+                    "channels",
+                    {**summary, "fraction": self.energy_fraction},
+                )
+            )
             if spectra.kept is not None:
                 rows.append(Metric("kept_channels_mean", spectra.kept.mean().item(), "channels", summary))
         return rows

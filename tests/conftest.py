@@ -60,10 +60,25 @@ def leaderboard_store(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("leaderboard") / "results.sqlite"
     for method in ("drrqr", "random"):
-        run(method=method, ratios=[0.5], suites=["ppl", "state-rank"], store=path, progress=False,
-            suite_params={"ppl": {"limit": 600}, "state-rank": {"num_sequences": 2, "seq_len": 64, "batch_size": 2}})
-    key = RunKey(model="deltanet-tiny", model_digest="d", family="deltanet", method=EVIL, method_params={"note": EVIL},
-                 ratio=0.25, suite="ppl", suite_params={}, seed=0)
+        run(
+            method=method,
+            ratios=[0.5],
+            suites=["ppl", "state-rank"],
+            store=path,
+            progress=False,
+            suite_params={"ppl": {"limit": 600}, "state-rank": {"num_sequences": 2, "seq_len": 64, "batch_size": 2}},
+        )
+    key = RunKey(
+        model="deltanet-tiny",
+        model_digest="d",
+        family="deltanet",
+        method=EVIL,
+        method_params={"note": EVIL},
+        ratio=0.25,
+        suite="ppl",
+        suite_params={},
+        seed=0,
+    )
     ResultStore(path).begin(key)
     ResultStore(path).finish(key, [Metric("ppl", 99.0)], prov={"note": EVIL}, duration_s=0.0)
     return path

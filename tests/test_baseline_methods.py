@@ -28,11 +28,19 @@ def kept(method, layer, ratio):
 
 
 def weight_layer(q_weight, k_weight, heads, head_dim, **extra) -> LayerData:
-    return LayerData(0, heads, head_dim, head_dim, torch.as_tensor(q_weight, dtype=torch.float32),
-                     torch.as_tensor(k_weight, dtype=torch.float32), **extra)
+    return LayerData(
+        0,
+        heads,
+        head_dim,
+        head_dim,
+        torch.as_tensor(q_weight, dtype=torch.float32),
+        torch.as_tensor(k_weight, dtype=torch.float32),
+        **extra,
+    )
 
 
 # --- l1 --------------------------------------------------------------------------------------
+
 
 def test_l1_picks_planted_rows_by_l1_not_l2():
     gen = np.random.default_rng(0)
@@ -74,18 +82,13 @@ def test_l1_ties_go_to_lower_index_and_ignore_data():
 
 # --- wanda -----------------------------------------------------------------------------------
 
+
 def wanda_tiny_case():
     """One head (head_dim 4, hidden 3) and a second head with the same rows in reverse order.
     Calibration inputs X (2 tokens) give ||X_j||_2 = (0.1, 5, 2)."""
     x = torch.tensor([[0.1, 3.0, 0.0], [0.0, 4.0, 2.0]])
-    wq = torch.tensor([[10.0, 0.0, 0.0],
-                       [0.0, 1.0, 0.0],
-                       [8.0, 0.6, 0.0],
-                       [0.0, 0.0, 1.5]])
-    wk = torch.tensor([[5.0, 0.0, 0.0],
-                       [0.0, 0.0, -1.0],
-                       [-2.0, 0.0, 0.0],
-                       [0.0, 0.0, 1.0]])
+    wq = torch.tensor([[10.0, 0.0, 0.0], [0.0, 1.0, 0.0], [8.0, 0.6, 0.0], [0.0, 0.0, 1.5]])
+    wk = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, -1.0], [-2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     layer = weight_layer(torch.cat([wq, wq.flip(0)]), torch.cat([wk, wk.flip(0)]), 2, 4, x_sq=(x**2).sum(0))
     # by hand, with ||X|| = (0.1, 5, 2):
     #   row 0: q 10*0.1 = 1.0            + k 5*0.1 = 0.5  -> 1.5   (L1: 10 + 5 = 15)
@@ -139,6 +142,7 @@ def test_wanda_input_norms_change_the_answer():
 
 # --- grad ------------------------------------------------------------------------------------
 
+
 def test_grad_is_first_order_taylor_on_a_toy_loss():
     """L = sum_b sum(c_q * (Wq x_b)) + sum(c_k * (Wk x_b)), so dL/dWq = c_q (sum_b x_b)^T exactly.
     The rows with the largest weights get tiny c: the Taylor score and magnitude then disagree."""
@@ -162,12 +166,15 @@ def test_grad_is_first_order_taylor_on_a_toy_loss():
     torch.testing.assert_close(wk.grad, torch.outer(c_k, x_sum))
 
     w_q, w_k = wq.detach().numpy(), wk.detach().numpy()
-    by_hand = (np.abs(w_q * np.outer(c_q.numpy(), x_sum.numpy())).sum(1)
-               + np.abs(w_k * np.outer(c_k.numpy(), x_sum.numpy())).sum(1))
+    by_hand = np.abs(w_q * np.outer(c_q.numpy(), x_sum.numpy())).sum(1) + np.abs(
+        w_k * np.outer(c_k.numpy(), x_sum.numpy())
+    ).sum(1)
     layer = weight_layer(w_q, w_k, heads, d, q_grad=wq.grad.float(), k_grad=wk.grad.float())
     for ratio in (0.25, 0.5, 0.75):
         n_keep = d - int(d * ratio)
-        expected = [set(np.argsort(-by_hand[h * d:(h + 1) * d], kind="stable")[:n_keep].tolist()) for h in range(heads)]
+        expected = [
+            set(np.argsort(-by_hand[h * d : (h + 1) * d], kind="stable")[:n_keep].tolist()) for h in range(heads)
+        ]
         assert kept(TaylorGrad(), layer, ratio) == expected
     found = kept(TaylorGrad(), layer, 0.5)
     magnitude = kept(L1Magnitude(), layer, 0.5)
@@ -186,6 +193,7 @@ def test_grad_zero_gradient_rows_are_dropped_even_with_large_weights():
 
 
 # --- qrcp ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_qrcp_finds_planted_channels(seed):
@@ -226,8 +234,16 @@ def decoy_layer(seed: int, tokens: int = 800) -> tuple[LayerData, list[set[int]]
             x[:, decoy] = 0.5 * signal.sum(1) + 0.01 * gen.standard_normal(tokens)
             acts[name][:, h] = x
     weights = torch.zeros(HEADS * D, HIDDEN)
-    layer = LayerData(0, HEADS, D, 16, weights, weights,
-                      q=torch.tensor(acts["q"], dtype=torch.float32), k=torch.tensor(acts["k"], dtype=torch.float32))
+    layer = LayerData(
+        0,
+        HEADS,
+        D,
+        16,
+        weights,
+        weights,
+        q=torch.tensor(acts["q"], dtype=torch.float32),
+        k=torch.tensor(acts["k"], dtype=torch.float32),
+    )
     return layer, planted, decoys
 
 
@@ -245,6 +261,7 @@ def test_swap_phase_removes_a_high_norm_decoy_qrcp_keeps_it(seed):
 
 
 # --- registration and the CLI ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name, cls", METHODS.items())
 def test_registered(name, cls):
@@ -275,9 +292,26 @@ def store(tmp_path_factory):
 def test_cli_run(name, store):
     # a small calibration set keeps the CPU reference kernels fast; the capture path is the same
     calib = ["--calib-samples", "2", "--calib-seq-len", "128"]
-    result = CliRunner().invoke(app, ["run", "--method", name, "--ratio", "0.5", "--suite", "ppl",
-                                      "--suite-param", "ppl.limit=1024", "--store", str(store), "-q", "--detail", *calib],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--method",
+            name,
+            "--ratio",
+            "0.5",
+            "--suite",
+            "ppl",
+            "--suite-param",
+            "ppl.limit=1024",
+            "--store",
+            str(store),
+            "-q",
+            "--detail",
+            *calib,
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if re.search(rf"\b{name}\b.*\b0\.5\b", line))
     ppl = float(row.strip("│ ").split("│")[-1])

@@ -28,8 +28,16 @@ def test_bench_quick_on_cpu(tmp_path, no_gpu):
     assert "Device: cpu" in markdown and "Command: `harness bench" in markdown and "--quick" in markdown
     assert {"torch", "triton", "fla", "transformers", "date", "command"} <= set(data["header"])
     tables = {t["name"]: t for t in data["tables"]}
-    assert list(tables) == ["pruned", "linear", "prefill", "e2e-llama", "capacity", "e2e-deltanet", "e2e-gated-deltanet",
-                            "e2e-qwen35"]
+    assert list(tables) == [
+        "pruned",
+        "linear",
+        "prefill",
+        "e2e-llama",
+        "capacity",
+        "e2e-deltanet",
+        "e2e-gated-deltanet",
+        "e2e-qwen35",
+    ]
     for name in ("pruned", "linear", "prefill", "capacity"):
         assert "CUDA" in tables[name]["skipped"] and not tables[name]["rows"]
         assert f"Skipped: {tables[name]['skipped']}" in markdown
@@ -68,9 +76,14 @@ def test_bench_without_gpu_needs_quick(tmp_path, no_gpu):
 
 
 def test_report_escapes_cells():
-    table = Table(title="t", columns=["op", "ms", "ratio"], labels={"ratio": "a | b"},
-                  rows=[{"op": "x | y\nz", "ms": 1.23456, "ratio": 0.5}, {"op": None, "ms": 2, "ratio": None}],
-                  notes=["a note"], formats={"ratio": "{:.0%}"})
+    table = Table(
+        title="t",
+        columns=["op", "ms", "ratio"],
+        labels={"ratio": "a | b"},
+        rows=[{"op": "x | y\nz", "ms": 1.23456, "ratio": 0.5}, {"op": None, "ms": 2, "ratio": None}],
+        notes=["a note"],
+        formats={"ratio": "{:.0%}"},
+    )
     text = table_markdown(table)
     assert "| op | ms | a \\| b |" in text
     assert "| x \\| y z | 1.235 | 50% |" in text
@@ -99,10 +112,19 @@ def test_pruned_table_plumbing_without_a_gpu(monkeypatch):
     assert tuple(seen["mask"].shape) == (32, 8, 128) and seen["layers"] == [0, 1, 2, 3]
     assert [r["target_met"] for r in table.rows] == [True, False]
     assert any("met at 1 of 2 shapes" in n for n in table.notes) and any("SYNTHETIC" in n for n in table.notes)
-    assert set(table.columns) - {"layers", "bytes_ratio", "dense_us_per_layer", "pruned_us_per_layer", "eager_speedup",
-                                 "pruned_gbps", "copy_gbps", "slowest_layer_us", "rel_error", "host_us_per_call",
-                                 "append_us"} \
-        == {"shape", "speedup", "pruned_of_copy"}
+    assert set(table.columns) - {
+        "layers",
+        "bytes_ratio",
+        "dense_us_per_layer",
+        "pruned_us_per_layer",
+        "eager_speedup",
+        "pruned_gbps",
+        "copy_gbps",
+        "slowest_layer_us",
+        "rel_error",
+        "host_us_per_call",
+        "append_us",
+    } == {"shape", "speedup", "pruned_of_copy"}
 
 
 def test_decode_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
@@ -110,7 +132,9 @@ def test_decode_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
     from harness.bench import profile
 
     out = tmp_path / "profile.json"
-    profile.main(["--model", "llama", "--batch", "2", "--context", "96", "--steps", "3", "--top", "4", "--json", str(out)])
+    profile.main(
+        ["--model", "llama", "--batch", "2", "--context", "96", "--steps", "3", "--top", "4", "--json", str(out)]
+    )
     results = json.loads(out.read_text())
     # each model once, through generate (the table's static-loop run of the dense model is left out)
     assert set(results) == {"dense", "random mask (kept 0.5), static loop"}
@@ -161,11 +185,21 @@ def test_tune_table_plumbing_without_a_gpu(monkeypatch):
     from harness.progress import bars
 
     monkeypatch.setattr(kernel, "device_name", lambda device: "Fake GPU")
-    monkeypatch.setattr(pruned_decode, "tune", lambda mask, shapes, grid, advance=None: [
-        {"shape": "2 x 4096", "class": "short", "BLOCK_N": 128, "graph_us": 10.0, "best": True}])
-    monkeypatch.setattr(linear_decode, "tune_decode", lambda quick, advance=None: [
-        {"d_k": 128, "BLOCK_V": 32, "NUM_WARPS": 4, "delta_us": 50.0, "gated_us": 51.0, "best": True},
-        {"d_k": 128, "BLOCK_V": 64, "NUM_WARPS": 4, "delta_us": 60.0, "gated_us": 61.0}])
+    monkeypatch.setattr(
+        pruned_decode,
+        "tune",
+        lambda mask, shapes, grid, advance=None: [
+            {"shape": "2 x 4096", "class": "short", "BLOCK_N": 128, "graph_us": 10.0, "best": True}
+        ],
+    )
+    monkeypatch.setattr(
+        linear_decode,
+        "tune_decode",
+        lambda quick, advance=None: [
+            {"d_k": 128, "BLOCK_V": 32, "NUM_WARPS": 4, "delta_us": 50.0, "gated_us": 51.0, "best": True},
+            {"d_k": 128, "BLOCK_V": 64, "NUM_WARPS": 4, "delta_us": 60.0, "gated_us": 61.0},
+        ],
+    )
     with bars(False) as bar:
         table = pruned_decode.tune_table(None, quick=True, bars=bar)
     assert [r["kernel"] for r in table.rows] == ["pruned_decode", "delta_decode", "delta_decode"]
@@ -178,8 +212,22 @@ def test_static_loop_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
     from harness.bench import profile
 
     out = tmp_path / "static.json"
-    profile.main(["--model", "deltanet", "--batch", "2", "--context", "40", "--steps", "3", "--engine", "static",
-                  "--json", str(out)])
+    profile.main(
+        [
+            "--model",
+            "deltanet",
+            "--batch",
+            "2",
+            "--context",
+            "40",
+            "--steps",
+            "3",
+            "--engine",
+            "static",
+            "--json",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())
     assert set(results) == {"dense, static loop", "pruned (d_k 32 -> 16), static loop"}
     for r in results.values():

@@ -30,7 +30,9 @@ def test_text_file_and_dataset_sources(tokenizer, tmp_path):
     import datasets
 
     (tmp_path / "calib.txt").write_text(SENTENCE * 200)
-    from_file = calibration_batches(tokenizer, CalibrationSpec(samples=2, seq_len=16, text_file=str(tmp_path / "calib.txt")))
+    from_file = calibration_batches(
+        tokenizer, CalibrationSpec(samples=2, seq_len=16, text_file=str(tmp_path / "calib.txt"))
+    )
     datasets.Dataset.from_dict({"body": [SENTENCE * 20] * 10, "id": list(range(10))}).save_to_disk(tmp_path / "ds")
     spec = CalibrationSpec(samples=2, seq_len=16, dataset=str(tmp_path / "ds"), column="body")
     from_dataset = calibration_batches(tokenizer, spec)

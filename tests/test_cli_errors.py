@@ -15,24 +15,30 @@ def harness(*args):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--method", "nope"], "unknown method 'nope'; registered methods: drrqr"),
-    (["run", "--method", "random", "--suite", "nope"], "unknown suite 'nope'"),
-    (["run", "--method", "random", "--ratio", "1.0"], "ratio must be in [0, 1)"),
-    (["run", "--method", "random", "--ratio", "-0.1"], "ratio must be in [0, 1)"),
-    (["run", "--method", "random", "--ratio", "abc"], "--ratio expects numbers"),
-    (["run", "--method", "random", "--ratio", "0.99"], "keeps 0 of 32 key channels"),
-    (["run", "--method", "random", "--model", "./no/such/model"], "model path './no/such/model' does not exist"),
-    (["run", "--method", "drrqr", "-p", "f=0.5"], "bad parameters for method drrqr: f must be >= 1"),
-    (["run", "--method", "drrqr", "-p", "g=1"], "unknown parameter 'g' for method drrqr"),
-    (["run", "--method", "random", "--suite-param", "ppl.stride=0"], "bad parameters for suite ppl"),
-    (["run", "--method", "random", "--device", "tpu"], "unknown device 'tpu'"),
-    (["list", "widgets"], "unknown listing 'widgets'"),
-    (["run", "--method", "drrqr", "-p", "f=nan"], "parameter 'f' of method drrqr must be a finite number, got 'nan'"),
-    (["run", "--method", "drrqr", "-p", "f=1e100000"], "must be a finite number, got '1e100000'"),
-    (["run", "--method", "random", "--ratio", ""], "--ratio is empty"),
-    (["run", "--method", "random", "-p", "seed=" + "9" * 100_000], "... (100002 characters)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--method", "nope"], "unknown method 'nope'; registered methods: drrqr"),
+        (["run", "--method", "random", "--suite", "nope"], "unknown suite 'nope'"),
+        (["run", "--method", "random", "--ratio", "1.0"], "ratio must be in [0, 1)"),
+        (["run", "--method", "random", "--ratio", "-0.1"], "ratio must be in [0, 1)"),
+        (["run", "--method", "random", "--ratio", "abc"], "--ratio expects numbers"),
+        (["run", "--method", "random", "--ratio", "0.99"], "keeps 0 of 32 key channels"),
+        (["run", "--method", "random", "--model", "./no/such/model"], "model path './no/such/model' does not exist"),
+        (["run", "--method", "drrqr", "-p", "f=0.5"], "bad parameters for method drrqr: f must be >= 1"),
+        (["run", "--method", "drrqr", "-p", "g=1"], "unknown parameter 'g' for method drrqr"),
+        (["run", "--method", "random", "--suite-param", "ppl.stride=0"], "bad parameters for suite ppl"),
+        (["run", "--method", "random", "--device", "tpu"], "unknown device 'tpu'"),
+        (["list", "widgets"], "unknown listing 'widgets'"),
+        (
+            ["run", "--method", "drrqr", "-p", "f=nan"],
+            "parameter 'f' of method drrqr must be a finite number, got 'nan'",
+        ),
+        (["run", "--method", "drrqr", "-p", "f=1e100000"], "must be a finite number, got '1e100000'"),
+        (["run", "--method", "random", "--ratio", ""], "--ratio is empty"),
+        (["run", "--method", "random", "-p", "seed=" + "9" * 100_000], "... (100002 characters)"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
     result = harness(*args, "--store", str(tmp_path / "r.sqlite")) if args[0] == "run" else harness(*args)
     assert result.exit_code == 2, result.output
@@ -50,12 +56,23 @@ def test_method_not_supporting_family(tmp_path):
     from harness.method import LINEAR_FAMILIES  # wanda, like every linear method, supports each of them
     from harness.zoo import default_path
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=2048))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=2048,
+        )
+    )
     model.save_pretrained(tmp_path / "llama")
     from transformers import AutoTokenizer
+
     AutoTokenizer.from_pretrained(default_path("deltanet-tiny")).save_pretrained(tmp_path / "llama")
-    result = harness("run", "--method", "wanda", "--model", str(tmp_path / "llama"), "--store", str(tmp_path / "r.sqlite"))
+    result = harness(
+        "run", "--method", "wanda", "--model", str(tmp_path / "llama"), "--store", str(tmp_path / "r.sqlite")
+    )
     assert result.exit_code == 2
     assert f"method 'wanda' supports {', '.join(LINEAR_FAMILIES)} models" in result.stderr
     assert "is llama" in result.stderr
@@ -69,7 +86,9 @@ def test_unsupported_architecture_and_mismatched_weights(tmp_path):
 
     (tmp_path / "weird").mkdir()
     (tmp_path / "weird" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
-    result = harness("run", "--method", "random", "--model", str(tmp_path / "weird"), "--store", str(tmp_path / "r.sqlite"))
+    result = harness(
+        "run", "--method", "random", "--model", str(tmp_path / "weird"), "--store", str(tmp_path / "r.sqlite")
+    )
     assert result.exit_code == 2 and "unsupported architecture 'gpt2'" in result.stderr
 
     model = tiny_model("deltanet")
@@ -77,7 +96,9 @@ def test_unsupported_architecture_and_mismatched_weights(tmp_path):
     config = json.loads((tmp_path / "bad" / "config.json").read_text())
     config["expand_k"] = 0.5  # weights are for 1.0
     (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
-    result = harness("run", "--method", "random", "--model", str(tmp_path / "bad"), "--store", str(tmp_path / "r.sqlite"))
+    result = harness(
+        "run", "--method", "random", "--model", str(tmp_path / "bad"), "--store", str(tmp_path / "r.sqlite")
+    )
     assert result.exit_code == 2
     assert "does not match its config" in result.stderr
 
@@ -85,22 +106,38 @@ def test_unsupported_architecture_and_mismatched_weights(tmp_path):
 def test_uncached_hub_id_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    result = harness("run", "--method", "random", "--model", "some-org/some-model", "--store", str(tmp_path / "r.sqlite"))
+    result = harness(
+        "run", "--method", "random", "--model", "some-org/some-model", "--store", str(tmp_path / "r.sqlite")
+    )
     assert result.exit_code == 2
-    assert "'some-org/some-model' is not a local folder, a zoo name, or a hub id available in the local cache (offline)" in result.stderr
+    assert (
+        "'some-org/some-model' is not a local folder, a zoo name, or a hub id available in the local cache (offline)"
+        in result.stderr
+    )
 
 
 def test_real_process_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--method", "nope", "--store", str(tmp_path / "r.sqlite")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", "--method", "nope", "--store", str(tmp_path / "r.sqlite")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown method 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_help_for_every_command():
-    for args in (["--help"], ["run", "--help"], ["list", "--help"], ["show", "--help"], ["zoo", "--help"],
-                 ["zoo", "build", "--help"]):
+    for args in (
+        ["--help"],
+        ["run", "--help"],
+        ["list", "--help"],
+        ["show", "--help"],
+        ["zoo", "--help"],
+        ["zoo", "build", "--help"],
+    ):
         result = harness(*args)
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -110,8 +147,12 @@ def test_a_reader_that_stops_early_is_not_an_error():
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", "from harness.cli import main; main()", "list"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from harness.cli import main; main()", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+    )
     proc.stdout.read(10)
     proc.stdout.close()
     assert proc.wait(timeout=120) == 0
@@ -151,8 +192,14 @@ def test_a_store_that_cannot_be_written_fails_before_any_model_loads(tmp_path, m
 
     monkeypatch.setattr(pipeline, "plan", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
     (tmp_path / "afile").write_text("x")
-    result = runner.invoke(app, ["run", "--method", "random", "--suite", "ppl", "--store", str(tmp_path / "afile" / "r.sqlite")])
-    assert result.exit_code == 2 and "cannot create its folder" in result.stderr and "pass a writable --store" in result.stderr
+    result = runner.invoke(
+        app, ["run", "--method", "random", "--suite", "ppl", "--store", str(tmp_path / "afile" / "r.sqlite")]
+    )
+    assert (
+        result.exit_code == 2
+        and "cannot create its folder" in result.stderr
+        and "pass a writable --store" in result.stderr
+    )
 
 
 def test_weights_that_give_nan_make_failed_cells_with_their_reason(tmp_path):
@@ -175,8 +222,23 @@ def test_weights_that_give_nan_make_failed_cells_with_their_reason(tmp_path):
     model.save_pretrained(folder)
     loaded.save_pretrained(folder)
     store = tmp_path / "r.sqlite"
-    result = runner.invoke(app, ["run", "--method", "random", "--model", str(folder), "--suite", "ppl",
-                                 "--suite-param", "ppl.limit=256", "--store", str(store), "-q"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--method",
+            "random",
+            "--model",
+            str(folder),
+            "--suite",
+            "ppl",
+            "--suite-param",
+            "ppl.limit=256",
+            "--store",
+            str(store),
+            "-q",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "failed cell: dense 0.0 ppl: non-finite ppl=nan" in result.stderr
     cells = {(r["method"], r["suite"]): r for r in ResultStore(store).table(suite="ppl")}
@@ -205,10 +267,13 @@ def test_an_unknown_method_is_refused_before_torch_is_imported():
     import subprocess
     import sys
 
-    code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
-            "from harness.cli import main; main()")
-    proc = subprocess.run([sys.executable, "-c", code, "run", "--method", "nope"], capture_output=True, text=True,
-                          timeout=120, cwd="/")
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+        "from harness.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "run", "--method", "nope"], capture_output=True, text=True, timeout=120, cwd="/"
+    )
     assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr
     assert "torch imported: False" in proc.stdout
 
@@ -220,9 +285,12 @@ def test_custom_code_architecture_and_a_broken_tokenizer_say_what_to_do(tmp_path
     from harness.zoo import default_path
 
     (tmp_path / "custom").mkdir()
-    (tmp_path / "custom" / "config.json").write_text(json.dumps(
-        {"model_type": "my_new_arch", "auto_map": {"AutoConfig": "configuration_mine.MyConfig"}}))
-    result = harness("run", "--method", "random", "--model", str(tmp_path / "custom"), "--store", str(tmp_path / "r.sqlite"))
+    (tmp_path / "custom" / "config.json").write_text(
+        json.dumps({"model_type": "my_new_arch", "auto_map": {"AutoConfig": "configuration_mine.MyConfig"}})
+    )
+    result = harness(
+        "run", "--method", "random", "--model", str(tmp_path / "custom"), "--store", str(tmp_path / "r.sqlite")
+    )
     assert result.exit_code == 2 and "--trust-remote-code" in result.stderr and "auto_map" in result.stderr
 
     folder = tmp_path / "no-tokenizer"

@@ -30,8 +30,15 @@ def test_reference_step_equals_the_token_loop_reference(gated):
     q, k, v, beta, gate, state = inputs()
     expected_state = state.clone()
     # the token-loop references take (B, T, H, d) with T = 1 and return the final state
-    args = dict(q=q[:, None], k=k[:, None], v=v[:, None], beta=beta[:, None], initial_state=expected_state,
-                output_final_state=True, use_qk_l2norm_in_kernel=True)
+    args = dict(
+        q=q[:, None],
+        k=k[:, None],
+        v=v[:, None],
+        beta=beta[:, None],
+        initial_state=expected_state,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+    )
     if gated:
         o, final = delta_rule.gated_delta_rule_recurrent(g=gate[:, None], **args)
     else:
@@ -86,8 +93,15 @@ def test_triton_kernel_on_cuda_equals_the_twin_and_fla(dk, gated):
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
     fla_state = inputs(b=64, h=16, dk=dk, dv=128, device="cuda")[-1]
-    args = dict(q=q.bfloat16()[:, None], k=k.bfloat16()[:, None], v=v[:, None], beta=beta.bfloat16()[:, None],
-                initial_state=fla_state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    args = dict(
+        q=q.bfloat16()[:, None],
+        k=k.bfloat16()[:, None],
+        v=v[:, None],
+        beta=beta.bfloat16()[:, None],
+        initial_state=fla_state,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+    )
     if gated:
         fo, fs = fused_recurrent_gated_delta_rule(g=gate[:, None], **args)
     else:

@@ -18,13 +18,35 @@ from harness.suite import Metric
 def store(tmp_path):
     path = tmp_path / "r.sqlite"
     results = ResultStore(path)
-    for method, ratio, ppl in (("dense", 0.0, 50.0), ("drrqr", 0.5, 52.25), (r"<script>\input{x}_</script>", 0.5, 60.0)):
-        key = RunKey(model="m", model_digest="d", family="deltanet", method=method, method_params={}, ratio=ratio,
-                     suite="ppl", suite_params={}, seed=0)
+    for method, ratio, ppl in (
+        ("dense", 0.0, 50.0),
+        ("drrqr", 0.5, 52.25),
+        (r"<script>\input{x}_</script>", 0.5, 60.0),
+    ):
+        key = RunKey(
+            model="m",
+            model_digest="d",
+            family="deltanet",
+            method=method,
+            method_params={},
+            ratio=ratio,
+            suite="ppl",
+            suite_params={},
+            seed=0,
+        )
         results.begin(key)
         results.finish(key, [Metric("ppl", ppl), Metric("u/L0H0", 0.5)], prov={}, duration_s=1.0)
-    failed = RunKey(model="m", model_digest="d", family="deltanet", method="random", method_params={}, ratio=0.5,
-                    suite="ppl", suite_params={}, seed=0)
+    failed = RunKey(
+        model="m",
+        model_digest="d",
+        family="deltanet",
+        method="random",
+        method_params={},
+        ratio=0.5,
+        suite="ppl",
+        suite_params={},
+        seed=0,
+    )
     results.begin(failed)
     results.fail(failed, "boom")
     return path

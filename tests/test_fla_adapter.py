@@ -22,12 +22,18 @@ def kernel_scale(monkeypatch):
     gets, so a sliced model (d_k' channels) and a zeroed one (d_k channels, zeros) differ by that
     constant factor before the output RMSNorm, which removes it except through the norm's eps.
     Comparing at one scale checks that the slicing itself is exact."""
+
     def force(scale: float) -> None:
         for module in (fla.layers.delta_net, fla.layers.gated_deltanet):
-            for name in ("chunk_delta_rule", "fused_recurrent_delta_rule",
-                         "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"):
+            for name in (
+                "chunk_delta_rule",
+                "fused_recurrent_delta_rule",
+                "chunk_gated_delta_rule",
+                "fused_recurrent_gated_delta_rule",
+            ):
                 if hasattr(module, name):
                     monkeypatch.setattr(module, name, functools.partial(getattr(module, name), scale=scale))
+
     return force
 
 
@@ -74,7 +80,7 @@ def test_slicing_equals_zeroing(family, ratio, ids, kernel_scale):
     assert sliced.model.layers[0].attn.q_proj.weight.shape[0] == 2 * keep
     assert sliced.model.layers[0].attn.k_conv1d.weight.shape[0] == 2 * keep
     dense = logits(model, ids)
-    kernel_scale(keep ** -0.5)
+    kernel_scale(keep**-0.5)
     ref, got = logits(zeroed, ids), logits(sliced, ids)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ref, dense, atol=1e-3)  # pruning did change the function
@@ -122,7 +128,7 @@ def test_deltanet_with_output_gate_and_conv_bias(kernel_scale):
     adapter.zero(zeroed, selection)
     adapter.apply(sliced, selection)
     assert sliced.model.layers[0].attn.q_conv1d.bias.shape == (32,)
-    kernel_scale(16 ** -0.5)
+    kernel_scale(16**-0.5)
     torch.testing.assert_close(logits(sliced), logits(zeroed), rtol=1e-5, atol=1e-5)
 
 
@@ -142,7 +148,7 @@ def test_trained_zoo_models_slice_exactly(name, kernel_scale):
     adapter.apply(sliced, selection)
     ids = batches[0][:2]
     at_own_scale = logits(sliced, ids)
-    kernel_scale(16 ** -0.5)
+    kernel_scale(16**-0.5)
     torch.testing.assert_close(logits(sliced, ids), logits(zeroed, ids), rtol=1e-5, atol=1e-4)
     # without forcing, the sliced model runs at its own default scale: on a trained model the output
     # RMSNorm absorbs that factor almost entirely

@@ -24,12 +24,19 @@ from harness.kernels import delta_rule, fla_cpu, fla_decode
 from harness.kernels.fla_decode import refusal
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fast path is Triton on a GPU)")
-OPS = {"plain": "fused_recurrent_delta_rule", "gated": "fused_recurrent_gated_delta_rule",
-       "layer": "fused_recurrent_gated_delta_rule"}
-REFERENCES = {"fused_recurrent_delta_rule": delta_rule.delta_rule_recurrent,
-              "fused_recurrent_gated_delta_rule": delta_rule.gated_delta_rule_recurrent}
-ENTRIES = {"fused_recurrent_delta_rule": fla_decode.delta_rule_decode,
-           "fused_recurrent_gated_delta_rule": fla_decode.gated_delta_rule_decode}
+OPS = {
+    "plain": "fused_recurrent_delta_rule",
+    "gated": "fused_recurrent_gated_delta_rule",
+    "layer": "fused_recurrent_gated_delta_rule",
+}
+REFERENCES = {
+    "fused_recurrent_delta_rule": delta_rule.delta_rule_recurrent,
+    "fused_recurrent_gated_delta_rule": delta_rule.gated_delta_rule_recurrent,
+}
+ENTRIES = {
+    "fused_recurrent_delta_rule": fla_decode.delta_rule_decode,
+    "fused_recurrent_gated_delta_rule": fla_decode.gated_delta_rule_decode,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,28 +58,46 @@ def steps(monkeypatch):
     return calls
 
 
-def step_args(kind="plain", b=2, h=2, dk=16, dv=8, t=1, varlen=False, state=True, device="cpu",
-              dtype=torch.float32, seed=0) -> dict:
+def step_args(
+    kind="plain", b=2, h=2, dk=16, dv=8, t=1, varlen=False, state=True, device="cpu", dtype=torch.float32, seed=0
+) -> dict:
     """Keyword arguments of a fla fused_recurrent call, as fla's layers make it. kind: "plain"
     (DeltaNet), "gated" (log-space g, [K, V] state) or "layer" (what GatedDeltaNet passes: raw gate
     with A_log / dt_bias, raw beta, [V, K] state, 2 value heads per key head)."""
     gen = torch.Generator().manual_seed(seed)
     hv = 2 * h if kind == "layer" else h
     r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
-    args = dict(q=r(b, t, h, dk), k=r(b, t, h, dk), v=r(b, t, hv, dv), beta=r(b, t, hv).sigmoid(),
-                output_final_state=True, use_qk_l2norm_in_kernel=True)
+    args = dict(
+        q=r(b, t, h, dk),
+        k=r(b, t, h, dk),
+        v=r(b, t, hv, dv),
+        beta=r(b, t, hv).sigmoid(),
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+    )
     if kind == "gated":
         args["g"] = -torch.rand(b, t, hv, generator=gen)
     if kind == "layer":
-        args.update(g=r(b, t, hv), beta=r(b, t, hv), A_log=torch.rand(hv, generator=gen).add(1).log(),
-                    dt_bias=0.1 * r(hv), use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, state_v_first=True)
+        args.update(
+            g=r(b, t, hv),
+            beta=r(b, t, hv),
+            A_log=torch.rand(hv, generator=gen).add(1).log(),
+            dt_bias=0.1 * r(hv),
+            use_gate_in_kernel=True,
+            use_beta_sigmoid_in_kernel=True,
+            state_v_first=True,
+        )
     if state:
         args["initial_state"] = 0.1 * (r(b, hv, dv, dk) if kind == "layer" else r(b, hv, dk, dv))
     if varlen:  # a padded batch's decode step: [1, N] tokens, one per sequence
         args.update({n: args[n].transpose(0, 1) for n in ("q", "k", "v", "beta", "g") if n in args})
         args["cu_seqlens"] = torch.arange(b + 1, dtype=torch.int32)
-    return {n: x.to(device, dtype if x.dtype == torch.float32 and n in ("q", "k", "v", "beta", "g") else x.dtype)
-            if torch.is_tensor(x) else x for n, x in args.items()}
+    return {
+        n: x.to(device, dtype if x.dtype == torch.float32 and n in ("q", "k", "v", "beta", "g") else x.dtype)
+        if torch.is_tensor(x)
+        else x
+        for n, x in args.items()
+    }
 
 
 def clone(args: dict) -> dict:
@@ -111,36 +136,42 @@ def _state(kind, dtype=torch.float32, transpose=False):
     return s.transpose(-1, -2).contiguous().transpose(-1, -2) if transpose else s
 
 
-@pytest.mark.parametrize("case, kwargs", [
-    ("plain decode step", {}),
-    ("no initial state (zeros)", dict(state=False)),
-    ("padded batch: one token per packed sequence", dict(varlen=True)),
-    ("gated, log-space g", dict(kind="gated")),
-    ("GatedDeltaNet's call: raw gate, beta sigmoid, [V, K] state, grouped value heads", dict(kind="layer")),
-    ("... with allow_neg_eigval", dict(kind="layer", allow_neg_eigval=True)),
-])
+@pytest.mark.parametrize(
+    "case, kwargs",
+    [
+        ("plain decode step", {}),
+        ("no initial state (zeros)", dict(state=False)),
+        ("padded batch: one token per packed sequence", dict(varlen=True)),
+        ("gated, log-space g", dict(kind="gated")),
+        ("GatedDeltaNet's call: raw gate, beta sigmoid, [V, K] state, grouped value heads", dict(kind="layer")),
+        ("... with allow_neg_eigval", dict(kind="layer", allow_neg_eigval=True)),
+    ],
+)
 def test_refusal_accepts_one_token_steps(case, kwargs):
     assert _why(**kwargs) is None, case
 
 
-@pytest.mark.parametrize("expected, kwargs", [
-    ("tokens per sequence", dict(t=2)),
-    ("packed sequences", dict(varlen=True, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))),
-    ("output_final_state=False", dict(output_final_state=False)),
-    ("not contiguous float32", dict(initial_state=_state("plain", torch.bfloat16))),
-    ("not contiguous float32", dict(initial_state=_state("plain", transpose=True))),
-    ("not contiguous float32", dict(kind="layer", state_v_first=False)),  # [V, K] state read as [K, V]
-    ("not contiguous float32", dict(initial_state=_state("plain")[:1])),
-    ("unsupported arguments: gk", dict(kind="gated", unsupported=("gk",))),
-    ("one value per head", dict(beta=torch.rand(2, 1, 2, 8))),  # per-channel beta
-    ("value heads over", dict(v=torch.randn(2, 1, 4, 8))),  # the plain op groups no value heads
-    ("use_gate_in_kernel without", dict(kind="layer", A_log=None)),
-    ("allow_neg_eigval without", dict(kind="gated", allow_neg_eigval=True)),
-    ("scale <= 0", dict(scale=-1.0)),
-    ("the kernel runs on cuda", dict(devices=("cuda",))),  # CPU tensors: never our kernel
-    ("the kernel runs on cpu", dict(initial_state=torch.empty(2, 2, 16, 8, device="meta"))),  # mixed devices
-    ("needs a gradient", dict(q=torch.randn(2, 1, 2, 16, requires_grad=True))),
-])
+@pytest.mark.parametrize(
+    "expected, kwargs",
+    [
+        ("tokens per sequence", dict(t=2)),
+        ("packed sequences", dict(varlen=True, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))),
+        ("output_final_state=False", dict(output_final_state=False)),
+        ("not contiguous float32", dict(initial_state=_state("plain", torch.bfloat16))),
+        ("not contiguous float32", dict(initial_state=_state("plain", transpose=True))),
+        ("not contiguous float32", dict(kind="layer", state_v_first=False)),  # [V, K] state read as [K, V]
+        ("not contiguous float32", dict(initial_state=_state("plain")[:1])),
+        ("unsupported arguments: gk", dict(kind="gated", unsupported=("gk",))),
+        ("one value per head", dict(beta=torch.rand(2, 1, 2, 8))),  # per-channel beta
+        ("value heads over", dict(v=torch.randn(2, 1, 4, 8))),  # the plain op groups no value heads
+        ("use_gate_in_kernel without", dict(kind="layer", A_log=None)),
+        ("allow_neg_eigval without", dict(kind="gated", allow_neg_eigval=True)),
+        ("scale <= 0", dict(scale=-1.0)),
+        ("the kernel runs on cuda", dict(devices=("cuda",))),  # CPU tensors: never our kernel
+        ("the kernel runs on cpu", dict(initial_state=torch.empty(2, 2, 16, 8, device="meta"))),  # mixed devices
+        ("needs a gradient", dict(q=torch.randn(2, 1, 2, 16, requires_grad=True))),
+    ],
+)
 def test_refusal_sends_everything_else_to_fla(expected, kwargs):
     why = _why(**kwargs)
     assert why is not None and expected in why, why
@@ -250,12 +281,21 @@ def tiny_model(family: str, device="cpu", dtype=torch.float32, hidden=64, heads=
 def generate(model, prompt, new_tokens):
     """Greedy generation recording every attention layer's output at every forward."""
     outputs = {i: [] for i in range(len(model.model.layers))}
-    hooks = [layer.attn.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out[0].float()))
-             for i, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.attn.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out[0].float()))
+        for i, layer in enumerate(model.model.layers)
+    ]
     try:
         with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+            out = model.generate(
+                prompt,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -280,7 +320,7 @@ def compare_generations(ours, theirs, prompt_len, near_tie: float, out_tol: floa
             agreed = step
             break
     for i in layers:  # forward j reads new token j - 1: identical inputs for j <= agreed
-        for j, (got, want) in enumerate(zip(layers[i][:agreed + 1], ref_layers[i][:agreed + 1])):
+        for j, (got, want) in enumerate(zip(layers[i][: agreed + 1], ref_layers[i][: agreed + 1])):
             assert rel_err(got, want) <= out_tol, f"layer {i} forward {j}: {rel_err(got, want):.2e}"
     if agreed == new.shape[1]:
         for i in layers:
@@ -371,8 +411,10 @@ def test_op_padded_batch_and_fresh_state_match_fla(kind, steps, monkeypatch):
     monkeypatch.setenv(fla_decode.ENV, "ours")
     op, original = fla_pair(kind)
     o_tol, state_tol = TOLERANCES[kind]
-    for args in (step_args(kind, b=4, h=4, dk=64, dv=64, varlen=True, device="cuda", dtype=torch.bfloat16),
-                 step_args(kind, b=4, h=4, dk=64, dv=64, state=False, device="cuda", dtype=torch.bfloat16)):
+    for args in (
+        step_args(kind, b=4, h=4, dk=64, dv=64, varlen=True, device="cuda", dtype=torch.bfloat16),
+        step_args(kind, b=4, h=4, dk=64, dv=64, state=False, device="cuda", dtype=torch.bfloat16),
+    ):
         (o, state), (o_ref, state_ref) = op(**clone(args)), original(**clone(args))
         assert o.shape == o_ref.shape and state.shape == state_ref.shape
         assert rel_err(o, o_ref) <= o_tol and rel_err(state, state_ref) <= state_tol

@@ -21,10 +21,35 @@ from harness import registry
 from harness.errors import HarnessError
 from harness.params import build, describe
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-NASTY = st.sampled_from(["", " ", "nan", "-inf", "inf", "1e100000", "-0", "0x1f", "1_000", "true", "None", "[1]",
-                         "{}", "9" * 5000, "é", "\x00", "0.5,0.5", "=", "a=b"])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+NASTY = st.sampled_from(
+    [
+        "",
+        " ",
+        "nan",
+        "-inf",
+        "inf",
+        "1e100000",
+        "-0",
+        "0x1f",
+        "1_000",
+        "true",
+        "None",
+        "[1]",
+        "{}",
+        "9" * 5000,
+        "é",
+        "\x00",
+        "0.5,0.5",
+        "=",
+        "a=b",
+    ]
+)
 TEXTS = NASTY | st.text(max_size=80)
 
 
@@ -77,18 +102,35 @@ def test_ratio_flags(values):
 
 def sweep_values():
     scalar = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | TEXTS
-    return st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXTS, inner, max_size=3),
-                        max_leaves=8)
+    return st.recursive(
+        scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXTS, inner, max_size=3), max_leaves=8
+    )
 
 
-SWEEP_KEYS = ["models", "methods", "ratios", "suites", "suite_params", "seeds", "recovery", "calibration", "lora",
-              "device", "dtype", "modles"]
+SWEEP_KEYS = [
+    "models",
+    "methods",
+    "ratios",
+    "suites",
+    "suite_params",
+    "seeds",
+    "recovery",
+    "calibration",
+    "lora",
+    "device",
+    "dtype",
+    "modles",
+]
 
 
 @FUZZ
-@given(data=st.dictionaries(st.sampled_from(SWEEP_KEYS) | TEXTS, sweep_values(), max_size=5) | sweep_values(),
-       form=st.sampled_from(["yaml", "text", "bytes"]), text=st.text(max_size=120), payload=st.binary(max_size=120),
-       suffix=st.sampled_from([".yaml", ".toml", ".sqlite"]))
+@given(
+    data=st.dictionaries(st.sampled_from(SWEEP_KEYS) | TEXTS, sweep_values(), max_size=5) | sweep_values(),
+    form=st.sampled_from(["yaml", "text", "bytes"]),
+    text=st.text(max_size=120),
+    payload=st.binary(max_size=120),
+    suffix=st.sampled_from([".yaml", ".toml", ".sqlite"]),
+)
 def test_sweep_files(tmp_path, data, form, text, payload, suffix):
     from harness.sweeps import Grid
 
@@ -101,8 +143,12 @@ def test_sweep_files(tmp_path, data, form, text, payload, suffix):
 
 
 @FUZZ
-@given(payload=st.binary(max_size=300), shape=st.lists(st.integers(0, 4), max_size=4),
-       fill=st.sampled_from([0.0, 1.0, 0.5, 2.0, float("nan")]), as_tensor=st.booleans())
+@given(
+    payload=st.binary(max_size=300),
+    shape=st.lists(st.integers(0, 4), max_size=4),
+    fill=st.sampled_from([0.0, 1.0, 0.5, 2.0, float("nan")]),
+    as_tensor=st.booleans(),
+)
 def test_mask_files(tmp_path, payload, shape, fill, as_tensor):
     from harness.leank_mask import load_mask
 
@@ -138,9 +184,14 @@ def test_calibration_text_files(tmp_path, payload):
 
 
 @settings(FUZZ, max_examples=15)
-@given(config=st.dictionaries(st.sampled_from(["model_type", "auto_map", "hidden_size", "architectures"]) | TEXTS,
-                              sweep_values(), max_size=4) | sweep_values(), raw=st.binary(max_size=100),
-       use_raw=st.booleans())
+@given(
+    config=st.dictionaries(
+        st.sampled_from(["model_type", "auto_map", "hidden_size", "architectures"]) | TEXTS, sweep_values(), max_size=4
+    )
+    | sweep_values(),
+    raw=st.binary(max_size=100),
+    use_raw=st.booleans(),
+)
 def test_checkpoint_configs(tmp_path, config, raw, use_raw):
     from harness.loader import identify, load_model
 
@@ -159,8 +210,17 @@ def filled_store(tmp_path_factory):
     from harness.suite import Metric
 
     path = tmp_path_factory.mktemp("fuzz-store") / "r.sqlite"
-    key = RunKey(model="deltanet-tiny", model_digest="d", family="deltanet", method="random", method_params={},
-                 ratio=0.5, suite="ppl", suite_params={}, seed=0)
+    key = RunKey(
+        model="deltanet-tiny",
+        model_digest="d",
+        family="deltanet",
+        method="random",
+        method_params={},
+        ratio=0.5,
+        suite="ppl",
+        suite_params={},
+        seed=0,
+    )
     ResultStore(path).begin(key)
     ResultStore(path).finish(key, [Metric("ppl", 12.0)], prov={}, duration_s=0.0)
     return path
@@ -171,8 +231,10 @@ def digest(path: Path) -> str:
 
 
 @settings(FUZZ, max_examples=25)
-@given(flag=st.sampled_from(["-p", "--suite-param", "--ratio", "--calib-samples", "--dtype", "--device", "--finetune"]),
-       value=TEXTS)
+@given(
+    flag=st.sampled_from(["-p", "--suite-param", "--ratio", "--calib-samples", "--dtype", "--device", "--finetune"]),
+    value=TEXTS,
+)
 def test_refused_commands_exit_2_on_one_line_and_leave_the_store(filled_store, flag, value):
     """A command whose suite does not exist cannot run, whatever the fuzzed flag: it is refused
     with exit 2 on one line, and the store it names is left as it was."""
@@ -181,8 +243,10 @@ def test_refused_commands_exit_2_on_one_line_and_leave_the_store(filled_store, f
         value = f"f={value}"
     elif flag == "--suite-param":
         value = f"ppl.limit={value}"
-    result = CliRunner().invoke(app_of(), ["run", "--method", "drrqr", "--suite", "no-such-suite", flag, value,
-                                           "--store", str(filled_store), "-q"])
+    result = CliRunner().invoke(
+        app_of(),
+        ["run", "--method", "drrqr", "--suite", "no-such-suite", flag, value, "--store", str(filled_store), "-q"],
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 600, result.stderr

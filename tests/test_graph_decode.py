@@ -50,8 +50,9 @@ def both(model, ids, mask, device="cpu", new=12, **kw):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("options", [dict(), dict(value_sum=False), dict(full_prefill=True), dict(think=True),
-                                     dict(sink=0, recent=2)])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(value_sum=False), dict(full_prefill=True), dict(think=True), dict(sink=0, recent=2)]
+)
 def test_pruned_model_decodes_like_generate(kind, options):
     model = realized(kind, **options)
     (seq, scores), (seq2, scores2) = both(model, *padded_batch())
@@ -78,8 +79,10 @@ def linear(family: str, pruned: bool):
     model = tiny_model(family)
     if pruned:
         adapter = adapter_for(model)
-        layers = {i: LayerSelection(d, dv, tuple(tuple(range(1, d, 2)) for _ in range(h)))
-                  for i, (h, d, dv) in adapter.geometry(model).items()}
+        layers = {
+            i: LayerSelection(d, dv, tuple(tuple(range(1, d, 2)) for _ in range(h)))
+            for i, (h, d, dv) in adapter.geometry(model).items()
+        }
         adapter.apply(model, ChannelSelection(adapter.family, layers, "odd", 0.5))
     return model
 
@@ -114,8 +117,14 @@ def hybrid(compressed: bool, model_type: str = "qwen3_5_text"):
     return model
 
 
-HYBRIDS = [("qwen3_5_text", False), ("qwen3_5_text", True), ("qwen3_5_moe_text", True), ("qwen3_next", True),
-           ("olmo_hybrid", False), ("olmo_hybrid", True)]
+HYBRIDS = [
+    ("qwen3_5_text", False),
+    ("qwen3_5_text", True),
+    ("qwen3_5_moe_text", True),
+    ("qwen3_next", True),
+    ("olmo_hybrid", False),
+    ("olmo_hybrid", True),
+]
 
 
 @pytest.mark.parametrize("model_type, compressed", HYBRIDS)
@@ -142,7 +151,9 @@ def test_moe_hybrid_steps_through_graph_safe_experts():
     experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
     assert experts
     for m in experts:
-        m.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape[0], module.config._experts_implementation)))
+        m.register_forward_pre_hook(
+            lambda module, args: seen.append((args[0].shape[0], module.config._experts_implementation))
+        )
     ids, mask = padded_batch(vocab=128)
     graph_decode.generate(model, ids, mask, max_new_tokens=4, pad_token_id=0)
     seen.clear()  # the decoder is kept: the next call is a prefill and its steps only (no sizing forward)
@@ -235,6 +246,7 @@ def test_what_the_loop_does_not_take(tmp_path):
 
 # --- on a GPU: the captured graph ------------------------------------------------------------------
 
+
 def assert_greedy_agrees(reference, ours, width: int, tol: float, tie: float = 0.1) -> None:
     """Equal greedy tokens and logits within `tol`, except that in 16-bit arithmetic the two paths
     may part at a near-tie: where the tokens first differ, the reference must rate both tokens
@@ -280,11 +292,14 @@ def test_plain_model_graph_decodes_like_generate_on_cuda(kind):
 
 
 STATE_MODELS = {  # models whose decode state is not (only) a K cache
-    "deltanet": lambda: linear("deltanet", False), "deltanet-sliced": lambda: linear("deltanet", True),
+    "deltanet": lambda: linear("deltanet", False),
+    "deltanet-sliced": lambda: linear("deltanet", True),
     "gated_deltanet": lambda: linear("gated_deltanet", False),
     "gated_deltanet-sliced": lambda: linear("gated_deltanet", True),
-    "hybrid": lambda: hybrid(False), "hybrid-compressed": lambda: hybrid(True),
-    "qwen3_next-compressed": lambda: hybrid(True, "qwen3_next"), "olmo_hybrid-compressed": lambda: hybrid(True, "olmo_hybrid"),
+    "hybrid": lambda: hybrid(False),
+    "hybrid-compressed": lambda: hybrid(True),
+    "qwen3_next-compressed": lambda: hybrid(True, "qwen3_next"),
+    "olmo_hybrid-compressed": lambda: hybrid(True, "olmo_hybrid"),
 }
 
 

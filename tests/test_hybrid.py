@@ -21,16 +21,32 @@ from harness.methods.drrqr import DRRQR
 from harness.methods.random import RandomChannels as Random
 
 LAYER_TYPES = ["linear_attention"] * 3 + ["full_attention"]
-COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-              linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4, layer_types=LAYER_TYPES,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    layer_types=LAYER_TYPES,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 ARCHITECTURES = {
     "qwen3_5_text": {},
-    "qwen3_5_moe_text": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                             shared_expert_intermediate_size=32),
-    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=32),
+    "qwen3_5_moe_text": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "qwen3_next": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
     "olmo_hybrid": {},
 }
 
@@ -58,6 +74,7 @@ def kernel_scale(model, head_dim: int):
             kwargs["use_qk_l2norm_in_kernel"] = False
             q = torch.nn.functional.normalize(q.float(), dim=-1, eps=1e-6) * (q.shape[-1] / head_dim) ** 0.5
             return op(q, torch.nn.functional.normalize(k.float(), dim=-1, eps=1e-6), v, *args, **kwargs)
+
         return call
 
     for module, name, op in saved:
@@ -99,7 +116,9 @@ def test_gated_deltanet_layers_slice_like_zero_masking_and_reload(architecture, 
         adapter.apply(sliced, selection)
         adapter.zero(zeroed, selection)
         assert sliced.config.linear_key_head_dim == 8
-        assert all(a.head_k_dim == 8 and a.conv1d.weight.shape[0] == 2 * 16 + a.value_dim for _, a in gdn_layers(sliced))
+        assert all(
+            a.head_k_dim == 8 and a.conv1d.weight.shape[0] == 2 * 16 + a.value_dim for _, a in gdn_layers(sliced)
+        )
         with kernel_scale(sliced, 16), kernel_scale(zeroed, 16):
             assert torch.allclose(sliced(ids).logits, zeroed(ids).logits, atol=1e-5)
         assert not torch.allclose(sliced(ids).logits, dense, atol=1e-3)  # it did prune something
@@ -223,10 +242,24 @@ def test_method_routing_and_clear_errors(tmp_path):
         plan("llama-tiny", "drrqr", [0.5], attn_method="leank")
 
 
-SMALL_SUITES = ["ppl.limit=1024", "lm-eval.limit=8", "mqar.kv_pairs=4", "mqar.seq_lens=128", "mqar.limit=8",
-                "ruler.lengths=256", "ruler.limit=1", "ruler.tasks=niah_single,vt", "state-rank.num_sequences=2",
-                "state-rank.seq_len=64", "state-rank.batch_size=2", "speed.contexts=32", "speed.batches=1",
-                "speed.new_tokens=3", "speed.repeats=1", "speed.warmup=0"]
+SMALL_SUITES = [
+    "ppl.limit=1024",
+    "lm-eval.limit=8",
+    "mqar.kv_pairs=4",
+    "mqar.seq_lens=128",
+    "mqar.limit=8",
+    "ruler.lengths=256",
+    "ruler.limit=1",
+    "ruler.tasks=niah_single,vt",
+    "state-rank.num_sequences=2",
+    "state-rank.seq_len=64",
+    "state-rank.batch_size=2",
+    "speed.contexts=32",
+    "speed.batches=1",
+    "speed.new_tokens=3",
+    "speed.repeats=1",
+    "speed.warmup=0",
+]
 
 
 @pytest.mark.slow
@@ -240,9 +273,28 @@ def test_every_suite_runs_on_the_zoo_hybrid_and_the_leaderboard_shows_both_parts
     from harness.leaderboard import APP, data
 
     store = tmp_path / "r.sqlite"
-    args = ["run", "--model", "qwen35-hybrid-tiny", "--method", "drrqr", "--attn-method", "leank",
-            "--attn-param", "steps=20", "--attn-param", "steps2=10", "--attn-param", "pool=2", "--ratio", "0.5",
-            "--suite", "all", "--store", str(store), "-q"]
+    args = [
+        "run",
+        "--model",
+        "qwen35-hybrid-tiny",
+        "--method",
+        "drrqr",
+        "--attn-method",
+        "leank",
+        "--attn-param",
+        "steps=20",
+        "--attn-param",
+        "steps2=10",
+        "--attn-param",
+        "pool=2",
+        "--ratio",
+        "0.5",
+        "--suite",
+        "all",
+        "--store",
+        str(store),
+        "-q",
+    ]
     for pair in SMALL_SUITES:
         args += ["--suite-param", pair]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
@@ -257,8 +309,15 @@ def test_every_suite_runs_on_the_zoo_hybrid_and_the_leaderboard_shows_both_parts
     assert row["compression.linear_kept_ratio"] == 0.5 and row["compression.attention_kept_ratio"] == 0.5
     assert row["compression.state_bytes"] == table.loc["dense", "compression.state_bytes"] / 2
     assert row["compression.kv_bytes"] < table.loc["dense", "compression.kv_bytes"]
-    for suite in ("ppl.ppl", "lm-eval.avg_acc", "mqar.acc", "ruler.avg", "state-rank.u_final_mean", "state-rank.key_u_mean",
-                  "speed.decode_ms_per_token"):
+    for suite in (
+        "ppl.ppl",
+        "lm-eval.avg_acc",
+        "mqar.acc",
+        "ruler.avg",
+        "state-rank.u_final_mean",
+        "state-rank.key_u_mean",
+        "speed.decode_ms_per_token",
+    ):
         assert suite in table.columns and table[suite].notna().all(), suite
     assert row["speed.decode_speedup"] > 0  # measured against the dense model inside the compressed cell
     rank = next(t for t in at.tabs if t.label == "state rank")
@@ -268,7 +327,9 @@ def test_every_suite_runs_on_the_zoo_hybrid_and_the_leaderboard_shows_both_parts
     at.selectbox(key="detail_cell").set_value(key).run()
     shown = json.loads(next(t for t in at.tabs if t.label == "run detail").json[0].proto.body)
     assert shown["method"] == "drrqr+leank"
-    assert shown["method_params"]["linear"]["method"] == "drrqr" and shown["method_params"]["softmax"]["method"] == "leank"
+    assert (
+        shown["method_params"]["linear"]["method"] == "drrqr" and shown["method_params"]["softmax"]["method"] == "leank"
+    )
 
 
 @pytest.mark.parametrize("method", ["drrqr", "qrcp", "l1", "wanda", "grad", "random", "magnitude"])

@@ -57,7 +57,7 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     parts = package.split(".")
-                    base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
                 else:
                     base = node.module or ""
                 for alias in node.names:
@@ -124,8 +124,15 @@ def graph():
 
 
 def test_the_walk_sees_every_part_of_the_package(graph):
-    for name in ("harness.cli", "harness.families.hf_softmax", "harness.zoo.mqar", "harness.methods.leank",
-                 "harness.suites.mqar", "harness.kernels.fla_cpu", "harness.leaderboard.app"):
+    for name in (
+        "harness.cli",
+        "harness.families.hf_softmax",
+        "harness.zoo.mqar",
+        "harness.methods.leank",
+        "harness.suites.mqar",
+        "harness.kernels.fla_cpu",
+        "harness.leaderboard.app",
+    ):
         assert name in graph, name
     assert "harness.registry" in graph["harness.compress"]  # a top-level import
     assert "harness.families" in graph["harness.compress"]  # an import inside a function
@@ -141,6 +148,11 @@ def test_the_cycle_finder_finds_one():
 
 
 def test_core_reaches_methods_and_suites_only_through_the_registries(graph):
-    reaching = sorted(f"{module} -> {target}" for module, targets in graph.items() if not is_plugin(module)
-                      for target in targets if is_plugin(target) and target not in PLUGINS)
+    reaching = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if not is_plugin(module)
+        for target in targets
+        if is_plugin(target) and target not in PLUGINS
+    )
     assert reaching == []

@@ -17,8 +17,17 @@ def tiny_softmax(kind: str, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=100,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(head_dim=16, **common)).eval()
     return Qwen2ForCausalLM(Qwen2Config(**common)).eval()  # q/k/v biases, head_dim 16
@@ -29,12 +38,15 @@ def mixed_selection(model, counts=(0, 8, 16, 4), sink=3, recent=5, value_sum=Tru
     rng = torch.Generator().manual_seed(seed)
     layers = {}
     for i, (h, d, dv) in SoftmaxAdapter().geometry(model).items():
-        kept = [tuple(sorted(torch.randperm(d, generator=rng)[: counts[(i * h + j) % len(counts)]].tolist()))
-                for j in range(h)]
+        kept = [
+            tuple(sorted(torch.randperm(d, generator=rng)[: counts[(i * h + j) % len(counts)]].tolist()))
+            for j in range(h)
+        ]
         layers[i] = LayerSelection(d, dv, tuple(kept))
     family = model.config.model_type
-    return ChannelSelection(family, layers, "test", 0.5,
-                            meta={"cache": {"sink": sink, "recent": recent, "value_sum": value_sum}})
+    return ChannelSelection(
+        family, layers, "test", 0.5, meta={"cache": {"sink": sink, "recent": recent, "value_sum": value_sum}}
+    )
 
 
 def padded_batch(n_tokens=20, vocab=100, seed=0):
@@ -48,8 +60,16 @@ def padded_batch(n_tokens=20, vocab=100, seed=0):
 
 def generate(model, ids, mask, new=12, **kw):
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=0, **kw)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            **kw,
+        )
     return out.sequences, torch.stack(out.scores, 1)
 
 
@@ -94,7 +114,9 @@ def test_generate_uses_a_pruned_cache_that_stores_only_kept_channels():
     cache = PrunedKCache([m.key_plan for m in attention_modules(model)])
     ids, mask = padded_batch(n_tokens=40)
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=cache, pad_token_id=0)
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=cache, pad_token_id=0
+        )
     for i, layer in enumerate(cache.layers):
         head, mid, win = layer.segment_lengths()
         assert (head, win) == (3 + 7, 5) and head + mid + win == 44  # sink + most padding; recent
@@ -126,7 +148,7 @@ def test_middle_grows_in_place_and_keeps_every_slot():
     assert group.keys_store.shape[-2] == 20  # the prompt's middle: allocated exactly
     stores = {group.keys_store.data_ptr()}
     for t in range(25, total):
-        layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
         layer.compact()
         stores.add(group.keys_store.data_ptr())
     n_mid = total - 2 - 3
@@ -134,9 +156,9 @@ def test_middle_grows_in_place_and_keeps_every_slot():
     assert group.keys_store.shape[-2] <= n_mid * (1 + kcache.GROWTH_FRACTION) + 1
     for grp in layer.groups:
         heads = grp.heads.tolist()
-        expect = k[:, heads, 2:2 + n_mid][..., list(kept[heads[0]])]
+        expect = k[:, heads, 2 : 2 + n_mid][..., list(kept[heads[0]])]
         torch.testing.assert_close(grp.mid_keys, expect, rtol=0, atol=0)
-        torch.testing.assert_close(grp.mid_values, v[:, heads, 2:2 + n_mid], rtol=0, atol=0)
+        torch.testing.assert_close(grp.mid_values, v[:, heads, 2 : 2 + n_mid], rtol=0, atol=0)
         assert grp.mid_keys.data_ptr() == grp.keys_store.data_ptr()  # a view of the store
     bytes_ = layer.nbytes()
     stored = sum(grp.keys_store.numel() for grp in layer.groups) * 4
@@ -162,8 +184,17 @@ def test_chunked_prefill_and_decode_match_reference_per_layer():
         if layer.pads is None:
             layer.start(pads)
         out = pruned_cache_attention(q[:, :, start:end], layer, bias, scaling=0.3)
-        ref = masked_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], bias, key_scale=plan.key_scale(),
-                               sink=2, recent=3, scaling=0.3, pads=pads)
+        ref = masked_attention(
+            q[:, :, start:end],
+            k[:, :, :end],
+            v[:, :, :end],
+            bias,
+            key_scale=plan.key_scale(),
+            sink=2,
+            recent=3,
+            scaling=0.3,
+            pads=pads,
+        )
         layer.compact()
         real = torch.arange(start, end)[None, :] >= pads[:, None]  # padded queries attend to nothing real
         torch.testing.assert_close(out[real], ref[real])
@@ -188,8 +219,10 @@ def test_cache_bytes_fall_in_proportion_to_kept_channels(kind):
     d = 16
 
     def uniform(count):
-        layers = {i: LayerSelection(d, d, tuple(tuple(range(count)) for _ in range(h)))
-                  for i, (h, _, _) in adapter.geometry(model).items()}
+        layers = {
+            i: LayerSelection(d, d, tuple(tuple(range(count)) for _ in range(h)))
+            for i, (h, _, _) in adapter.geometry(model).items()
+        }
         return ChannelSelection(kind, layers, "test", 1 - count / d, meta={"cache": {"sink": 16, "recent": 64}})
 
     def metrics(count):

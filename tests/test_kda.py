@@ -27,8 +27,16 @@ LONG = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(1
 def tiny_kda(seed: int = 0, **over):
     from fla.models import KDAConfig
 
-    values = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, bos_token_id=1, eos_token_id=2,
-                  num_heads=2, head_dim=D, expand_v=1.0)
+    values = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        vocab_size=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        num_heads=2,
+        head_dim=D,
+        expand_v=1.0,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(KDAConfig(**{**values, **over}))
     with torch.no_grad():  # random init leaves q/k near-identical in scale; perturb so choices matter
@@ -53,9 +61,11 @@ def variant(request):
 def kernel_scale(monkeypatch):
     """Force KDA's output scale (default d_k ** -0.5 of the tensors given, so a sliced and a zeroed
     layer differ by that factor before the output norm): at one scale slicing must be exact."""
+
     def force(scale: float) -> None:
         for name in ("chunk_kda", "fused_recurrent_kda"):
             monkeypatch.setattr(fla.layers.kda, name, functools.partial(getattr(fla.layers.kda, name), scale=scale))
+
     return force
 
 
@@ -66,7 +76,9 @@ def logits(model, ids=TOKENS):
 
 def random_selection(model, ratio, seed=0):
     adapter = adapter_for(model)
-    return adapter, RandomChannels(seed=seed).select(adapter.capture(model, [], RandomChannels.needs), ratio, adapter.family)
+    return adapter, RandomChannels(seed=seed).select(
+        adapter.capture(model, [], RandomChannels.needs), ratio, adapter.family
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,21 +116,32 @@ def test_gate_matches_fla_naive_gates(lower_bound, with_a):
             kda.kda_gate(torch.zeros(1, 1, 2, 4), None)
         return
     gen = torch.Generator().manual_seed(0)
-    raw, A_log, dt_bias = torch.randn(2, 5, 3, 8, generator=gen), torch.randn(3, generator=gen), torch.randn(24, generator=gen)
+    raw, A_log, dt_bias = (
+        torch.randn(2, 5, 3, 8, generator=gen),
+        torch.randn(3, generator=gen),
+        torch.randn(24, generator=gen),
+    )
     A = A_log if with_a else None
-    want = (naive_kda_gate(raw, A_log, dt_bias) if lower_bound is None
-            else naive_kda_lowerbound_gate(raw, A, dt_bias, lower_bound=lower_bound))
+    want = (
+        naive_kda_gate(raw, A_log, dt_bias)
+        if lower_bound is None
+        else naive_kda_lowerbound_gate(raw, A, dt_bias, lower_bound=lower_bound)
+    )
     got = kda.kda_gate(raw, A, dt_bias, lower_bound)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert (got <= 0).all() and (lower_bound is None or (got >= lower_bound).all())  # float32 saturates
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(lower_bound=-5.0, safe_gate=True),
-    dict(lower_bound=-3.0),
-    dict(allow_neg_eigval=True),
-], ids=["softplus", "safe_gate", "lower_bound", "neg_eigval"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(lower_bound=-5.0, safe_gate=True),
+        dict(lower_bound=-3.0),
+        dict(allow_neg_eigval=True),
+    ],
+    ids=["softplus", "safe_gate", "lower_bound", "neg_eigval"],
+)
 def test_in_kernel_options_equal_naive_on_activated_inputs(options):
     """use_qk_l2norm / use_gate / use_beta_sigmoid / allow_neg_eigval / state_v_first, as the layer
     calls them: both entry points equal fla's naive recurrence fed the activated tensors."""
@@ -127,17 +150,30 @@ def test_in_kernel_options_equal_naive_on_activated_inputs(options):
     gen = torch.Generator().manual_seed(4)
     A_log, dt_bias = torch.randn(4, generator=gen), torch.randn(4 * 16, generator=gen)
     lower_bound = options.get("lower_bound")
-    g = (naive_kda_gate(raw, A_log, dt_bias) if lower_bound is None
-         else naive_kda_lowerbound_gate(raw, A_log, dt_bias, lower_bound=lower_bound))
+    g = (
+        naive_kda_gate(raw, A_log, dt_bias)
+        if lower_bound is None
+        else naive_kda_lowerbound_gate(raw, A_log, dt_bias, lower_bound=lower_bound)
+    )
     beta = beta_raw.sigmoid() * (2 if options.get("allow_neg_eigval") else 1)
     l2 = lambda x: x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)  # noqa: E731  fla's l2norm
     want_o, want_s = naive_recurrent_kda(l2(q), l2(k), v, g, beta, initial_state=h0, output_final_state=True)
-    common = dict(initial_state=h0.transpose(-1, -2).contiguous(), output_final_state=True, use_qk_l2norm_in_kernel=True,
-                  use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, state_v_first=True,
-                  A_log=A_log, dt_bias=dt_bias, allow_neg_eigval=options.get("allow_neg_eigval", False),
-                  lower_bound=lower_bound)
-    outs = [kda.fused_recurrent_kda(q, k, v, raw, beta_raw, **common),
-            kda.chunk_kda(q, k, v, raw, beta_raw, safe_gate=options.get("safe_gate", False), **common)]
+    common = dict(
+        initial_state=h0.transpose(-1, -2).contiguous(),
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        state_v_first=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        allow_neg_eigval=options.get("allow_neg_eigval", False),
+        lower_bound=lower_bound,
+    )
+    outs = [
+        kda.fused_recurrent_kda(q, k, v, raw, beta_raw, **common),
+        kda.chunk_kda(q, k, v, raw, beta_raw, safe_gate=options.get("safe_gate", False), **common),
+    ]
     for o, s in outs:
         torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s.transpose(-1, -2), want_s, rtol=1e-5, atol=1e-5)  # [N, HV, V, K]
@@ -146,13 +182,16 @@ def test_in_kernel_options_equal_naive_on_activated_inputs(options):
 def test_varlen_equals_separate_sequences_and_checks_like_fla():
     q, k, v, g, beta, h0 = _inputs(B=2, T=50, seed=5)
     lens = [17, 50]
-    pack = lambda x: torch.cat([x[0, :lens[0]], x[1, :lens[1]]]).unsqueeze(0)  # noqa: E731
+    pack = lambda x: torch.cat([x[0, : lens[0]], x[1, : lens[1]]]).unsqueeze(0)  # noqa: E731
     cu = torch.tensor([0, lens[0], sum(lens)])
-    o, s = kda.chunk_kda(*(pack(x) for x in (q, k, v, g, beta)), initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    o, s = kda.chunk_kda(
+        *(pack(x) for x in (q, k, v, g, beta)), initial_state=h0, output_final_state=True, cu_seqlens=cu
+    )
     for i, n in enumerate(lens):
-        oi, si = kda.fused_recurrent_kda(*(x[i:i + 1, :n] for x in (q, k, v, g, beta)), initial_state=h0[i:i + 1],
-                                         output_final_state=True)
-        torch.testing.assert_close(o[0, cu[i]:cu[i + 1]], oi[0], rtol=1e-5, atol=1e-5)
+        oi, si = kda.fused_recurrent_kda(
+            *(x[i : i + 1, :n] for x in (q, k, v, g, beta)), initial_state=h0[i : i + 1], output_final_state=True
+        )
+        torch.testing.assert_close(o[0, cu[i] : cu[i + 1]], oi[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s[i], si[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="safe range"):
         kda.chunk_kda(q, k, v, g, beta, use_gate_in_kernel=True, A_log=torch.zeros(4), safe_gate=True, lower_bound=-6.0)
@@ -165,20 +204,39 @@ def test_varlen_equals_separate_sequences_and_checks_like_fla():
 def test_chunk_and_recurrent_gradients_agree():
     """Both references are differentiated by autograd (the chunked one trains the zoo model)."""
     q, k, v, raw, beta, h0 = (x.double().requires_grad_() for x in _inputs(B=1, T=37, K=8, V=4, seed=6))
-    A_log, dt_bias = torch.zeros(4, dtype=torch.float64, requires_grad=True), torch.zeros(32, dtype=torch.float64, requires_grad=True)
+    A_log, dt_bias = (
+        torch.zeros(4, dtype=torch.float64, requires_grad=True),
+        torch.zeros(32, dtype=torch.float64, requires_grad=True),
+    )
     grads = []
     for fn in (kda.fused_recurrent_kda, kda.chunk_kda):
-        o, s = fn(q, k, v, raw, beta, A_log=A_log, dt_bias=dt_bias, initial_state=h0, output_final_state=True,
-                  use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
-        grads.append(torch.autograd.grad((o ** 2).sum() + s.sum(), (q, k, v, raw, beta, A_log, dt_bias, h0)))
+        o, s = fn(
+            q,
+            k,
+            v,
+            raw,
+            beta,
+            A_log=A_log,
+            dt_bias=dt_bias,
+            initial_state=h0,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            use_gate_in_kernel=True,
+            use_beta_sigmoid_in_kernel=True,
+        )
+        grads.append(torch.autograd.grad((o**2).sum() + s.sum(), (q, k, v, raw, beta, A_log, dt_bias, h0)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_fla_kda_entry_points_are_routed():
     names = fla_cpu.patches()
-    for name in ("fla.layers.kda.chunk_kda", "fla.layers.kda.fused_recurrent_kda",
-                 "fla.ops.kda.chunk.chunk_kda", "fla.ops.kda.fused_recurrent.fused_recurrent_kda"):
+    for name in (
+        "fla.layers.kda.chunk_kda",
+        "fla.layers.kda.fused_recurrent_kda",
+        "fla.ops.kda.chunk.chunk_kda",
+        "fla.ops.kda.fused_recurrent.fused_recurrent_kda",
+    ):
         assert name in names
     assert fla.layers.kda.chunk_kda._harness_reference is kda.chunk_kda
 
@@ -231,7 +289,7 @@ def test_slicing_equals_zeroing(variant, ratio, ids, kernel_scale):
     assert attn.q_proj.weight.shape[0] == attn.k_conv1d.weight.shape[0] == 2 * keep
     assert attn.f_proj[1].weight.shape[0] == attn.dt_bias.shape[0] == hv * keep  # the decays went with the channels
     dense = logits(model, ids)
-    kernel_scale(keep ** -0.5)
+    kernel_scale(keep**-0.5)
     ref, got = logits(zeroed, ids), logits(sliced, ids)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ref, dense, atol=1e-3)  # pruning did change the function
@@ -246,10 +304,18 @@ def test_each_value_head_keeps_its_key_heads_gate_channels():
     adapter.apply(model, selection)
     for hv in range(4):
         rows = [hv * D + c for c in kept[hv // 2]]
-        assert torch.equal(attn.f_proj[1].weight[hv * 16:(hv + 1) * 16], weight[rows])
-        assert torch.equal(attn.dt_bias[hv * 16:(hv + 1) * 16], bias[rows])
+        assert torch.equal(attn.f_proj[1].weight[hv * 16 : (hv + 1) * 16], weight[rows])
+        assert torch.equal(attn.dt_bias[hv * 16 : (hv + 1) * 16], bias[rows])
     assert gate_rows(type("L", (), dict(num_v_heads=4, num_heads=2, head_k_dim=4))(), ((0, 3), (1, 2))).tolist() == [
-        0, 3, 4, 7, 9, 10, 13, 14]
+        0,
+        3,
+        4,
+        7,
+        9,
+        10,
+        13,
+        14,
+    ]
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
@@ -277,8 +343,9 @@ def test_projection_mixes_gate_rows_by_squared_weights():
     adapter, selection = random_selection(model, 0.5, seed=4)
     layers = {}
     for i, sel in selection.layers.items():  # the same choice, written as a 0/1 projection
-        proj = tuple(tuple(tuple(1.0 if c == kept[j] else 0.0 for j in range(len(kept))) for c in range(D))
-                     for kept in sel.kept)
+        proj = tuple(
+            tuple(tuple(1.0 if c == kept[j] else 0.0 for j in range(len(kept))) for c in range(D)) for kept in sel.kept
+        )
         layers[i] = LayerSelection(D, sel.value_dim, tuple(tuple(range(len(k))) for k in sel.kept), proj)
     as_projection = ChannelSelection(family="kda", layers=layers, method="pca", ratio=0.5)
     sliced, projected = copy.deepcopy(model), copy.deepcopy(model)
@@ -296,9 +363,11 @@ def test_capture_sees_what_the_kernel_is_fed():
         attn = model.model.layers[1].attn
         seen = []
         original = fla.layers.kda.chunk_kda
+
         def spy(q, k, *args, **kwargs):
             seen.append(k.detach().reshape(-1, 2, D))
             return original(q, k, *args, **kwargs)
+
         layer = adapter_for(model).capture(model, [LONG], frozenset({ACTIVATIONS}))[1]
         fla.layers.kda.chunk_kda = spy
         try:
@@ -307,8 +376,9 @@ def test_capture_sees_what_the_kernel_is_fed():
             fla.layers.kda.chunk_kda = original
         full = seen[1].double()  # layer 1's keys as the kernel got them (before its L2 norm)
         for h in range(2):
-            torch.testing.assert_close(layer.k[:, h].double().T @ layer.k[:, h].double(), full[:, h].T @ full[:, h],
-                                       rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(
+                layer.k[:, h].double().T @ layer.k[:, h].double(), full[:, h].T @ full[:, h], rtol=1e-5, atol=1e-4
+            )
         assert attn.use_short_conv == conv
 
 
@@ -405,8 +475,9 @@ def kda_cache_states(model, input_ids) -> list[torch.Tensor]:
     return [cache[i]["recurrent_state"].transpose(-1, -2) for i in range(len(model.model.layers))]
 
 
-@pytest.mark.parametrize("over", [{}, dict(num_v_heads=4), dict(safe_gate=True, lower_bound=-5.0)],
-                         ids=["plain", "gva", "safe_gate"])
+@pytest.mark.parametrize(
+    "over", [{}, dict(num_v_heads=4), dict(safe_gate=True, lower_bound=-5.0)], ids=["plain", "gva", "safe_gate"]
+)
 def test_state_rank_replays_kda_calls_to_the_layers_own_states(over):
     from harness.suites.state_rank import record_delta_rule_calls, replay_states
 
@@ -433,7 +504,7 @@ def test_state_rank_suite_on_a_pruned_kda_model(tmp_path, text_file, char_tokeni
     adapter, selection = random_selection(model, 0.5)
     adapter.apply(model, selection)  # head_k_dim 32 -> 16
     suite = StateRankSuite(num_sequences=3, seq_len=40, every=16, batch_size=2, text_file=text_file)
-    ctx = SuiteContext("kda", "cpu", 3, tmp_path / "artifacts", lambda _d, _t: (lambda n=1: None))
+    ctx = SuiteContext("kda", "cpu", 3, tmp_path / "artifacts", lambda _d, _t: lambda n=1: None)
     rows = {r.name: r for r in suite.run(model, char_tokenizer, ctx)}
     states = kda_cache_states(model, suite.sequences(char_tokenizer, ctx.seed))
     for layer, state in enumerate(states):
@@ -487,7 +558,7 @@ def test_trained_kda_tiny_slices_exactly(kernel_scale):
     adapter.apply(sliced, selection)
     ids = batches[0][:2]
     at_own_scale = logits(sliced, ids)
-    kernel_scale(16 ** -0.5)
+    kernel_scale(16**-0.5)
     torch.testing.assert_close(logits(sliced, ids), logits(zeroed, ids), rtol=1e-5, atol=1e-4)
     # at its own default scale the output RMSNorm absorbs the factor almost entirely
     torch.testing.assert_close(at_own_scale, logits(zeroed, ids), rtol=0, atol=5e-2)
@@ -498,8 +569,15 @@ def test_speed_suite_on_kda_tiny(tmp_path):
 
     _zoo_kda()
     small = {"contexts": "32,96", "batches": "1,2", "new_tokens": 3, "warmup": 0, "repeats": 2}
-    report = run(model="kda-tiny", method="random", ratios=[0.5], suites=["speed"], suite_params={"speed": small},
-                 store=tmp_path / "r.sqlite", progress=False)
+    report = run(
+        model="kda-tiny",
+        method="random",
+        ratios=[0.5],
+        suites=["speed"],
+        suite_params={"speed": small},
+        store=tmp_path / "r.sqlite",
+        progress=False,
+    )
     ours = {r["metric"]: r["value"] for r in report.rows if r["suite"] == "speed" and r["method"] == "random"}
     for w in ("c32b1", "c32b2", "c96b1", "c96b2"):
         assert ours[f"decode_ms_per_token/{w}"] > 0 and ours[f"prefill_tokens_per_s/{w}"] > 0

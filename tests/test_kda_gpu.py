@@ -53,10 +53,16 @@ def make_inputs(K, dtype, varlen, seed=0):
     def randn(*shape):
         return torch.randn(*shape, device="cuda", generator=gen)
 
-    x = dict(q=F.silu(randn(b, t, H, K)), k=F.silu(randn(b, t, H, K)), v=F.silu(randn(b, t, H, V)),
-             g=randn(b, t, H, K), beta=randn(b, t, H),  # raw f_proj and b_proj outputs
-             initial_state=0.1 * randn(n, H, V, K),  # state_v_first
-             A_log=torch.empty(H, device="cuda").uniform_(1, 16, generator=gen).log(), dt_bias=0.1 * randn(H * K))
+    x = dict(
+        q=F.silu(randn(b, t, H, K)),
+        k=F.silu(randn(b, t, H, K)),
+        v=F.silu(randn(b, t, H, V)),
+        g=randn(b, t, H, K),
+        beta=randn(b, t, H),  # raw f_proj and b_proj outputs
+        initial_state=0.1 * randn(n, H, V, K),  # state_v_first
+        A_log=torch.empty(H, device="cuda").uniform_(1, 16, generator=gen).log(),
+        dt_bias=0.1 * randn(H * K),
+    )
     for key in ("q", "k", "v", "g", "beta"):
         x[key] = x[key].to(dtype)
     cu = torch.tensor(VARLEN, device="cuda", dtype=torch.long) if varlen else None
@@ -64,9 +70,15 @@ def make_inputs(K, dtype, varlen, seed=0):
 
 
 def layer_kwargs(gate: str, chunk: bool) -> dict:
-    kwargs = dict(output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                  use_beta_sigmoid_in_kernel=True, allow_neg_eigval=False, state_v_first=True,
-                  lower_bound=GATES[gate].get("lower_bound"))
+    kwargs = dict(
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        allow_neg_eigval=False,
+        state_v_first=True,
+        lower_bound=GATES[gate].get("lower_bound"),
+    )
     if chunk:
         kwargs["safe_gate"] = GATES[gate].get("safe_gate", False)
     return kwargs
@@ -74,9 +86,11 @@ def layer_kwargs(gate: str, chunk: bool) -> dict:
 
 CASES = [("chunk_kda", kda.chunk_kda, True), ("fused_recurrent_kda", kda.fused_recurrent_kda, False)]
 PARAMS = [
-    pytest.param(name, ref, chunk, dt, K, gate, varlen,
-                 id=f"{name}-{dt}-K{K}-{gate}-{'varlen' if varlen else 'dense'}")
-    for name, ref, chunk in CASES for dt in ("bf16", "fp32") for K in (128, 64, 32) for gate in GATES
+    pytest.param(name, ref, chunk, dt, K, gate, varlen, id=f"{name}-{dt}-K{K}-{gate}-{'varlen' if varlen else 'dense'}")
+    for name, ref, chunk in CASES
+    for dt in ("bf16", "fp32")
+    for K in (128, 64, 32)
+    for gate in GATES
     for varlen in (False, True)
 ]
 
@@ -115,8 +129,9 @@ def _model(**over):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = KDAConfig(hidden_size=512, num_hidden_layers=2, num_heads=4, head_dim=128, expand_v=1.0,
-                       vocab_size=1000, **over)
+    config = KDAConfig(
+        hidden_size=512, num_hidden_layers=2, num_heads=4, head_dim=128, expand_v=1.0, vocab_size=1000, **over
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -155,7 +170,7 @@ def test_kda_slicing_equals_zeroing_under_fla_kernels(ratio, monkeypatch):
     adapter.apply(sliced, selection)
     keep = 128 - int(128 * ratio)
     for name in ("chunk_kda", "fused_recurrent_kda"):
-        monkeypatch.setattr(fla.layers.kda, name, functools.partial(getattr(fla.layers.kda, name), scale=keep ** -0.5))
+        monkeypatch.setattr(fla.layers.kda, name, functools.partial(getattr(fla.layers.kda, name), scale=keep**-0.5))
     ids = torch.randint(0, 1000, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
         ref, got = zeroed(input_ids=ids).logits, sliced(input_ids=ids).logits

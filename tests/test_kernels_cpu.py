@@ -100,11 +100,11 @@ def test_gated_delta_rule_matches_fla_naive(form, naive, B, T, H, K, V):
 
     q, k, v, beta, g, h0 = inputs(B, T, H, K, V, seed=T + 1)
     scale = 0.3
-    o_ref, s_ref = getattr(fla_naive, naive)(q=q, k=k, v=v, beta=beta, g=g, scale=scale,
-                                             initial_state=h0, output_final_state=True)
+    o_ref, s_ref = getattr(fla_naive, naive)(
+        q=q, k=k, v=v, beta=beta, g=g, scale=scale, initial_state=h0, output_final_state=True
+    )
     if form == "recurrent":
-        o, s = gated_delta_rule_recurrent(q, k, v, g, beta=beta, scale=scale, initial_state=h0,
-                                          output_final_state=True)
+        o, s = gated_delta_rule_recurrent(q, k, v, g, beta=beta, scale=scale, initial_state=h0, output_final_state=True)
     else:
         o, s = gated_delta_rule_chunk(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True)
     assert_rel(o, o_ref)
@@ -115,8 +115,7 @@ def test_no_initial_state_and_no_final_state():
     q, k, v, beta, g, _ = inputs(2, 40, 2, 16, 16, seed=3)
     o, s = gated_delta_rule_chunk(q, k, v, g, beta)
     assert s is None
-    o2, s2 = gated_delta_rule_chunk(q, k, v, g, beta, initial_state=torch.zeros(2, 2, 16, 16),
-                                    output_final_state=True)
+    o2, s2 = gated_delta_rule_chunk(q, k, v, g, beta, initial_state=torch.zeros(2, 2, 16, 16), output_final_state=True)
     assert_rel(o, o2, 1e-6)
     assert s2.shape == (2, 2, 16, 16)
 
@@ -137,8 +136,13 @@ def test_bf16_inputs_compute_in_fp32_and_return_bf16():
 GATED_OPTIONS = [
     dict(),
     dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True),
-    dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True,
-         state_v_first=True, use_gate_in_kernel=True),
+    dict(
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        allow_neg_eigval=True,
+        state_v_first=True,
+        use_gate_in_kernel=True,
+    ),
 ]
 
 
@@ -149,10 +153,10 @@ def test_gated_chunk_equals_recurrent_forward_and_backward(opts, HV):
     q, k, v, beta, g, h0 = inputs(B, T, H, K, V, seed=11, HV=HV)
     extra = {}
     if opts.get("use_gate_in_kernel"):
-        g = torch.randn(B, T, HV, generator=gen(1))                  # raw gate input
+        g = torch.randn(B, T, HV, generator=gen(1))  # raw gate input
         extra = dict(A_log=torch.rand(HV, generator=gen(2)).mul(16).log(), dt_bias=torch.randn(HV, generator=gen(3)))
     if opts.get("use_beta_sigmoid_in_kernel"):
-        beta = torch.randn(B, T, HV, generator=gen(4))               # raw beta logits
+        beta = torch.randn(B, T, HV, generator=gen(4))  # raw beta logits
     if opts.get("state_v_first"):
         h0 = h0.transpose(-1, -2).contiguous()
     leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, g, h0, *extra.values())]
@@ -165,7 +169,9 @@ def test_gated_chunk_equals_recurrent_forward_and_backward(opts, HV):
             o, s = gated_delta_rule_recurrent(q_, k_, v_, g_, beta=b_, **kw)
         else:
             o, s = gated_delta_rule_chunk(q_, k_, v_, g_, b_, **kw)
-        (o * torch.randn(o.shape, generator=gen(7))).sum().add((s * torch.randn(s.shape, generator=gen(8))).sum()).backward()
+        (o * torch.randn(o.shape, generator=gen(7))).sum().add(
+            (s * torch.randn(s.shape, generator=gen(8))).sum()
+        ).backward()
         results[form] = (o, s, [x.grad for x in xs])
     (o_r, s_r, g_r), (o_c, s_c, g_c) = results["recurrent"], results["chunk"]
     assert_rel(o_c, o_r)
@@ -198,13 +204,28 @@ def test_gradcheck_float64_multi_chunk():
     beta = torch.randn(B, T, H, generator=g_, dtype=torch.float64)
     g = torch.randn(B, T, H, generator=g_, dtype=torch.float64)
     h0 = torch.randn(B, H, K, V, generator=g_, dtype=torch.float64)
-    A_log, dt_bias = torch.randn(H, dtype=torch.float64, generator=g_), torch.randn(H, dtype=torch.float64, generator=g_)
+    A_log, dt_bias = (
+        torch.randn(H, dtype=torch.float64, generator=g_),
+        torch.randn(H, dtype=torch.float64, generator=g_),
+    )
     xs = [x.requires_grad_() for x in (q, k, v, g, beta, h0, A_log, dt_bias)]
 
     def fn(q, k, v, g, beta, h0, A_log, dt_bias):
-        return gated_delta_rule_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                                      use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-                                      use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, chunk_size=4)
+        return gated_delta_rule_chunk(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=h0,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            use_beta_sigmoid_in_kernel=True,
+            use_gate_in_kernel=True,
+            A_log=A_log,
+            dt_bias=dt_bias,
+            chunk_size=4,
+        )
 
     assert fn(*xs)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-5)
@@ -230,8 +251,9 @@ def test_chunk_fast_enough_for_training_on_cpu():
 LENS = [5, 70, 1, 33]
 
 
-@pytest.mark.parametrize("name", ["delta_rule_recurrent", "delta_rule_chunk",
-                                  "gated_delta_rule_recurrent", "gated_delta_rule_chunk"])
+@pytest.mark.parametrize(
+    "name", ["delta_rule_recurrent", "delta_rule_chunk", "gated_delta_rule_recurrent", "gated_delta_rule_chunk"]
+)
 def test_varlen_equals_segments(name):
     fn = getattr(delta_rule, name)
     gated = name.startswith("gated")
@@ -249,24 +271,32 @@ def test_varlen_equals_segments(name):
     o, s = call(q, k, v, beta, g, h0, cu_seqlens=cu)
     assert s.shape == (N, H, K, V)
     for i, (bos, eos) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o_i, s_i = call(*(x[:, bos:eos] for x in (q, k, v, beta, g)), h0[i:i + 1])
+        o_i, s_i = call(*(x[:, bos:eos] for x in (q, k, v, beta, g)), h0[i : i + 1])
         assert_rel(o[:, bos:eos], o_i, 1e-5)
-        assert_rel(s[i:i + 1], s_i, 1e-5)
+        assert_rel(s[i : i + 1], s_i, 1e-5)
 
 
 def test_chunk_state_feeds_recurrent_decoding():
     """What generate does: chunked prefill, then token-by-token decoding from its state (V-first)."""
     q, k, v, beta, g, _ = inputs(2, 75, 2, 24, 16, seed=17)
     A_log, dt_bias = torch.zeros(2), torch.zeros(2)
-    kw = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, state_v_first=True,
-              use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, output_final_state=True)
+    kw = dict(
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        state_v_first=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        output_final_state=True,
+    )
     o_full, s_full = gated_delta_rule_chunk(q, k, v, g, beta, **kw)
     o_pre, state = gated_delta_rule_chunk(*(x[:, :70] for x in (q, k, v, g, beta)), **kw)
     assert state.shape == (2, 2, 16, 24)  # [N, HV, V, K]
     outs = [o_pre]
     for t in range(70, 75):
-        o_t, state = gated_delta_rule_recurrent(*(x[:, t:t + 1] for x in (q, k, v, g)), beta=beta[:, t:t + 1],
-                                                initial_state=state, **kw)
+        o_t, state = gated_delta_rule_recurrent(
+            *(x[:, t : t + 1] for x in (q, k, v, g)), beta=beta[:, t : t + 1], initial_state=state, **kw
+        )
         outs.append(o_t)
     assert_rel(torch.cat(outs, 1), o_full)
     assert_rel(state, s_full)
@@ -319,7 +349,7 @@ def test_conv_prefix_then_decode_equals_one_go():
         outs = [y_pre]
         for t in range(2, 11):
             cache_before = cache
-            y_t, cache = layer(x[:, t:t + 1], cache=cache, output_final_state=True)  # the in-place decode step
+            y_t, cache = layer(x[:, t : t + 1], cache=cache, output_final_state=True)  # the in-place decode step
             assert cache is cache_before
             outs.append(y_t)
     assert_rel(torch.cat(outs, 1), y_all, 1e-6)
@@ -344,13 +374,20 @@ def test_conv_varlen_equals_segments():
     x = torch.randn(1, sum(lens), 12, generator=gen(23))
     h0 = torch.randn(3, 12, 4, generator=gen(24))
     cu = torch.tensor([0, 3, 11, 12])
-    y, s = conv.causal_conv1d(x, layer.weight[:, 0], layer.bias, initial_state=h0, output_final_state=True,
-                              activation="silu", cu_seqlens=cu)
+    y, s = conv.causal_conv1d(
+        x, layer.weight[:, 0], layer.bias, initial_state=h0, output_final_state=True, activation="silu", cu_seqlens=cu
+    )
     for i, (bos, eos) in enumerate([(0, 3), (3, 11), (11, 12)]):
-        y_i, s_i = conv.causal_conv1d(x[:, bos:eos], layer.weight[:, 0], layer.bias, initial_state=h0[i:i + 1],
-                                      output_final_state=True, activation="silu")
+        y_i, s_i = conv.causal_conv1d(
+            x[:, bos:eos],
+            layer.weight[:, 0],
+            layer.bias,
+            initial_state=h0[i : i + 1],
+            output_final_state=True,
+            activation="silu",
+        )
         assert_rel(y[:, bos:eos], y_i, 1e-6)
-        assert torch.equal(s[i:i + 1], s_i)
+        assert torch.equal(s[i : i + 1], s_i)
     assert torch.equal(s[2, :, :3], h0[2, :, 1:])  # one-token segment: cache shifted by one
 
 
@@ -358,8 +395,14 @@ def test_conv_decode_step_with_packed_sequences():
     layer = short_conv()
     cache = torch.randn(3, 12, 4, generator=gen(25))
     x = torch.randn(1, 3, 12, generator=gen(26))
-    y_dense, s_dense = conv.causal_conv1d(x.transpose(0, 1), layer.weight[:, 0], layer.bias, initial_state=cache,
-                                          output_final_state=True, activation="silu")
+    y_dense, s_dense = conv.causal_conv1d(
+        x.transpose(0, 1),
+        layer.weight[:, 0],
+        layer.bias,
+        initial_state=cache,
+        output_final_state=True,
+        activation="silu",
+    )
     with torch.no_grad():
         y, s = layer(x, cache=cache.clone(), output_final_state=True, cu_seqlens=torch.tensor([0, 1, 2, 3]))
     assert_rel(y, y_dense.transpose(0, 1), 1e-6)
@@ -400,7 +443,11 @@ def test_fused_rms_norm_gated(activation):
 
 
 def test_layer_norm_reference():
-    x, w, b = torch.randn(5, 16, generator=gen(31)), torch.randn(16, generator=gen(32)), torch.randn(16, generator=gen(33))
+    x, w, b = (
+        torch.randn(5, 16, generator=gen(31)),
+        torch.randn(16, generator=gen(32)),
+        torch.randn(16, generator=gen(33)),
+    )
     assert_rel(norm.layer_norm(x, w, b, eps=1e-5), F.layer_norm(x, (16,), w, b, eps=1e-5), 1e-6)
 
 
@@ -426,7 +473,9 @@ def test_fused_cross_entropy_matches_torch(label_smoothing, reduction):
     logits = torch.randn(12, 30, generator=gen(38), requires_grad=True)
     target = torch.randint(0, 30, (12,), generator=gen(39))
     target[[2, 7]] = -100
-    got = FusedCrossEntropyLoss(reduction=reduction, label_smoothing=label_smoothing, inplace_backward=True)(logits, target)
+    got = FusedCrossEntropyLoss(reduction=reduction, label_smoothing=label_smoothing, inplace_backward=True)(
+        logits, target
+    )
     ref = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=label_smoothing)
     if reduction == "none":
         ref = torch.where(target == -100, 0.0, ref)  # fla (and torch) give ignored rows 0
@@ -443,7 +492,7 @@ def test_cross_entropy_z_loss_and_softcap():
     lossv, z = loss.cross_entropy_loss(logits, target, lse_square_scale=1e-2, logit_softcapping=3.0, logit_scale=2.0)
     x = 3.0 * torch.tanh(2.0 * logits / 3.0)
     lse = x.logsumexp(-1)
-    assert_rel(z, 1e-2 * lse ** 2, 1e-6)
+    assert_rel(z, 1e-2 * lse**2, 1e-6)
     assert_rel(lossv, F.cross_entropy(x, target, reduction="none") + z, 1e-6)
 
 
@@ -466,8 +515,7 @@ def tiny(family: str, seed: int = 0, **over):
     from fla.models import DeltaNetConfig, GatedDeltaNetConfig
     from transformers import AutoModelForCausalLM
 
-    common = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, bos_token_id=1, eos_token_id=2,
-                  pad_token_id=0)
+    common = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family.startswith("deltanet"):
         cfg = DeltaNetConfig(**{**common, "num_heads": 2, "use_gate": family == "deltanet-gate", **over})
     else:
@@ -519,8 +567,9 @@ def greedy_by_reforward(model, ids, n):
 def test_generate_equals_reforward(family, prompt_len):
     model = tiny(family).eval()
     ids = tokens(1, prompt_len, seed=1)
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True,
-                         return_dict_in_generate=True, output_logits=True)
+    out = model.generate(
+        ids, max_new_tokens=8, do_sample=False, use_cache=True, return_dict_in_generate=True, output_logits=True
+    )
     ref_ids, ref_logits = greedy_by_reforward(model, ids, 8)
     assert torch.equal(out.sequences, ref_ids)
     assert_rel(torch.stack(out.logits, 1), ref_logits, 1e-4)
@@ -536,13 +585,13 @@ def test_left_padded_batch_equals_single_sequences(family, lengths):
     singles = []
     for i, n in enumerate(lengths):
         seq = tokens(1, n, seed=10 + i)
-        ids[i, T - n:], mask[i, T - n:] = seq[0], 1
+        ids[i, T - n :], mask[i, T - n :] = seq[0], 1
         singles.append(seq)
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         for i, seq in enumerate(singles):
             alone = model(input_ids=seq, use_cache=False).logits
-            assert_rel(batched[i, T - seq.shape[1]:], alone[0], 1e-4)
+            assert_rel(batched[i, T - seq.shape[1] :], alone[0], 1e-4)
 
 
 @pytest.mark.parametrize("family", ["deltanet", "gated_deltanet"])
@@ -552,20 +601,26 @@ def test_left_padded_batch_generate(family):
     ids = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                         return_dict_in_generate=True, output_logits=True)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
     for i, seq in enumerate((a, b)):
-        single = model.generate(seq, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        single = model.generate(
+            seq, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
         assert torch.equal(out.sequences[i, -6:], single.sequences[0, -6:])
         assert_rel(torch.stack(out.logits, 1)[i], torch.stack(single.logits, 1)[0], 1e-4)
 
 
-@pytest.mark.parametrize("family,over,head_k_dim", [
-    ("deltanet", dict(expand_k=0.75), 24),
-    ("deltanet-gate", dict(expand_k=0.25), 8),
-    ("gated_deltanet", dict(head_dim=24), 24),
-    ("gated_deltanet", dict(head_dim=8, num_v_heads=4, expand_v=4.0), 8),  # with grouped value heads
-])
+@pytest.mark.parametrize(
+    "family,over,head_k_dim",
+    [
+        ("deltanet", dict(expand_k=0.75), 24),
+        ("deltanet-gate", dict(expand_k=0.25), 8),
+        ("gated_deltanet", dict(head_dim=24), 24),
+        ("gated_deltanet", dict(head_dim=8, num_v_heads=4, expand_v=4.0), 8),  # with grouped value heads
+    ],
+)
 def test_models_with_shrunk_key_dim(family, over, head_k_dim):
     model = tiny(family, **over)
     attn = model.model.layers[0].attn
@@ -651,10 +706,10 @@ def test_routing_decision():
     assert not fla_cpu.wants_reference_device("xpu")
     assert fla_cpu.use_reference((cpu, cpu), {"beta": cpu, "scale": 0.5})
     assert not fla_cpu.use_reference((meta, meta), {})
-    assert not fla_cpu.use_reference((cpu,), {"q": meta})           # one tensor elsewhere -> fla
+    assert not fla_cpu.use_reference((cpu,), {"q": meta})  # one tensor elsewhere -> fla
     assert not fla_cpu.use_reference((meta,), {"cu_seqlens_cpu": cpu})
-    assert not fla_cpu.use_reference((1, "x"), {})                   # no tensors -> fla
-    assert not fla_cpu.use_reference(([cpu, meta],), {})             # tensors inside a tuple/list count
+    assert not fla_cpu.use_reference((1, "x"), {})  # no tensors -> fla
+    assert not fla_cpu.use_reference(([cpu, meta],), {})  # tensors inside a tuple/list count
 
     calls = []
     wrapper = fla_cpu._route(lambda *a, **k: calls.append("fla"), lambda *a, **k: calls.append("ref"), "f")
@@ -664,8 +719,10 @@ def test_routing_decision():
     assert calls == ["ref", "fla", "fla"]
 
 
-@pytest.mark.parametrize("attr", ["chunk_delta_rule", "fused_recurrent_delta_rule",
-                                  "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"])
+@pytest.mark.parametrize(
+    "attr",
+    ["chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"],
+)
 def test_reference_signatures_match_fla(attr):
     """Positional calls must line up: every fla parameter, in fla's order, exists in the reference."""
     import fla.ops
@@ -673,7 +730,8 @@ def test_reference_signatures_match_fla(attr):
     wrapper = getattr(fla.ops, attr)
     original = inspect.unwrap(wrapper._harness_original)
     fla_params = [p for p in inspect.signature(original).parameters.values() if p.kind != p.VAR_KEYWORD]
-    ref_params = [p for p in inspect.signature(wrapper._harness_reference).parameters.values()
-                  if p.kind != p.VAR_KEYWORD]
+    ref_params = [
+        p for p in inspect.signature(wrapper._harness_reference).parameters.values() if p.kind != p.VAR_KEYWORD
+    ]
     assert [p.name for p in ref_params] == [p.name for p in fla_params]
     assert [p.default for p in ref_params] == [p.default for p in fla_params]

@@ -47,7 +47,7 @@ TOL = {"bf16": 4e-2, "fp32": 5e-3}
 GRAD_FACTOR = 2.5
 B, T, H, V = 2, 1024, 4, 128
 VARLEN = [0, 257, 1000, 2048]  # packed: three sequences, B = 1
-HEAD_K_DIMS = [128, 64]        # full and pruned
+HEAD_K_DIMS = [128, 64]  # full and pruned
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,14 +102,14 @@ def make_inputs(K, dtype, varlen, gated, seed=0):
         return torch.randn(*shape, device="cuda", generator=g_)
 
     x = dict(
-        q=F.silu(randn(b, t, H, K)),           # the layers feed silu(conv(x)) into the kernels
+        q=F.silu(randn(b, t, H, K)),  # the layers feed silu(conv(x)) into the kernels
         k=F.silu(randn(b, t, H, K)),
         v=F.silu(randn(b, t, H, V)),
         initial_state=0.1 * randn(n, H, K, V),
     )
     if gated:
-        x["g"] = randn(b, t, H)                # raw a_proj output
-        x["beta"] = randn(b, t, H)             # raw b_proj output
+        x["g"] = randn(b, t, H)  # raw a_proj output
+        x["beta"] = randn(b, t, H)  # raw b_proj output
         x["initial_state"] = x["initial_state"].transpose(-1, -2).contiguous()  # state_v_first
         x["A_log"] = torch.empty(H, device="cuda").uniform_(1, 16, generator=g_).log()
         x["dt_bias"] = 0.1 * randn(H)
@@ -124,8 +124,14 @@ def make_inputs(K, dtype, varlen, gated, seed=0):
 
 def layer_kwargs(gated):
     if gated:  # exactly what fla.layers.gated_deltanet.GatedDeltaNet passes
-        return dict(output_final_state=True, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-                    allow_neg_eigval=False, state_v_first=True, use_gate_in_kernel=True)
+        return dict(
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            use_beta_sigmoid_in_kernel=True,
+            allow_neg_eigval=False,
+            state_v_first=True,
+            use_gate_in_kernel=True,
+        )
     return dict(output_final_state=True, use_qk_l2norm_in_kernel=True)  # fla.layers.delta_net.DeltaNet
 
 
@@ -221,8 +227,13 @@ def model_for(family, **over):
 
 MODEL_PARAMS = [
     pytest.param(fam, over, dt, id=f"{fam}-{'pruned' if over else 'full'}-{dt}")
-    for fam, over in [("deltanet", {}), ("deltanet-gate", {}), ("deltanet", {"expand_k": 0.5}),
-                      ("gated_deltanet", {}), ("gated_deltanet", {"head_dim": 48, "expand_v": 4.0})]
+    for fam, over in [
+        ("deltanet", {}),
+        ("deltanet-gate", {}),
+        ("deltanet", {"expand_k": 0.5}),
+        ("gated_deltanet", {}),
+        ("gated_deltanet", {"head_dim": 48, "expand_v": 4.0}),
+    ]
     for dt in (["bf16"] if fam.startswith("deltanet") else ["bf16", "fp32"])  # fla's DeltaNet chunk: no fp32
 ]
 

@@ -21,12 +21,17 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert ls.settings(KERNEL, "Some GPU", "short") == ls.DEFAULTS[KERNEL]
     assert ls.source(KERNEL, "Some GPU", "short") == "defaults"
     path = ls.save(KERNEL, "Some GPU", "short", {"BLOCK_N": 64, "ITEMS_PER_SM": 16}, note="a sweep")
-    assert path == tmp_path / "user.json" and json.loads(path.read_text())[KERNEL]["Some GPU"]["short"]["note"] == "a sweep"
+    assert (
+        path == tmp_path / "user.json"
+        and json.loads(path.read_text())[KERNEL]["Some GPU"]["short"]["note"] == "a sweep"
+    )
     assert ls.settings(KERNEL, "Some GPU", "short") == {**ls.DEFAULTS[KERNEL], "BLOCK_N": 64, "ITEMS_PER_SM": 16}
     assert ls.settings(KERNEL, "Some GPU", "long") == ls.DEFAULTS[KERNEL]  # per shape class
     ls.OVERRIDE[KERNEL] = {"NUM_WARPS": 8}
     try:
-        assert ls.settings(KERNEL, "Some GPU", "short")["NUM_WARPS"] == 8 and ls.source(KERNEL, "x", "long") == "override"
+        assert (
+            ls.settings(KERNEL, "Some GPU", "short")["NUM_WARPS"] == 8 and ls.source(KERNEL, "x", "long") == "override"
+        )
     finally:
         ls.OVERRIDE.pop(KERNEL)
     (tmp_path / "user.json").write_text("not json")

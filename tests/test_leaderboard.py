@@ -67,15 +67,21 @@ def test_pareto_draws_one_line_per_method(leaderboard_store, monkeypatch):
     at = app(leaderboard_store, monkeypatch)
     at.selectbox(key="pareto_x").set_value("compression.kept_ratio")
     at.selectbox(key="pareto_y").set_value("ppl.ppl").run()
-    index, spec = next((i, s) for i, s in enumerate(charts(at))
-                       if s.get("encoding", {}).get("y", {}).get("title") == "ppl.ppl")
+    index, spec = next(
+        (i, s) for i, s in enumerate(charts(at)) if s.get("encoding", {}).get("y", {}).get("title") == "ppl.ppl"
+    )
     assert spec["encoding"]["x"]["title"] == "compression.kept_ratio"
     assert spec["encoding"]["color"]["field"] == "method"
     assert "." not in spec["encoding"]["x"]["field"] + spec["encoding"]["y"]["field"]  # "." = nested in Vega-Lite
     rows = chart_rows(at, index)
     # one line per method from the dense point (kept ratio 1) to its ratio; dense on its own
-    assert sorted((r["method"], r["x"]) for r in rows) == [("dense", 1.0), ("drrqr", 0.5), ("drrqr", 1.0),
-                                                            ("random", 0.5), ("random", 1.0)]
+    assert sorted((r["method"], r["x"]) for r in rows) == [
+        ("dense", 1.0),
+        ("drrqr", 0.5),
+        ("drrqr", 1.0),
+        ("random", 0.5),
+        ("random", 1.0),
+    ]
 
 
 def test_state_rank_heatmaps_and_curves_hold_the_stored_values(leaderboard_store, monkeypatch):
@@ -175,19 +181,35 @@ def test_first_screen_leads_with_headlines_that_have_values(leaderboard_store, m
     at = app(leaderboard_store, monkeypatch)  # defaults, untouched
     assert at.selectbox(key="pareto_x").value == "compression.kept_ratio"
     assert at.selectbox(key="pareto_y").value == "ppl.ppl"
-    (rows,) = [chart_rows(at, i) for i, s in enumerate(charts(at)) if s.get("encoding", {}).get("y", {}).get("title") == "ppl.ppl"]
+    (rows,) = [
+        chart_rows(at, i)
+        for i, s in enumerate(charts(at))
+        if s.get("encoding", {}).get("y", {}).get("title") == "ppl.ppl"
+    ]
     assert len(rows) == 5 and all(r["x"] is not None and r["y"] is not None for r in rows)
 
 
 def test_ordered_metrics_and_pareto_defaults():
     import pandas as pd
 
-    view = pd.DataFrame({"model": ["m", "m"], "speed.decode_ms_per_token": [2.0, 1.0], "ppl.nll": [3.0, 3.5],
-                         "zz.other": [None, None], "ppl.ppl": [20.0, 30.0], "compression.kv_bytes": [10, 5],
-                         "compression.attention_kept_ratio": [None, None]})
+    view = pd.DataFrame(
+        {
+            "model": ["m", "m"],
+            "speed.decode_ms_per_token": [2.0, 1.0],
+            "ppl.nll": [3.0, 3.5],
+            "zz.other": [None, None],
+            "ppl.ppl": [20.0, 30.0],
+            "compression.kv_bytes": [10, 5],
+            "compression.attention_kept_ratio": [None, None],
+        }
+    )
     metrics = [c for c in view.columns if "." in c]
-    assert data.ordered_metrics(view, metrics) == ["compression.kv_bytes", "ppl.ppl", "speed.decode_ms_per_token",
-                                                   "ppl.nll"]
+    assert data.ordered_metrics(view, metrics) == [
+        "compression.kv_bytes",
+        "ppl.ppl",
+        "speed.decode_ms_per_token",
+        "ppl.nll",
+    ]
     size, quality = data.pareto_axes(view, data.ordered_metrics(view, metrics))
     x, y = data.pareto_defaults(view, size, quality)
     assert x[0] == "compression.kv_bytes" and y[0] == "ppl.ppl"

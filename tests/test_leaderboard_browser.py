@@ -23,8 +23,16 @@ pytestmark = pytest.mark.skipif(
     reason="no chromium on this machine: `bash tests/setup-browser.sh` installs Debian's (needs root or sudo)",
 )
 # flags for a closed network: no background connections, no sandbox as root (the env notes)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -38,8 +46,12 @@ def server(leaderboard_store, tmp_path):
     port = free_port()
     harness = Path(sys.executable).with_name("harness")
     log = (tmp_path / "streamlit.log").open("w")
-    proc = subprocess.Popen([str(harness), "leaderboard", "--store", str(leaderboard_store), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(harness), "leaderboard", "--store", str(leaderboard_store), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -98,7 +110,8 @@ def test_table_and_plot_render_in_chromium(server, evil_name, tmp_path):
             page.get_by_role("tab", name="run detail").click()
             expect(page.get_by_text(evil_name).first).to_be_visible(timeout=30_000)
             assert page.evaluate("() => document.querySelectorAll('script').length") == page.evaluate(
-                "() => [...document.querySelectorAll('script')].filter(s => !s.textContent.includes('alert(1)')).length")
+                "() => [...document.querySelectorAll('script')].filter(s => !s.textContent.includes('alert(1)')).length"
+            )
             page.screenshot(path=str(tmp_path / "run-detail.png"), full_page=True)
         finally:
             browser.close()

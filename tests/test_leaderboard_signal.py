@@ -30,8 +30,11 @@ def test_sigterm_to_the_command_stops_the_server(leaderboard_store, tmp_path):
     url = f"http://127.0.0.1:{port}"
     harness = Path(sys.executable).with_name("harness")
     with (tmp_path / "streamlit.log").open("w") as log:
-        proc = subprocess.Popen([str(harness), "leaderboard", "--store", str(leaderboard_store), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)  # its own process, not a process group
+        proc = subprocess.Popen(
+            [str(harness), "leaderboard", "--store", str(leaderboard_store), "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # its own process, not a process group
         try:
             deadline = time.monotonic() + 90
             while not answers(url):

@@ -16,12 +16,22 @@ from lm_eval.api.model import LM
 from harness.calibration import load_text
 from harness.errors import HarnessError
 from harness.suite import SuiteContext
-from harness.suites.lm_eval import (CHOICE_TASK, PPL_TASK, TASKS_DIR, LmEvalSuite, continuation_items, evaluate_tasks,
-                                    hub_access, load_tasks, split_documents, write_local_data)
+from harness.suites.lm_eval import (
+    CHOICE_TASK,
+    PPL_TASK,
+    TASKS_DIR,
+    LmEvalSuite,
+    continuation_items,
+    evaluate_tasks,
+    hub_access,
+    load_tasks,
+    split_documents,
+    write_local_data,
+)
 
 
 def _ctx(tmp_path, family="deltanet"):
-    return SuiteContext(family, "cpu", 0, tmp_path / "artifacts", lambda description, total: (lambda n=1: None))
+    return SuiteContext(family, "cpu", 0, tmp_path / "artifacts", lambda description, total: lambda n=1: None)
 
 
 class ScriptedLM(LM):

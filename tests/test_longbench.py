@@ -27,7 +27,7 @@ def tokenizer():
 
 
 def _ctx(tmp_path):
-    return SuiteContext("llama", "cpu", 0, tmp_path, lambda description, total: (lambda n=1: None))
+    return SuiteContext("llama", "cpu", 0, tmp_path, lambda description, total: lambda n=1: None)
 
 
 class ScriptedModel(torch.nn.Module):
@@ -47,8 +47,15 @@ class ScriptedModel(torch.nn.Module):
             assert bool((mask[:n_pad] == 0).all()) and bool((ids[:n_pad] == pad).all())  # left padding
             prompt = self.tok.decode(ids[n_pad:], skip_special_tokens=True)
             marker = next(m for m in self.answers if m in prompt)
-            self.calls.append({"marker": marker, "prompt": prompt, "max_new_tokens": max_new_tokens,
-                               "batch": len(input_ids), **settings})
+            self.calls.append(
+                {
+                    "marker": marker,
+                    "prompt": prompt,
+                    "max_new_tokens": max_new_tokens,
+                    "batch": len(input_ids),
+                    **settings,
+                }
+            )
             rows.append(self.tok.encode(self.answers[marker], add_special_tokens=False))
         width = max(len(r) for r in rows)
         new = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -56,23 +63,43 @@ class ScriptedModel(torch.nn.Module):
 
 
 def _example(marker, answers, *, all_classes=None, length=100, question=None):
-    return {"input": question or f"question {marker}", "context": f"Document {marker} says little.",
-            "answers": answers, "all_classes": all_classes, "length": length, "_id": marker}
+    return {
+        "input": question or f"question {marker}",
+        "context": f"Document {marker} says little.",
+        "answers": answers,
+        "all_classes": all_classes,
+        "length": length,
+        "_id": marker,
+    }
 
 
-TREC_CLASSES = ["Abbreviation", "Animal", "Description of something", "Definition of something", "Other",
-                "Other number"]
+TREC_CLASSES = [
+    "Abbreviation",
+    "Animal",
+    "Description of something",
+    "Definition of something",
+    "Other",
+    "Other number",
+]
 # subset -> [(example, scripted model output)]; expected scores are worked out in the test below
 FIXTURE = {
-    "hotpotqa": [(_example("hq1", ["The Eiffel Tower"]), "eiffel tower, Paris"),
-                 (_example("hq2", ["Marie Curie", "Curie"]), "Pierre Curie")],
-    "trec": [(_example("tr1", ["Animal"], all_classes=TREC_CLASSES), "Animal\nAbbreviation"),
-             (_example("tr2", ["Definition of something"], all_classes=TREC_CLASSES),
-              "Description of something or Definition of something"),
-             (_example("tr3", ["Other number"], all_classes=TREC_CLASSES), "Other number")],
-    "passage_retrieval_en": [(_example("pr1", ["Paragraph 3"]), "Paragraph 3"),
-                             (_example("pr2", ["Paragraph 3"]), "Paragraph 3 or Paragraph 5"),
-                             (_example("pr3", ["Paragraph 3"]), "none of them")],
+    "hotpotqa": [
+        (_example("hq1", ["The Eiffel Tower"]), "eiffel tower, Paris"),
+        (_example("hq2", ["Marie Curie", "Curie"]), "Pierre Curie"),
+    ],
+    "trec": [
+        (_example("tr1", ["Animal"], all_classes=TREC_CLASSES), "Animal\nAbbreviation"),
+        (
+            _example("tr2", ["Definition of something"], all_classes=TREC_CLASSES),
+            "Description of something or Definition of something",
+        ),
+        (_example("tr3", ["Other number"], all_classes=TREC_CLASSES), "Other number"),
+    ],
+    "passage_retrieval_en": [
+        (_example("pr1", ["Paragraph 3"]), "Paragraph 3"),
+        (_example("pr2", ["Paragraph 3"]), "Paragraph 3 or Paragraph 5"),
+        (_example("pr3", ["Paragraph 3"]), "none of them"),
+    ],
     "passage_count": [(_example("pc1", ["4"]), "There are 4 paragraphs, not 14")],
     "lcc": [(_example("lc1", ["return x + 1"]), "\n# comment\nreturn x + 2\n")],
     "gov_report": [(_example("gr1", ["The cat sat on the mat."]), "the cat lay on a mat")],
@@ -113,7 +140,8 @@ def test_fixture_scores_match_hand_computed_values(tmp_path, data_dir, tokenizer
         "gov_report.rouge_l": 100 * 4 / 6,
         # first line "Anna will call Tom." vs "Anna calls Tom tomorrow.": LCS anna, tom: 2 of 4 both ways
         "samsum.rouge_l": 50.0,
-        "passage_count_e.count_acc": 50.0, "passage_count_e.count_acc.0-4k": 100.0,
+        "passage_count_e.count_acc": 50.0,
+        "passage_count_e.count_acc.0-4k": 100.0,
         "passage_count_e.count_acc.8k+": 0.0,
     }
     for name, value in expected.items():
@@ -138,14 +166,19 @@ def test_prompts_and_maxlen_files_are_used(tmp_path, data_dir, tokenizer):
     (config / "dataset2prompt.json").write_text(json.dumps({"hotpotqa": "C: {context}\nQ: {input}\nA:"}))
     (config / "dataset2maxlen.json").write_text(json.dumps({"hotpotqa": 7}))
     model = _stub(tokenizer)
-    rows = LongBenchSuite(data_dir=str(data_dir), subsets="hotpotqa", prompts_file=str(config / "dataset2prompt.json"),
-                          maxlen_file=str(config / "dataset2maxlen.json")).run(model, tokenizer, _ctx(tmp_path))
+    rows = LongBenchSuite(
+        data_dir=str(data_dir),
+        subsets="hotpotqa",
+        prompts_file=str(config / "dataset2prompt.json"),
+        maxlen_file=str(config / "dataset2maxlen.json"),
+    ).run(model, tokenizer, _ctx(tmp_path))
     assert model.calls[0]["prompt"] == "C: Document hq1 says little.\nQ: question hq1\nA:"
     assert model.calls[0]["max_new_tokens"] == 7
     assert rows[0].details["prompts"] == "official"
     with pytest.raises(HarnessError, match="no entry for LongBench subset 'trec'"):
-        LongBenchSuite(data_dir=str(data_dir), subsets="trec",
-                       prompts_file=str(config / "dataset2prompt.json")).run(model, tokenizer, _ctx(tmp_path))
+        LongBenchSuite(data_dir=str(data_dir), subsets="trec", prompts_file=str(config / "dataset2prompt.json")).run(
+            model, tokenizer, _ctx(tmp_path)
+        )
 
 
 def test_chat_template_is_applied_except_on_few_shot_and_code(tokenizer):
@@ -166,8 +199,9 @@ def test_truncation_keeps_both_ends(tokenizer):
     assert cut.startswith("HEAD marker.") and cut.endswith("TAIL question?")
     assert len(tokenizer(cut)["input_ids"]) <= 42 < len(tokenizer(prompt)["input_ids"])
     ids = tokenizer(prompt)["input_ids"]
-    assert cut == tokenizer.decode(ids[:20], skip_special_tokens=True) + tokenizer.decode(ids[-20:],
-                                                                                    skip_special_tokens=True)
+    assert cut == tokenizer.decode(ids[:20], skip_special_tokens=True) + tokenizer.decode(
+        ids[-20:], skip_special_tokens=True
+    )
     assert lb.truncate_middle("short prompt", tokenizer, 40) == "short prompt"
 
 
@@ -200,8 +234,10 @@ def test_left_padded_batches_equal_single_prompts(model_name):
 
     loaded = load_model(model_name)
     tok = loaded.tokenizer
-    prompts = [tok(p)["input_ids"] for p in ("Return the value of the attribute named by the key", "Parse a string",
-                                              "Create a new")]
+    prompts = [
+        tok(p)["input_ids"]
+        for p in ("Return the value of the attribute named by the key", "Parse a string", "Create a new")
+    ]
     batched = lb.generate_batch(loaded.model, tok, prompts, 6, stop_at_newline=False)
     singles = [lb.generate_batch(loaded.model, tok, [p], 6, stop_at_newline=False)[0] for p in prompts]
     assert batched == singles and all(singles)

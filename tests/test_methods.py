@@ -31,8 +31,16 @@ def planted_layer(seed: int) -> tuple[LayerData, list[set[int]]]:
             x[:, copies] = 0.9 * signal[:, :4] + 0.01 * gen.standard_normal((TOKENS, 4))
             acts[name][:, h] = x
     weights = torch.zeros(HEADS * D, 16)
-    layer = LayerData(0, HEADS, D, 16, weights, weights,
-                      q=torch.tensor(acts["q"], dtype=torch.float32), k=torch.tensor(acts["k"], dtype=torch.float32))
+    layer = LayerData(
+        0,
+        HEADS,
+        D,
+        16,
+        weights,
+        weights,
+        q=torch.tensor(acts["q"], dtype=torch.float32),
+        k=torch.tensor(acts["k"], dtype=torch.float32),
+    )
     return layer, planted
 
 
@@ -76,7 +84,6 @@ def test_drrqr_on_gram_exact_factors_equals_drrqr_on_every_token():
     for a, b in zip(rows.meta["certificate"], exact.meta["certificate"]):
         assert a["swaps"] == b["swaps"] and abs(a["max_rho"] - b["max_rho"]) < 1e-6 * max(1.0, a["max_rho"])
     assert "max_rows" not in {f.name for f in dataclasses.fields(DRRQR)}  # no subsample that would degrade it
-
 
 
 def test_random_is_seeded_and_uniformish():

@@ -20,11 +20,12 @@ SPECIAL = (0, 1, 2)
 
 
 def ctx(seed: int = 0) -> SuiteContext:
-    return SuiteContext("deltanet", "cpu", seed, None, lambda description, total: (lambda n=1: None))
+    return SuiteContext("deltanet", "cpu", seed, None, lambda description, total: lambda n=1: None)
 
 
 class TokenizerStub:
     """What the suite reads from a tokenizer: its size and special ids."""
+
     all_special_ids = list(SPECIAL)
 
     def __len__(self):
@@ -77,14 +78,16 @@ def test_sequences_follow_the_layout():
     again = mqar_batch(sets, 32, n, length, np.random.default_rng(0))
     assert torch.equal(batch.input_ids, again.input_ids) and batch.input_ids.shape == (32, length)
     keys, values, noise = (set(t.tolist()) for t in (sets.keys, sets.values, sets.noise))
-    for ids, positions, answers in zip(batch.input_ids.tolist(), batch.query_positions.tolist(), batch.answers.tolist()):
-        pairs = dict(zip(ids[0:2 * n:2], ids[1:2 * n:2]))
+    for ids, positions, answers in zip(
+        batch.input_ids.tolist(), batch.query_positions.tolist(), batch.answers.tolist()
+    ):
+        pairs = dict(zip(ids[0 : 2 * n : 2], ids[1 : 2 * n : 2]))
         assert len(pairs) == n and set(pairs) <= keys and set(pairs.values()) <= values
         assert len(set(pairs.values())) == n  # distinct values, as Zoology
         assert sorted(ids[p] for p in positions) == sorted(pairs)  # each key asked once, after the pairs
         assert all(p >= 2 * n and (p - 2 * n) % 2 == 0 for p in positions)
         assert [pairs[ids[p]] for p in positions] == answers
-        rest = [t for i, t in enumerate(ids[2 * n:], 2 * n) if i not in positions]
+        rest = [t for i, t in enumerate(ids[2 * n :], 2 * n) if i not in positions]
         assert set(rest) <= noise
     # Zoology's power law puts most queries right after the pairs
     gaps = (batch.query_positions - 2 * n) // 2
@@ -97,8 +100,15 @@ def test_oracle_is_perfect_and_random_is_at_chance():
     suite = MqarSuite(kv_pairs="4,16", seq_lens="64,128", limit=32, batch_size=8)
     assert suite.settings() == [(4, 64), (4, 128), (16, 64), (16, 128)]
     rows = {m.name: m for m in suite.run(RecallOracle(), TokenizerStub(), ctx())}
-    assert set(rows) == {"acc/kv4/len64", "acc/kv4/len128", "acc/kv16/len64", "acc/kv16/len128", "acc/kv4",
-                         "acc/kv16", "acc"}
+    assert set(rows) == {
+        "acc/kv4/len64",
+        "acc/kv4/len128",
+        "acc/kv16/len64",
+        "acc/kv16/len128",
+        "acc/kv4",
+        "acc/kv16",
+        "acc",
+    }
     assert all(m.value == 1.0 for m in rows.values())
     assert rows["acc/kv16/len128"].details["queries"] == 32 * 16
     assert rows["acc/kv16/len128"].details["acc_full_vocab"] == 1.0
@@ -126,18 +136,26 @@ def _tiny(family: str):
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
-                  num_key_value_heads=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     config = {"llama": lambda: LlamaConfig(**common), "qwen2": lambda: Qwen2Config(**common)}.get(
-        family, lambda: tiny_config(family, vocab_size=VOCAB))()
+        family, lambda: tiny_config(family, vocab_size=VOCAB)
+    )()
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.mark.parametrize("family", ["deltanet", "gated_deltanet", "llama", "qwen2"])
 def test_every_family_runs_through_its_logits(family):
-    rows = {m.name: m for m in MqarSuite(kv_pairs="4,8", seq_lens="64", limit=8).run(_tiny(family), TokenizerStub(),
-                                                                                      ctx())}
+    rows = {
+        m.name: m for m in MqarSuite(kv_pairs="4,8", seq_lens="64", limit=8).run(_tiny(family), TokenizerStub(), ctx())
+    }
     assert set(rows) == {"acc/kv4/len64", "acc/kv8/len64", "acc/kv4", "acc/kv8", "acc"}
     assert all(0.0 <= m.value <= 1.0 for m in rows.values())
     assert rows["acc"].value == pytest.approx((rows["acc/kv4/len64"].value + rows["acc/kv8/len64"].value) / 2)
@@ -150,7 +168,8 @@ def test_the_mqar_zoo_model_recalls_far_above_chance():
     folder = zoo.WEIGHTS_DIR / NAME
     assert (folder / "config.json").is_file(), f"{folder} is missing: build it with harness.zoo.mqar.build_mqar()"
     loaded = load_model(str(folder), device="cpu")
-    rows = {m.name: m for m in MqarSuite(kv_pairs="8", seq_lens="128", limit=16).run(loaded.model, loaded.tokenizer,
-                                                                                      ctx())}
+    rows = {
+        m.name: m for m in MqarSuite(kv_pairs="8", seq_lens="128", limit=16).run(loaded.model, loaded.tokenizer, ctx())
+    }
     assert rows["acc"].details["chance"] == 1 / 64
     assert rows["acc"].value > 0.5

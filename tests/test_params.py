@@ -20,12 +20,15 @@ def test_coercion_from_strings():
     assert (p.f, p.n, p.flag, p.name) == (2.0, 7, True, None)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"g": "1"}, "unknown parameter 'g' for method t; its parameters: f"),
-    ({"n": "1.5"}, "must be an integer"),
-    ({"flag": "maybe"}, "must be true or false"),
-    ({"f": "abc"}, "must be a number"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"g": "1"}, "unknown parameter 'g' for method t; its parameters: f"),
+        ({"n": "1.5"}, "must be an integer"),
+        ({"flag": "maybe"}, "must be true or false"),
+        ({"f": "abc"}, "must be a number"),
+    ],
+)
 def test_errors_name_the_problem(values, message):
     with pytest.raises(HarnessError, match=message):
         build(P, values, what="method t")

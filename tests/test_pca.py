@@ -22,7 +22,9 @@ def planted_low_rank(seed: int):
     for h in range(HEADS):
         u, _ = np.linalg.qr(gen.standard_normal((D, RANK)))
         bases.append(u)
-        acts[:, h] = (gen.standard_normal((TOKENS, RANK)) * np.linspace(3, 1, RANK)) @ u.T + 1e-3 * gen.standard_normal((TOKENS, D))
+        acts[:, h] = (gen.standard_normal((TOKENS, RANK)) * np.linspace(3, 1, RANK)) @ u.T + 1e-3 * gen.standard_normal(
+            (TOKENS, D)
+        )
     t = torch.tensor(acts, dtype=torch.float32)
     w = torch.zeros(HEADS * D, 8)
     return LayerData(0, HEADS, D, 16, w, w, q=t, k=t), bases
@@ -61,7 +63,9 @@ def test_projection_realizes_as_a_plain_smaller_model(tmp_path):
     adapter.apply(model, selection)
     attn, before = model.model.layers[0].attn, original.model.layers[0].attn
     p0 = torch.tensor(selection.layers[0].projection[0], dtype=torch.float64)
-    torch.testing.assert_close(attn.q_proj.weight[:16].double(), p0.T @ before.q_proj.weight[:32].double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        attn.q_proj.weight[:16].double(), p0.T @ before.q_proj.weight[:32].double(), rtol=1e-5, atol=1e-6
+    )
     assert attn.head_k_dim == 16 and attn.q_conv1d.weight.shape == (32, 1, 4)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

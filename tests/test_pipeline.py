@@ -54,8 +54,15 @@ def test_crash_keeps_finished_cells_and_marks_incomplete(tmp_path, monkeypatch):
 
 
 def test_save_writes_a_plain_checkpoint(tmp_path):
-    report = harness.run(method="drrqr", ratios=[0.75], suites=["ppl"], suite_params=FAST,
-                         store=tmp_path / "r.sqlite", save=tmp_path / "out", progress=False)
+    report = harness.run(
+        method="drrqr",
+        ratios=[0.75],
+        suites=["ppl"],
+        suite_params=FAST,
+        store=tmp_path / "r.sqlite",
+        save=tmp_path / "out",
+        progress=False,
+    )
     (folder,) = report.saved
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.expand_k * model.config.hidden_size / model.config.num_heads == 8
@@ -67,7 +74,7 @@ def test_save_writes_a_plain_checkpoint(tmp_path):
     suite = PerplexitySuite(limit=2048)
     from harness.suite import SuiteContext
 
-    ctx = SuiteContext("deltanet", "cpu", 0, tmp_path, lambda d, t: (lambda n=1: None))
+    ctx = SuiteContext("deltanet", "cpu", 0, tmp_path, lambda d, t: lambda n=1: None)
     (ppl, _nll) = suite.run(loaded.model, loaded.tokenizer, ctx)
     assert ppl.value == pytest.approx(ppl_of(report, "drrqr"), rel=1e-5)
 
@@ -78,10 +85,12 @@ def test_drrqr_beats_random_on_the_trained_models(model, tmp_path):
     would select blindly and lose its clear lead over Random at half the key channels."""
     store = tmp_path / "r.sqlite"
     fast = {"ppl": {"limit": 4096}}
-    drrqr = harness.run(model=model, method="drrqr", ratios=[0.5], suites=["ppl"], suite_params=fast,
-                        store=store, progress=False)
-    rand = harness.run(model=model, method="random", ratios=[0.5], suites=["ppl"], suite_params=fast,
-                       store=store, progress=False)
+    drrqr = harness.run(
+        model=model, method="drrqr", ratios=[0.5], suites=["ppl"], suite_params=fast, store=store, progress=False
+    )
+    rand = harness.run(
+        model=model, method="random", ratios=[0.5], suites=["ppl"], suite_params=fast, store=store, progress=False
+    )
     assert ppl_of(drrqr, "dense") < ppl_of(drrqr, "drrqr") < 0.9 * ppl_of(rand, "random")
 
 
@@ -90,14 +99,26 @@ def test_lora_recovery_rows_beside_pruned_rows(tmp_path):
 
     store = tmp_path / "r.sqlite"
     lora = LoraSpec(steps=3, batch_size=2, seq_len=64)
-    first = harness.run(method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store,
-                        progress=False, lora=lora, save=tmp_path / "out")
+    first = harness.run(
+        method="random",
+        ratios=[0.5],
+        suites=["ppl"],
+        suite_params=FAST,
+        store=store,
+        progress=False,
+        lora=lora,
+        save=tmp_path / "out",
+    )
     stages = {(r["method"], r["recovery"]) for r in first.rows if r["metric"] == "ppl"}
     assert stages == {("dense", "none"), ("random", "none"), ("random", "lora")}
     assert first.computed == 6
-    assert sorted(p.rsplit("/", 1)[-1] for p in first.saved) == ["deltanet-tiny-random-0.5", "deltanet-tiny-random-0.5-lora"]
-    again = harness.run(method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store,
-                        progress=False, lora=lora)
+    assert sorted(p.rsplit("/", 1)[-1] for p in first.saved) == [
+        "deltanet-tiny-random-0.5",
+        "deltanet-tiny-random-0.5-lora",
+    ]
+    again = harness.run(
+        method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False, lora=lora
+    )
     assert again.computed == 0 and again.reused == 6
     rows = ResultStore(store).table(recovery="lora")
     assert rows and all(r["status"] == COMPLETE for r in rows)

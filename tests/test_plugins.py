@@ -63,16 +63,37 @@ def plugin_env(tmp_path_factory):
         pkg.mkdir()
         for fname, body in files.items():
             (pkg / fname).write_text(textwrap.dedent(body))
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "--target",
+                str(site),
+                str(pkg),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     env = {**os.environ, "PYTHONPATH": str(site)}
     return env, root
 
 
 def harness(env, *args):
     # cwd outside the checkout: the installed package must be what runs, not the source folders
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=env["PYTHONPATH"])
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=env["PYTHONPATH"],
+    )
 
 
 def test_list_shows_plugin_and_broken_plugin(plugin_env):
@@ -92,8 +113,21 @@ def test_list_shows_plugin_and_broken_plugin(plugin_env):
 def test_plugin_method_runs_and_broken_one_fails_cleanly(plugin_env):
     env, root = plugin_env
     store = root / "r.sqlite"
-    result = harness(env, "run", "--method", "first-k", "--ratio", "0.5", "--suite", "ppl",
-                     "--suite-param", "ppl.limit=1024", "--store", str(store), "-q")
+    result = harness(
+        env,
+        "run",
+        "--method",
+        "first-k",
+        "--ratio",
+        "0.5",
+        "--suite",
+        "ppl",
+        "--suite-param",
+        "ppl.limit=1024",
+        "--store",
+        str(store),
+        "-q",
+    )
     assert result.returncode == 0, result.stderr
     assert "first-k" in result.stdout and "0.5" in result.stdout
     from harness.selection import ChannelSelection
@@ -108,8 +142,19 @@ def test_plugin_method_runs_and_broken_one_fails_cleanly(plugin_env):
     assert broken.returncode == 2
     assert "failed to load (ModuleNotFoundError" in broken.stderr and "Traceback" not in broken.stderr
     # `all` skips the broken suite instead of failing the run
-    result = harness(env, "run", "--method", "random", "--suite", "all", "--suite-param", "ppl.limit=512",
-                     "--store", str(store), "-q")
+    result = harness(
+        env,
+        "run",
+        "--method",
+        "random",
+        "--suite",
+        "all",
+        "--suite-param",
+        "ppl.limit=512",
+        "--store",
+        str(store),
+        "-q",
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -124,8 +169,14 @@ def test_leaderboard_method_cards_include_plugins(plugin_env, tmp_path):
         print("\\n".join(s.value for s in cards.subheader))
         print("\\n".join(t.value for t in cards.text))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**env, "HARNESS_STORE": str(tmp_path / "none.sqlite")}, cwd=env["PYTHONPATH"])
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "HARNESS_STORE": str(tmp_path / "none.sqlite")},
+        cwd=env["PYTHONPATH"],
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert r"first\-k" in lines and "drrqr" in lines  # card titles (markdown-escaped names)

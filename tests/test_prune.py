@@ -14,15 +14,33 @@ from harness.progress import Bars
 
 RATIOS = (0.25, 0.5, 0.75)
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "128"]
-BUILTIN = sorted(e.name for e in registry.entries(registry.METHODS)
-                 if e.ok and e.distribution == "kc-harness" and "deltanet" in e.obj.families)
+BUILTIN = sorted(
+    e.name
+    for e in registry.entries(registry.METHODS)
+    if e.ok and e.distribution == "kc-harness" and "deltanet" in e.obj.families
+)
 
 
 @pytest.mark.parametrize("model", ["deltanet-tiny", "gated-deltanet-tiny"])
 @pytest.mark.parametrize("method", BUILTIN)
 def test_prune_writes_reloadable_checkpoints(method, model, tmp_path):
-    result = CliRunner().invoke(app, ["prune", "--method", method, "--model", model, "--ratio", "0.25,0.5,0.75",
-                                      "--out", str(tmp_path), "-q", *CALIB], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            "--method",
+            method,
+            "--model",
+            model,
+            "--ratio",
+            "0.25,0.5,0.75",
+            "--out",
+            str(tmp_path),
+            "-q",
+            *CALIB,
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     p = plan(model, method, RATIOS, calibration=CalibrationSpec(samples=4, seq_len=128))
     layer_data = p.capture(Bars(None))

@@ -25,8 +25,25 @@ from harness.kernels.pruned_decode import pruned_decode_attention, pruned_decode
 PADS = (0, 4, 7)
 
 
-def decode_steps(*, hq, hkv, d, dv, kept, prompt, steps, sink=3, recent=5, value_sum=True, pads=PADS,
-                 dtype=torch.float32, device="cpu", chosen=None, float_mask=False, seed=0):
+def decode_steps(
+    *,
+    hq,
+    hkv,
+    d,
+    dv,
+    kept,
+    prompt,
+    steps,
+    sink=3,
+    recent=5,
+    value_sum=True,
+    pads=PADS,
+    dtype=torch.float32,
+    device="cpu",
+    chosen=None,
+    float_mask=False,
+    seed=0,
+):
     """Fill a PrunedKLayer with a left-padded prompt, then decode `steps` tokens one at a time.
     Yields (query (B, Hq, 1, d), layer after its update, 4D mask) at each decode step.
     `kept`: per KV head channel tuples (a static plan), or None with `chosen` (B, Hkv, c) per row."""
@@ -36,19 +53,20 @@ def decode_steps(*, hq, hkv, d, dv, kept, prompt, steps, sink=3, recent=5, value
     v = torch.randn(b, hkv, total, dv, generator=g).to(device, dtype)
     q = torch.randn(b, hq, total, d, generator=g).to(device, dtype)
     pads_t = torch.tensor(pads)
-    plan = KeyChannelPlan(hkv, d, dv, kept, sink=sink, recent=recent, value_sum=value_sum,
-                          count=0 if chosen is None else chosen.shape[-1])
+    plan = KeyChannelPlan(
+        hkv, d, dv, kept, sink=sink, recent=recent, value_sum=value_sum, count=0 if chosen is None else chosen.shape[-1]
+    )
     layer = PrunedKLayer(plan)
     layer.update(k[:, :, :prompt], v[:, :, :prompt])
     layer.start(pads_t, None if chosen is None else chosen.to(device))
     layer.compact()
     for t in range(prompt, total):
-        layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
         attends = (torch.arange(t + 1)[None, :] >= pads_t[:, None]).to(device)  # (B, T)
         mask = attends[:, None, None, :]
         if float_mask:
             mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, -1e30)
-        yield q[:, :, t:t + 1], layer, mask
+        yield q[:, :, t : t + 1], layer, mask
         layer.compact()
 
 
@@ -71,13 +89,19 @@ def compare(cases, fn, *, atol, rtol, **kw):
         ref = pruned_cache_attention(query, layer, mask, scaling=0.3)
         out = fn(query, layer, mask, scaling=0.3)
         assert out.shape == ref.shape and out.dtype == ref.dtype
-        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol,
-                                   msg=lambda m: f"step {n}, segments {layer.segment_lengths()}: {m}")
+        torch.testing.assert_close(
+            out.float(),
+            ref.float(),
+            atol=atol,
+            rtol=rtol,
+            msg=lambda m: f"step {n}, segments {layer.segment_lengths()}: {m}",
+        )
         n += 1
     return n
 
 
 # --- (a) the torch twin on CPU -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("value_sum", [True, False])
@@ -85,16 +109,26 @@ def compare(cases, fn, *, atol, rtol, **kw):
 def test_torch_twin_equals_reference(case, value_sum, split):
     """Prompt of 8 slots: the first steps have no middle (n_mid = 0, head still filling), later ones
     do; 40 splits leave most of them empty."""
+
     def fn(query, layer, mask, scaling):
         return pruned_decode_attention_torch(query, layer, mask, scaling=scaling, split=split)
-    n = compare(CASES[case], fn, atol=1e-5, rtol=1e-5, prompt=8, steps=14, value_sum=value_sum,
-                float_mask=split == 3)
+
+    n = compare(CASES[case], fn, atol=1e-5, rtol=1e-5, prompt=8, steps=14, value_sum=value_sum, float_mask=split == 3)
     assert n == 14
 
 
 def test_torch_twin_long_middle_and_no_padding():
-    n = compare(CASES["gqa8x4-mixed"], lambda *a, **k: pruned_decode_attention_torch(*a, **k, split=4),
-                atol=1e-5, rtol=1e-5, prompt=60, steps=3, pads=(0, 0, 0), sink=4, recent=8)
+    n = compare(
+        CASES["gqa8x4-mixed"],
+        lambda *a, **k: pruned_decode_attention_torch(*a, **k, split=4),
+        atol=1e-5,
+        rtol=1e-5,
+        prompt=60,
+        steps=3,
+        pads=(0, 0, 0),
+        sink=4,
+        recent=8,
+    )
     assert n == 3
 
 
@@ -103,8 +137,10 @@ def test_torch_twin_per_row_channels():
     g = torch.Generator().manual_seed(3)
     chosen = torch.stack([torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(2)]) for _ in PADS])
     fn = lambda *a, **k: pruned_decode_attention_torch(*a, **k, split=2)  # noqa: E731
-    assert compare(dict(hq=8, hkv=2, d=16, dv=16, kept=None, chosen=chosen), fn, atol=1e-5, rtol=1e-5,
-                   prompt=30, steps=3) == 3
+    assert (
+        compare(dict(hq=8, hkv=2, d=16, dv=16, kept=None, chosen=chosen), fn, atol=1e-5, rtol=1e-5, prompt=30, steps=3)
+        == 3
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -127,7 +163,10 @@ INTERPRETER_CASES = [  # tiny: the interpreter runs every program in Python
     ("gqa4x2-full-none", dict(value_sum=True, split=3, dtype=torch.float32)),
     ("gqa4x2-partial", dict(value_sum=True, split=None, dtype=torch.float32, float_mask=True)),
     ("gqa8x4-mixed", dict(value_sum=False, split=3, dtype=torch.float32)),
-    ("gqa8x4-mixed", dict(value_sum=True, split=2, dtype=torch.float32, recent=70, float_mask=True)),  # 2 blocks of head+window
+    (
+        "gqa8x4-mixed",
+        dict(value_sum=True, split=2, dtype=torch.float32, recent=70, float_mask=True),
+    ),  # 2 blocks of head+window
     ("gqa8x2-none-partial", dict(value_sum=False, split=1, dtype=torch.float32)),
     ("gqa4x2-full-none", dict(value_sum=True, split=20, dtype=torch.float32)),  # merge: slots in 2 chunks
     ("gqa8x4-mixed", dict(value_sum=True, split=2, dtype=torch.float16)),  # 16-bit tl.dot, p in two halves
@@ -165,13 +204,16 @@ def interpreter_main() -> int:
     return 1 if failures else 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="a CUDA machine runs the kernels themselves (the CUDA tests below); the interpreter is for CPU-only CI")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a CUDA machine runs the kernels themselves (the CUDA tests below); the interpreter is for CPU-only CI",
+)
 def test_triton_kernel_under_the_cpu_interpreter():
     run_script(__file__, len(INTERPRETER_CASES))
 
 
 # --- (c) the Triton kernel on CUDA at realistic shapes -------------------------------------------
+
 
 def realistic_kept(hkv=8, d=128, seed=0, counts=(0, 16, 32, 48, 64, 96, 128, 0)):
     """Per-head kept counts (default from 0 to d): groups of one and of two heads."""
@@ -182,18 +224,33 @@ def realistic_kept(hkv=8, d=128, seed=0, counts=(0, 16, 32, 48, 64, 96, 128, 0))
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype, value_sum, split, tol", [
-    (torch.bfloat16, True, None, 2e-2),
-    (torch.bfloat16, False, 7, 2e-2),
-    (torch.float16, True, None, 5e-3),
-    (torch.float32, True, 5, 1e-4),
-])
+@pytest.mark.parametrize(
+    "dtype, value_sum, split, tol",
+    [
+        (torch.bfloat16, True, None, 2e-2),
+        (torch.bfloat16, False, 7, 2e-2),
+        (torch.float16, True, None, 5e-3),
+        (torch.float32, True, 5, 1e-4),
+    ],
+)
 def test_triton_kernel_on_cuda_equals_reference(dtype, value_sum, split, tol):
     torch.manual_seed(0)
     shape = dict(hq=32, hkv=8, d=128, dv=128, kept=realistic_kept())
     fn = lambda *a, **k: pruned_decode_attention(*a, **k, split=split)  # noqa: E731
-    n = compare(shape, fn, atol=tol, rtol=tol, prompt=4096, steps=3, pads=(0, 37), sink=16, recent=64,
-                value_sum=value_sum, dtype=dtype, device="cuda")
+    n = compare(
+        shape,
+        fn,
+        atol=tol,
+        rtol=tol,
+        prompt=4096,
+        steps=3,
+        pads=(0, 37),
+        sink=16,
+        recent=64,
+        value_sum=value_sum,
+        dtype=dtype,
+        device="cuda",
+    )
     assert n == 3
 
 
@@ -204,8 +261,19 @@ def test_triton_kernel_on_cuda_small_middle_and_odd_sizes():
     g = torch.Generator().manual_seed(5)
     chosen = torch.stack([torch.stack([torch.randperm(48, generator=g)[:20] for _ in range(3)]) for _ in PADS])
     fn = lambda *a, **k: pruned_decode_attention(*a, **k)  # noqa: E731
-    assert compare(dict(hq=6, hkv=3, d=48, dv=40, kept=None, chosen=chosen), fn, atol=2e-2, rtol=2e-2,
-                   prompt=8, steps=20, dtype=torch.bfloat16, device="cuda") == 20
+    assert (
+        compare(
+            dict(hq=6, hkv=3, d=48, dv=40, kept=None, chosen=chosen),
+            fn,
+            atol=2e-2,
+            rtol=2e-2,
+            prompt=8,
+            steps=20,
+            dtype=torch.bfloat16,
+            device="cuda",
+        )
+        == 20
+    )
     assert compare(CASES["gqa8x4-mixed"], fn, atol=1e-4, rtol=1e-4, prompt=8, steps=20, device="cuda") == 20
 
 

@@ -72,7 +72,7 @@ def test_lora_recovers_ppl_after_drrqr_pruning(tmp_path, one_thread):
     adapter.apply(model, selector.select(layers, 0.5, loaded.family))
 
     suite = PerplexitySuite(limit=4096)
-    ctx = SuiteContext(loaded.family, "cpu", 0, tmp_path, lambda d, t: (lambda n=1: None))
+    ctx = SuiteContext(loaded.family, "cpu", 0, tmp_path, lambda d, t: lambda n=1: None)
     ppl = lambda m: suite.run(m, tok, ctx)[0].value  # noqa: E731
     before = ppl(model)
 
@@ -80,15 +80,19 @@ def test_lora_recovers_ppl_after_drrqr_pruning(tmp_path, one_thread):
     spec = LoraSpec(steps=40, batch_size=4, seq_len=256, lr=3e-3)
     recovered, stats = lora_recover(model, tok, spec, advance=lambda n=1: steps.append(n))
     after = ppl(recovered)
-    print(f"deltanet-tiny, DRRQR 50%: held-out ppl {before:.3f} -> {after:.3f} after LoRA "
-          f"({spec.steps} steps, {stats['wall_s']:.1f} s)")
+    print(
+        f"deltanet-tiny, DRRQR 50%: held-out ppl {before:.3f} -> {after:.3f} after LoRA "
+        f"({spec.steps} steps, {stats['wall_s']:.1f} s)"
+    )
 
     assert after < 0.99 * before
     assert len(steps) == spec.steps  # one advance() per step
     assert stats["steps"] == 40 and stats["lora_modules"] == 16  # 4 layers x q, k, v, o
     assert stats["trainable_params"] == sum(  # rank x (in + out) per wrapped linear
-        spec.rank * (m.in_features + m.out_features) for n, m in recovered.named_modules()
-        if n.rsplit(".", 1)[-1] in ATTENTION_TARGETS)
+        spec.rank * (m.in_features + m.out_features)
+        for n, m in recovered.named_modules()
+        if n.rsplit(".", 1)[-1] in ATTENTION_TARGETS
+    )
     assert all(torch.isfinite(torch.tensor([stats["initial_loss"], stats["final_loss"]])))
 
 
@@ -97,7 +101,9 @@ def test_merged_model_is_plain_and_reloads(family, tokenizer, text_file, tmp_pat
     model = pruned_tiny(family)
     head_k_dim = model.model.layers[0].attn.head_k_dim
     config = model.config.to_dict()
-    targets = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ATTENTION_TARGETS}
+    targets = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ATTENTION_TARGETS
+    }
     recovered, _ = lora_recover(model, tokenizer, LoraSpec(**TINY), text_file=text_file)
 
     assert recovered is model and type(recovered) is type(model)
@@ -123,8 +129,9 @@ def test_merged_model_is_plain_and_reloads(family, tokenizer, text_file, tmp_pat
 
 def test_same_seed_same_weights(tokenizer, text_file):
     def weights(seed):
-        model, _ = lora_recover(pruned_tiny("deltanet"), tokenizer, LoraSpec(**{**TINY, "seed": seed}),
-                                text_file=text_file)
+        model, _ = lora_recover(
+            pruned_tiny("deltanet"), tokenizer, LoraSpec(**{**TINY, "seed": seed}), text_file=text_file
+        )
         attn = model.model.layers[1].attn
         return [attn.q_proj.weight, attn.k_proj.weight, attn.o_proj.weight]
 
@@ -150,8 +157,9 @@ def test_mlp_targets_train_through_the_fused_swiglu(tokenizer, text_file):
     mlp = model.model.layers[0].mlp
     assert mlp.fuse_swiglu
     down = mlp.down_proj.weight.detach().clone()
-    recovered, stats = lora_recover(model, tokenizer, LoraSpec(**TINY, targets=ATTENTION_TARGETS + MLP_TARGETS),
-                                    text_file=text_file)
+    recovered, stats = lora_recover(
+        model, tokenizer, LoraSpec(**TINY, targets=ATTENTION_TARGETS + MLP_TARGETS), text_file=text_file
+    )
     assert stats["lora_modules"] == 2 * 7
     assert mlp.fuse_swiglu
     assert not torch.equal(recovered.model.layers[0].mlp.down_proj.weight, down)
@@ -200,8 +208,16 @@ def test_bad_target_names_it(tokenizer, text_file):
     assert not any("lora" in n.lower() for n, _ in model.named_modules())
 
 
-@pytest.mark.parametrize("bad, word", [({"steps": 0}, "steps"), ({"rank": 0}, "rank"), ({"lr": 0.0}, "lr"),
-                                       ({"targets": ()}, "targets"), ({"seq_len": 4}, "seq_len")])
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        ({"steps": 0}, "steps"),
+        ({"rank": 0}, "rank"),
+        ({"lr": 0.0}, "lr"),
+        ({"targets": ()}, "targets"),
+        ({"seq_len": 4}, "seq_len"),
+    ],
+)
 def test_bad_spec_raises(bad, word):
     with pytest.raises(ValueError, match=word):
         LoraSpec(**bad)
@@ -211,6 +227,14 @@ def test_spec_key_is_json_and_complete():
     spec = LoraSpec(targets=["q_proj", "k_proj"])
     assert spec.targets == ("q_proj", "k_proj")
     key = json.loads(json.dumps(spec.key()))
-    assert key == {"steps": 200, "rank": 8, "alpha": 16.0, "lr": 1e-3, "batch_size": 8, "seq_len": 256,
-                   "targets": ["q_proj", "k_proj"], "seed": 0}
+    assert key == {
+        "steps": 200,
+        "rank": 8,
+        "alpha": 16.0,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "seq_len": 256,
+        "targets": ["q_proj", "k_proj"],
+        "seed": 0,
+    }
     assert LoraSpec().key() != LoraSpec(seed=1).key()

@@ -15,11 +15,30 @@ from harness.report import LEGEND, show_change, show_value, summary_tables
 def rows(model="deltanet-tiny"):
     cell = dict(model=model, recovery="none")
     out = []
-    for method, ratio, values in (("dense", 0.0, {("compression", "state_bytes"): 65536, ("ppl", "ppl"): 54.72,
-                                                  ("ruler", "avg"): 40.0, ("mqar", "acc"): 0.5}),
-                                  ("drrqr", 0.5, {("compression", "state_bytes"): 32768, ("ppl", "ppl"): 56.58,
-                                                  ("ruler", "avg"): 30.0, ("mqar", "acc"): 0.25,
-                                                  ("ppl", "nll"): 4.03, ("mqar", "acc/kv8"): 0.1})):
+    for method, ratio, values in (
+        (
+            "dense",
+            0.0,
+            {
+                ("compression", "state_bytes"): 65536,
+                ("ppl", "ppl"): 54.72,
+                ("ruler", "avg"): 40.0,
+                ("mqar", "acc"): 0.5,
+            },
+        ),
+        (
+            "drrqr",
+            0.5,
+            {
+                ("compression", "state_bytes"): 32768,
+                ("ppl", "ppl"): 56.58,
+                ("ruler", "avg"): 30.0,
+                ("mqar", "acc"): 0.25,
+                ("ppl", "nll"): 4.03,
+                ("mqar", "acc/kv8"): 0.1,
+            },
+        ),
+    ):
         for (suite, metric), value in values.items():
             out.append({**cell, "method": method, "ratio": ratio, "suite": suite, "metric": metric, "value": value})
     return out
@@ -68,11 +87,21 @@ def test_show_prints_the_summary_and_the_full_table_with_detail(tmp_path):
 
     store = tmp_path / "r.sqlite"
     for method, ratio, ppl in (("dense", 0.0, 54.72), ("drrqr", 0.5, 56.58)):
-        key = RunKey(model="deltanet-tiny", model_digest="d", family="deltanet", method=method, method_params={},
-                     ratio=ratio, suite="ppl", suite_params={}, seed=0)
+        key = RunKey(
+            model="deltanet-tiny",
+            model_digest="d",
+            family="deltanet",
+            method=method,
+            method_params={},
+            ratio=ratio,
+            suite="ppl",
+            suite_params={},
+            seed=0,
+        )
         ResultStore(store).begin(key)
-        ResultStore(store).finish(key, [Metric("ppl", ppl), Metric("nll", 4.0), Metric("ppl/L0", 1.0)], prov={},
-                                  duration_s=0.0)
+        ResultStore(store).finish(
+            key, [Metric("ppl", ppl), Metric("nll", 4.0), Metric("ppl/L0", 1.0)], prov={}, duration_s=0.0
+        )
     summary = CliRunner().invoke(app, ["show", "--store", str(store)], terminal_width=100)
     assert summary.exit_code == 0, summary.output
     assert "perplexity ↓" in summary.output and "56.58 (+3.4%)" in summary.output and "ppl.nll" not in summary.output

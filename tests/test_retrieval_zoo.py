@@ -34,8 +34,14 @@ def test_there_is_a_retrieval_model_of_each_kind():
 
 def test_documents_are_answerable_and_share_no_template_with_ruler(data):
     rng = random.Random(0)
-    ruler_phrases = ["special magic", "VAR ", "Memorize", "mentioned in the provided text", "variable assignment",
-                     *ruler_tasks.NOISE_SENTENCES]
+    ruler_phrases = [
+        "special magic",
+        "VAR ",
+        "Memorize",
+        "mentioned in the provided text",
+        "variable assignment",
+        *ruler_tasks.NOISE_SENTENCES,
+    ]
     tasks = set()
     for _ in range(300):
         make = retrieval.lookup if rng.random() < 0.7 else retrieval.binding
@@ -86,8 +92,9 @@ def test_build_writes_a_folder_that_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "m"
-    path, model = zoo.build_model("llama-retrieval-tiny", out_dir=out, steps=2, seed=0, progress=False,
-                                  batch_size=1, seq_len=64)
+    path, model = zoo.build_model(
+        "llama-retrieval-tiny", out_dir=out, steps=2, seed=0, progress=False, batch_size=1, seq_len=64
+    )
     info = json.loads((path / "zoo.json").read_text())
     assert info["task"] == "retrieval" and info["steps"] == 2 and info["train_config"]["lengths"] == [32, 32, 64]
     assert "none of the RULER suite's" in info["training_data"]

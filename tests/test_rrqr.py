@@ -59,8 +59,10 @@ def test_planted_channels_found_qrcp_and_random_miss(seed):
     # plain QRCP keeps the decoy, so the swap phase is what recovers the set
     assert set(qrcp_order(X)[:k].tolist()) != set(chosen.tolist())
     # a seeded uniform random pick of k: P(exact) = 1 / C(32, 6) ~ 1e-6 per draw
-    hits = sum(set(np.random.default_rng((s, 12345)).choice(X.shape[1], k, replace=False).tolist()) == set(chosen.tolist())
-               for s in range(200))
+    hits = sum(
+        set(np.random.default_rng((s, 12345)).choice(X.shape[1], k, replace=False).tolist()) == set(chosen.tolist())
+        for s in range(200)
+    )
     assert hits == 0
 
 
@@ -211,8 +213,18 @@ def test_rank_deficient_inputs_stay_finite():
     dup[:, 5] = dup[:, 1]
     dup[:, 7] = 0.0  # rank 8
     wide = gen.standard_normal((5, 12))  # rank 5 < n
-    cases = [(low, 3, 5), (low, 3, 2), (dup, 8, 9), (dup, 8, 8), (dup, 8, 4), (wide, 5, 8), (wide, 5, 3),
-             (np.zeros((20, 6)), 0, 3), (gen.standard_normal((1, 6)), 1, 4), (np.zeros((0, 6)), 0, 2)]
+    cases = [
+        (low, 3, 5),
+        (low, 3, 2),
+        (dup, 8, 9),
+        (dup, 8, 8),
+        (dup, 8, 4),
+        (wide, 5, 8),
+        (wide, 5, 3),
+        (np.zeros((20, 6)), 0, 3),
+        (gen.standard_normal((1, 6)), 1, 4),
+        (np.zeros((0, 6)), 0, 2),
+    ]
     for M, rank, k in cases:
         for f in (1.0, 1.5):
             res = strong_rrqr(M, k, f=f)

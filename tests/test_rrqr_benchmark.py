@@ -42,7 +42,7 @@ def decoyed():
 
 
 def _volume(m, kept):
-    return np.linalg.slogdet(np.linalg.qr(m[:, kept], mode="r")[:len(kept)])[1]
+    return np.linalg.slogdet(np.linalg.qr(m[:, kept], mode="r")[: len(kept)])[1]
 
 
 @pytest.mark.benchmark(group="strong-rrqr 4096x128 k=64")

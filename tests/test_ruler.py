@@ -14,17 +14,18 @@ import torch
 from harness import zoo
 from harness.suite import SuiteContext
 from harness.suites import ruler_tasks
-from harness.suites.ruler import (RulerSuite, generate_continuations, postprocess, string_match_all,
-                                  string_match_part)
+from harness.suites.ruler import RulerSuite, generate_continuations, postprocess, string_match_all, string_match_part
 
-WORDS = ("apple river stone cloud paper light water sound table glass music field house night green quick "
-         "silver market garden window letter bridge forest signal pocket little yellow simple common winter "
-         "summer travel number system button corner dinner father mother camera circle doctor engine family "
-         "friend hunter island jacket kitchen ladder master needle orange parent rabbit record rocket sister "
-         "spring ticket valley wonder animal basket bottle carpet castle cotton desert finger flower hammer "
-         "helmet jungle kettle lemon magnet meadow mirror monkey nature office palace pepper pillow planet "
-         "powder puzzle rainbow saddle shadow shovel spider statue sunset tunnel turtle velvet violin wallet "
-         "walnut weather whistle wizard").split()
+WORDS = (
+    "apple river stone cloud paper light water sound table glass music field house night green quick "
+    "silver market garden window letter bridge forest signal pocket little yellow simple common winter "
+    "summer travel number system button corner dinner father mother camera circle doctor engine family "
+    "friend hunter island jacket kitchen ladder master needle orange parent rabbit record rocket sister "
+    "spring ticket valley wonder animal basket bottle carpet castle cotton desert finger flower hammer "
+    "helmet jungle kettle lemon magnet meadow mirror monkey nature office palace pepper pillow planet "
+    "powder puzzle rainbow saddle shadow shovel spider statue sunset tunnel turtle velvet violin wallet "
+    "walnut weather whistle wizard"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def text_file(tmp_path_factory) -> str:
 
 
 def ctx(seed: int = 0, artifacts: Path | None = None) -> SuiteContext:
-    return SuiteContext("deltanet", "cpu", seed, artifacts, lambda description, total: (lambda n=1: None))
+    return SuiteContext("deltanet", "cpu", seed, artifacts, lambda description, total: lambda n=1: None)
 
 
 def solve(prompt: str) -> list[str]:
@@ -118,6 +119,7 @@ class RandomModel:
 
 # ---------------------------------------------------------------- scoring
 
+
 def test_string_match_follows_ruler():
     answers = ["1234567", "Apple", "9999999"]
     assert string_match_all("the numbers are 1234567 and apple.", answers) == pytest.approx(2 / 3)
@@ -128,6 +130,7 @@ def test_string_match_follows_ruler():
 
 
 # ---------------------------------------------------------------- generation of the tasks
+
 
 def test_every_task_is_answerable_fits_its_length_and_round_trips(tokenizer, text_file):
     suite = RulerSuite(lengths="384,768", tasks="all", limit=3, text_file=text_file)
@@ -178,6 +181,7 @@ def test_bad_parameters_and_too_short_lengths_are_clear(tokenizer, text_file):
 
 # ---------------------------------------------------------------- known answers through the suite
 
+
 def test_oracle_scores_100_and_random_about_0(tokenizer, text_file, tmp_path):
     suite = RulerSuite(lengths="512", tasks="all", limit=2, batch_size=3, text_file=text_file)
     rows = {m.name: m for m in suite.run(OracleModel(tokenizer), tokenizer, ctx(artifacts=tmp_path))}
@@ -194,13 +198,23 @@ def test_oracle_scores_100_and_random_about_0(tokenizer, text_file, tmp_path):
 
 # ---------------------------------------------------------------- every family, the real generate
 
+
 def _tiny(family: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     from conftest import tiny_config
 
-    common = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
-                  num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=2048,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "qwen2":
@@ -214,8 +228,11 @@ def _tiny(family: str):
 @pytest.mark.parametrize("family", ["deltanet", "gated_deltanet", "llama", "qwen2"])
 def test_every_family_generates_left_padded_batches_like_single_prompts(family, tokenizer, text_file):
     model = _tiny(family)
-    prompts = ["One of the special magic numbers for apple-river is: 1234567.", "The sky is blue. " * 9 + "VAR",
-               "def f(x):"]
+    prompts = [
+        "One of the special magic numbers for apple-river is: 1234567.",
+        "The sky is blue. " * 9 + "VAR",
+        "def f(x):",
+    ]
     batched = generate_continuations(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     single = [generate_continuations(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert batched == single and all(batched)

@@ -39,4 +39,3 @@ def test_invalid_indices_rejected():
         LayerSelection(4, 8, ((0, 4),))
     with pytest.raises(ValueError, match="schema"):
         ChannelSelection.from_dict({"schema": "other"})
-

@@ -87,8 +87,11 @@ def test_think_realized_through_generate_stores_fewer_channels():
     SoftmaxAdapter().apply(pruned, selection)
     SoftmaxAdapter().zero(reference, selection)
     tok.padding_side = "left"
-    batch = tok(["Return the number of items in a container. " * 12, "Open the file and return a stream. " * 9],
-                return_tensors="pt", padding=True)
+    batch = tok(
+        ["Return the number of items in a container. " * 12, "Open the file and return a stream. " * 9],
+        return_tensors="pt",
+        padding=True,
+    )
     kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         out = pruned.generate(**batch, **kwargs)
@@ -132,8 +135,16 @@ def test_published_llama_mask_on_the_real_llama_31_8b_geometry():
     """Random weights (on the meta device: no memory) with Llama-3.1-8B's layers, KV heads and head_dim."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, intermediate_size=14336, vocab_size=128256, torch_dtype="bfloat16")
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        vocab_size=128256,
+        torch_dtype="bfloat16",
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     adapter = SoftmaxAdapter()
@@ -157,8 +168,11 @@ def test_published_llama_mask_on_the_real_llama_31_8b_geometry():
 
 @needs_masks
 def test_a_mask_for_another_model_is_a_clear_error():
-    with pytest.raises(HarnessError, match=r"is \[28, 4, 128\] \[layers, KV heads, head_dim\], the model's attention "
-                                           r"is \[4, 4, 32\]"):  # at planning: before any cell runs
+    with pytest.raises(
+        HarnessError,
+        match=r"is \[28, 4, 128\] \[layers, KV heads, head_dim\], the model's attention "
+        r"is \[4, 4, 32\]",
+    ):  # at planning: before any cell runs
         plan("llama-tiny", "leank", [0.5], method_params={"mask": str(MASKS / "qwen2.5-7b-instruct.pth")})
 
 
@@ -172,23 +186,81 @@ def test_cli_runs_leank_with_a_mask_file(tmp_path):
     mask[:, :2, :8] = 1  # two heads keep 8 channels, two keep none: kept fraction 1/8
     torch.save(mask, tmp_path / "mask.pth")
     store = tmp_path / "r.sqlite"
-    result = CliRunner().invoke(app, ["run", "--model", "llama-tiny", "--method", "leank", "--mask", str(tmp_path / "mask.pth"),
-                                      "--suite", "ppl", "--suite-param", "ppl.limit=600", "--store", str(store), "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            "llama-tiny",
+            "--method",
+            "leank",
+            "--mask",
+            str(tmp_path / "mask.pth"),
+            "--suite",
+            "ppl",
+            "--suite-param",
+            "ppl.limit=600",
+            "--store",
+            str(store),
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = ResultStore(store).table(method="leank")
     assert {r["ratio"] for r in rows} == {0.875}
     values = {r["metric"]: r["value"] for r in rows if r["suite"] == "compression"}
     assert values["kept_ratio"] == 0.125 and values["v_reduction"] > 0
-    bad = CliRunner().invoke(app, ["run", "--model", "llama-tiny", "--method", "leank", "--mask", str(tmp_path / "nope.pth"),
-                                   "--store", str(store), "-q"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            "llama-tiny",
+            "--method",
+            "leank",
+            "--mask",
+            str(tmp_path / "nope.pth"),
+            "--store",
+            str(store),
+            "-q",
+        ],
+    )
     assert bad.exit_code == 2 and "not found" in bad.output
     torch.save(torch.zeros(4, 4, 32), tmp_path / "zeros.pth")
-    zeros = CliRunner().invoke(app, ["run", "--model", "llama-tiny", "--method", "leank", "--mask", str(tmp_path / "zeros.pth"),
-                                     "--store", str(store), "-q"])
+    zeros = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            "llama-tiny",
+            "--method",
+            "leank",
+            "--mask",
+            str(tmp_path / "zeros.pth"),
+            "--store",
+            str(store),
+            "-q",
+        ],
+    )
     assert zeros.exit_code == 2 and "keeps no key channel at all" in zeros.output
     torch.save(torch.ones(3, 4, 32), tmp_path / "other.pth")
     fresh = tmp_path / "fresh.sqlite"
-    shape = CliRunner().invoke(app, ["run", "--model", "llama-tiny", "--method", "leank", "--mask", str(tmp_path / "other.pth"),
-                                     "--suite", "ppl", "--store", str(fresh), "-q"])
+    shape = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            "llama-tiny",
+            "--method",
+            "leank",
+            "--mask",
+            str(tmp_path / "other.pth"),
+            "--suite",
+            "ppl",
+            "--store",
+            str(fresh),
+            "-q",
+        ],
+    )
     assert shape.exit_code == 2 and "the model's attention is [4, 4, 32]" in shape.output
     assert ResultStore(fresh).table() == []  # refused before the dense cells ran

@@ -18,8 +18,15 @@ def values(report, method):
 @pytest.mark.parametrize("model", ["deltanet-tiny", "llama-tiny", "qwen35-hybrid-tiny"])
 def test_speed_rows_for_model_and_reference(model, tmp_path):
     method = "random"
-    report = run(model=model, method=method, ratios=[0.5], suites=["speed"], suite_params={"speed": SMALL},
-                 store=tmp_path / "r.sqlite", progress=False)
+    report = run(
+        model=model,
+        method=method,
+        ratios=[0.5],
+        suites=["speed"],
+        suite_params={"speed": SMALL},
+        store=tmp_path / "r.sqlite",
+        progress=False,
+    )
     dense, ours = values(report, "dense"), values(report, method)
     where = ["c32b1", "c32b2", "c96b1", "c96b2"]
     for w in where:

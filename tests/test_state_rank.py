@@ -104,8 +104,9 @@ def cache_states(model, input_ids) -> list[torch.Tensor]:
     return [s.transpose(-1, -2) if v_first else s for s in states]
 
 
-@pytest.mark.parametrize("family, over", [("deltanet", {}), ("gated_deltanet", {}),
-                                          ("gated_deltanet", {"num_v_heads": 4})])  # grouped value heads
+@pytest.mark.parametrize(
+    "family, over", [("deltanet", {}), ("gated_deltanet", {}), ("gated_deltanet", {"num_v_heads": 4})]
+)  # grouped value heads
 def test_replayed_states_equal_the_layers_cache(family, over):
     model = tiny_model(family, **over)
     adapter = DeltaNetAdapter() if family == "deltanet" else GatedDeltaNetAdapter()
@@ -133,15 +134,18 @@ def test_replayed_states_equal_the_layers_cache(family, over):
 
 
 def context(family, tmp_path, seed=3):
-    return SuiteContext(family, "cpu", seed, tmp_path / "artifacts", lambda _d, _t: (lambda n=1: None))
+    return SuiteContext(family, "cpu", seed, tmp_path / "artifacts", lambda _d, _t: lambda n=1: None)
 
 
 def halve(adapter, model, seed=0) -> ChannelSelection:
     """A selection keeping a random half of every head's key channels."""
     g = torch.Generator().manual_seed(seed)
-    layers = {i: LayerSelection(d, dv, tuple(tuple(sorted(torch.randperm(d, generator=g)[: d // 2].tolist()))
-                                              for _ in range(h)))
-              for i, (h, d, dv) in adapter.geometry(model).items()}
+    layers = {
+        i: LayerSelection(
+            d, dv, tuple(tuple(sorted(torch.randperm(d, generator=g)[: d // 2].tolist())) for _ in range(h))
+        )
+        for i, (h, d, dv) in adapter.geometry(model).items()
+    }
     return ChannelSelection(adapter.family, layers, "test", 0.5)
 
 
@@ -183,9 +187,20 @@ def test_softmax_suite_reads_masked_post_rope_keys(tmp_path, text_file, char_tok
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                                         vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            vocab_size=100,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
     adapter = SoftmaxAdapter()
     selection = halve(adapter, model, seed=2)
     adapter.apply(model, selection)  # a compressed model: key_channel_mask on every attention module
@@ -224,8 +239,18 @@ def test_summary_only_and_no_plots(tmp_path, text_file, char_tokenizer):
     assert rows[0].details["plots"] == [] and not ctx.artifacts.exists()
 
 
-@pytest.mark.parametrize("bad", [dict(num_sequences=0), dict(seq_len=1), dict(every=0), dict(every=300),
-                                 dict(batch_size=0), dict(energy_fraction=0.0), dict(replay_threads=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(num_sequences=0),
+        dict(seq_len=1),
+        dict(every=0),
+        dict(every=300),
+        dict(batch_size=0),
+        dict(energy_fraction=0.0),
+        dict(replay_threads=-1),
+    ],
+)
 def test_bad_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         StateRankSuite(**bad)

@@ -21,7 +21,7 @@ def test_drrqr_half_pruned_default_model_uses_more_of_its_state(tmp_path):
             pruned, _ = p.compress(p.capture(bar), 0.5, bar)
         summaries = {}
         for label, model in (("dense", p.loaded.model), ("pruned", pruned)):
-            ctx = SuiteContext(p.loaded.family, "cpu", 0, tmp_path / label, lambda _d, _t: (lambda n=1: None))
+            ctx = SuiteContext(p.loaded.family, "cpu", 0, tmp_path / label, lambda _d, _t: lambda n=1: None)
             summaries[label] = {r.name: r for r in suite.run(model, p.loaded.tokenizer, ctx)}["u_final_mean"]
     assert [d[0] for d in summaries["dense"].details["dims"]] == [32] * 4  # d_k per layer
     assert [d[0] for d in summaries["pruned"].details["dims"]] == [16] * 4

@@ -35,11 +35,23 @@ def tiny_hybrid(seed: int = 0):
     from transformers.models.qwen3_5 import Qwen3_5TextConfig
 
     config = Qwen3_5TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4,
-        num_key_value_heads=KV_HEADS, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=V_HEADS,
-        linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=KV_HEADS,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=V_HEADS,
+        linear_key_head_dim=16,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random init leaves tiny states: give them some scale
@@ -49,7 +61,7 @@ def tiny_hybrid(seed: int = 0):
 
 
 def context(tmp_path):
-    return SuiteContext("qwen3_5", "cpu", 3, tmp_path / "artifacts", lambda _d, _t: (lambda n=1: None))
+    return SuiteContext("qwen3_5", "cpu", 3, tmp_path / "artifacts", lambda _d, _t: lambda n=1: None)
 
 
 def cache_after(model, input_ids, cache=None):
@@ -112,9 +124,13 @@ def test_suite_reports_both_kinds_of_layer_with_model_indices(tmp_path, text_fil
     rows = {r.name: r for r in result}
     assert len(rows) == len(result)
     heads = {r.name.split("/")[1] for r in result if "/" in r.name}
-    for kind, layers, n in (("u_final", LINEAR, V_HEADS), ("erank_final", LINEAR, V_HEADS),
-                            ("key_u", ATTENTION, KV_HEADS), ("key_erank", ATTENTION, KV_HEADS),
-                            ("key_energy_channels", ATTENTION, KV_HEADS)):
+    for kind, layers, n in (
+        ("u_final", LINEAR, V_HEADS),
+        ("erank_final", LINEAR, V_HEADS),
+        ("key_u", ATTENTION, KV_HEADS),
+        ("key_erank", ATTENTION, KV_HEADS),
+        ("key_energy_channels", ATTENTION, KV_HEADS),
+    ):
         names = {r.name for r in result if r.name.startswith(kind + "/")}
         assert names == {f"{kind}/L{i}H{h}" for i in layers for h in range(n)}
         for name in names:
@@ -133,12 +149,21 @@ def test_suite_reports_both_kinds_of_layer_with_model_indices(tmp_path, text_fil
     assert u_mean.details["layers"] == LINEAR and len(u_mean.details["per_layer"]) == 3
     assert key_mean.details["layers"] == ATTENTION and len(key_mean.details["per_layer"]) == 1
     assert u_mean.details["plots"] == ["state_utilization_vs_position.png", "state_rank_heatmap.png"]
-    assert key_mean.details["plots"] == ["key_utilization_vs_position.png", "key_rank_heatmap.png",
-                                         "key_energy_spectrum.png"]
+    assert key_mean.details["plots"] == [
+        "key_utilization_vs_position.png",
+        "key_rank_heatmap.png",
+        "key_energy_spectrum.png",
+    ]
     for name in u_mean.details["plots"] + key_mean.details["plots"]:
         assert (ctx.artifacts / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("u_final_position_mean", "erank_final_mean", "sr_final_mean", "key_erank_mean", "key_sr_mean",
-                 "key_energy_channels_mean"):
+    for name in (
+        "u_final_position_mean",
+        "erank_final_mean",
+        "sr_final_mean",
+        "key_erank_mean",
+        "key_sr_mean",
+        "key_energy_channels_mean",
+    ):
         assert rows[name].details["scope"] == "summary"
 
     # independent: the model's own cache, layer 3's keys (the cache's other layers are linear)

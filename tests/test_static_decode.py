@@ -53,7 +53,7 @@ class Stream:
         if chosen is not None:
             layer.choose(list(range(b)), chosen)
         for row, n in enumerate(self.lengths):
-            layer.commit([row], self.k[row:row + 1, :, :n], self.v[row:row + 1, :, :n])
+            layer.commit([row], self.k[row : row + 1, :, :n], self.v[row : row + 1, :, :n])
         return layer
 
     def steps_of(self, layer, append=sd.static_append_torch):
@@ -71,11 +71,20 @@ class Stream:
 
 def plan_of(case, *, sink=3, recent=5, value_sum=True, chosen=None):
     c = CASES[case]
-    return KeyChannelPlan(c["hkv"], 16, c["dv"], c["kept"] if chosen is None else None, sink=sink, recent=recent,
-                          value_sum=value_sum, count=0 if chosen is None else chosen.shape[-1])
+    return KeyChannelPlan(
+        c["hkv"],
+        16,
+        c["dv"],
+        c["kept"] if chosen is None else None,
+        sink=sink,
+        recent=recent,
+        value_sum=value_sum,
+        count=0 if chosen is None else chosen.shape[-1],
+    )
 
 
 # --- bookkeeping ---------------------------------------------------------------------------------
+
 
 def test_stores_hold_each_slot_where_the_layout_says():
     """After prompts of 2, 9 and 30 tokens and 12 steps (sink 3, recent 5: W = 6), every slot of
@@ -97,9 +106,11 @@ def test_stores_hold_each_slot_where_the_layout_says():
         for g in layer.groups:
             for j, head in enumerate(g.heads.tolist()):
                 for i, slot in enumerate(middle):
-                    torch.testing.assert_close(g.keys[row, j, i], keys[head, slot, list(case["kept"][head])], atol=0, rtol=0)
+                    torch.testing.assert_close(
+                        g.keys[row, j, i], keys[head, slot, list(case["kept"][head])], atol=0, rtol=0
+                    )
                     torch.testing.assert_close(g.values[row, j, i], values[head, slot], atol=0, rtol=0)
-        sums = values[layer.sum_heads, sink:max(sink, n - window)].float().sum(1)
+        sums = values[layer.sum_heads, sink : max(sink, n - window)].float().sum(1)
         torch.testing.assert_close(layer.value_sum[row], sums, atol=1e-5, rtol=1e-5)
 
 
@@ -110,8 +121,10 @@ def test_layout_sizes_and_bytes():
     assert [(g.count, g.heads.tolist()) for g in layer.groups] == [(16, [0]), (3, [2, 3])]
     assert layer.sum_heads.tolist() == [1] and layer.sum_index.tolist() == [-1, 0, -1, -1]
     # head + ring full (2 rows x 4 heads x 9 slots), middle: 16 + 3 + 3 channels of 91 slots, value sums fp32
-    assert layer.nbytes() == {"keys": 2 * (4 * 9 * 16 + 91 * 22) * 2,
-                              "values": 2 * (4 * 9 * 12 + 3 * 91 * 12) * 2 + 2 * 12 * 4}
+    assert layer.nbytes() == {
+        "keys": 2 * (4 * 9 * 16 + 91 * 22) * 2,
+        "values": 2 * (4 * 9 * 12 + 3 * 91 * 12) * 2 + 2 * 12 * 4,
+    }
     dense = StaticKLayer(all_channels(plan), batch=2, capacity=100, dtype=torch.float16, device="cpu")
     assert dense.dense and dense.nbytes() == {"keys": 2 * 4 * 100 * 16 * 2, "values": 2 * 4 * 100 * 12 * 2}
 
@@ -142,6 +155,7 @@ def test_cache_lengths_reset_and_prefill_mode():
 
 # --- the twins against the dynamic cache's reference ----------------------------------------------
 
+
 def dynamic_outputs(stream: Stream, plan: KeyChannelPlan, chosen=None) -> list[torch.Tensor]:
     """The same rows decoded through a PrunedKLayer (left-padded) and `pruned_cache_attention`."""
     width = max(stream.lengths)
@@ -151,7 +165,7 @@ def dynamic_outputs(stream: Stream, plan: KeyChannelPlan, chosen=None) -> list[t
     def padded(x, upto):  # each row's first `upto - pad` tokens, right-aligned in `upto` slots
         out = torch.zeros(b, x.shape[1], upto, x.shape[3], dtype=x.dtype)
         for row, pad in enumerate(pads.tolist()):
-            out[row, :, pad:] = x[row, :, :upto - pad]
+            out[row, :, pad:] = x[row, :, : upto - pad]
         return out
 
     layer = PrunedKLayer(plan)
@@ -194,8 +208,9 @@ def test_torch_twin_per_row_channels():
     expected = dynamic_outputs(stream, plan, chosen=chosen.sort(-1).values)
     layer = stream.static(plan, chosen=chosen)
     for (q, lengths), ref in zip(stream.steps_of(layer), expected):
-        torch.testing.assert_close(sd.static_decode_attention_torch(q, layer, lengths, scaling=0.3), ref,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sd.static_decode_attention_torch(q, layer, lengths, scaling=0.3), ref, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_public_functions_use_the_twins_on_cpu_and_decode_one_token_only():
@@ -213,14 +228,36 @@ def test_public_functions_use_the_twins_on_cpu_and_decode_one_token_only():
 
 # --- the Triton kernels against the twins ---------------------------------------------------------
 
-def compare_triton(case, *, lengths, steps, sink=3, recent=5, value_sum=True, dtype=torch.float32, split=None,
-                   device="cpu", chosen=None, tol=1e-5, d=16) -> int:
+
+def compare_triton(
+    case,
+    *,
+    lengths,
+    steps,
+    sink=3,
+    recent=5,
+    value_sum=True,
+    dtype=torch.float32,
+    split=None,
+    device="cpu",
+    chosen=None,
+    tol=1e-5,
+    d=16,
+) -> int:
     """Append + attention through Triton on one copy of a layer and through the twins on another:
     stores equal after every append, outputs within `tol`. Returns the steps compared."""
     c = case if isinstance(case, dict) else CASES[case]
     stream = Stream(hq=c["hq"], hkv=c["hkv"], dv=c["dv"], lengths=lengths, steps=steps, d=d, dtype=dtype, device=device)
-    plan = KeyChannelPlan(c["hkv"], d, c["dv"], c["kept"] if chosen is None else None, sink=sink, recent=recent,
-                          value_sum=value_sum, count=0 if chosen is None else chosen.shape[-1])
+    plan = KeyChannelPlan(
+        c["hkv"],
+        d,
+        c["dv"],
+        c["kept"] if chosen is None else None,
+        sink=sink,
+        recent=recent,
+        value_sum=value_sum,
+        count=0 if chosen is None else chosen.shape[-1],
+    )
     twin = stream.static(plan, chosen=chosen)
     fast = copy.deepcopy(twin)
     n = 0
@@ -275,26 +312,45 @@ def interpreter_main() -> int:
     return 1 if failures else 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="a CUDA machine runs the kernels themselves (the CUDA tests below); the interpreter is for CPU-only CI")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a CUDA machine runs the kernels themselves (the CUDA tests below); the interpreter is for CPU-only CI",
+)
 def test_triton_kernels_under_the_cpu_interpreter():
     run_script(__file__, len(INTERPRETER_CASES) + 1)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype, value_sum, split, tol", [
-    (torch.bfloat16, True, None, 2e-2),
-    (torch.bfloat16, False, 7, 2e-2),
-    (torch.float16, True, None, 5e-3),
-    (torch.float32, True, 5, 1e-4),
-])
+@pytest.mark.parametrize(
+    "dtype, value_sum, split, tol",
+    [
+        (torch.bfloat16, True, None, 2e-2),
+        (torch.bfloat16, False, 7, 2e-2),
+        (torch.float16, True, None, 5e-3),
+        (torch.float32, True, 5, 1e-4),
+    ],
+)
 def test_triton_kernels_on_cuda_equal_the_twins(dtype, value_sum, split, tol):
     """Llama-3.1-8B head geometry, rows of different lengths around 2k."""
     torch.manual_seed(0)
     case = dict(hq=32, hkv=8, dv=128, kept=realistic_kept(counts=(0, 32, 64, 96, 128, 0, 32, 64)))  # as LeanK masks
-    assert compare_triton(case, lengths=[2048, 1500, 17], steps=3, sink=16, recent=64, value_sum=value_sum,
-                          dtype=dtype, split=split, device="cuda", tol=tol, d=128) == 3
+    assert (
+        compare_triton(
+            case,
+            lengths=[2048, 1500, 17],
+            steps=3,
+            sink=16,
+            recent=64,
+            value_sum=value_sum,
+            dtype=dtype,
+            split=split,
+            device="cuda",
+            tol=tol,
+            d=128,
+        )
+        == 3
+    )
 
 
 @pytest.mark.gpu

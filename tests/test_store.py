@@ -9,8 +9,17 @@ from harness.suite import Metric
 
 
 def key(**over):
-    base = dict(model="m", model_digest="d", family="deltanet", method="random", method_params={"seed": 0},
-                ratio=0.5, suite="ppl", suite_params={"limit": 10}, seed=0)
+    base = dict(
+        model="m",
+        model_digest="d",
+        family="deltanet",
+        method="random",
+        method_params={"seed": 0},
+        ratio=0.5,
+        suite="ppl",
+        suite_params={"limit": 10},
+        seed=0,
+    )
     return RunKey(**{**base, **over})
 
 
@@ -72,8 +81,16 @@ def test_read_only_store_reads_everything_and_writes_nothing(tmp_path):
     writer = ResultStore(path)
     k = key(method="per_cent%_x")
     writer.begin(k)
-    writer.finish(k, [Metric("ppl", 3.0), Metric("u_final/L0H1", 0.5, "fraction", {"layer": 0, "head": 1}),
-                      Metric("u_final_mean", 0.4)], prov={}, duration_s=0.1)
+    writer.finish(
+        k,
+        [
+            Metric("ppl", 3.0),
+            Metric("u_final/L0H1", 0.5, "fraction", {"layer": 0, "head": 1}),
+            Metric("u_final_mean", 0.4),
+        ],
+        prov={},
+        duration_s=0.1,
+    )
     reader = ResultStore(path, read_only=True)
     assert [r["method"] for r in reader.runs()] == ["per_cent%_x"]
     # the prefix is literal: "_" and "%" are not LIKE wildcards

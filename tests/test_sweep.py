@@ -18,12 +18,32 @@ from harness.errors import HarnessError
 from harness.store import COMPLETE, ResultStore
 
 SMALL = {"ppl": {"limit": 512}, "state-rank": {"num_sequences": 2, "seq_len": 64, "batch_size": 2}}
-GRID = dict(models=["deltanet-tiny"], methods=["random", "l1"], ratios=[0.25, 0.5], suites=["ppl", "state-rank"],
-            suite_params=SMALL)
+GRID = dict(
+    models=["deltanet-tiny"],
+    methods=["random", "l1"],
+    ratios=[0.25, 0.5],
+    suites=["ppl", "state-rank"],
+    suite_params=SMALL,
+)
 CELLS = 3 + 2 * 2 * 3  # dense (compression, ppl, state-rank) + methods x ratios x (compression + 2 suites)
-FLAGS = ["--models", "deltanet-tiny", "--methods", "random,l1", "--ratios", "0.25,0.5", "--suite", "ppl,state-rank",
-         "--suite-param", "ppl.limit=512", "--suite-param", "state-rank.num_sequences=2",
-         "--suite-param", "state-rank.seq_len=64", "--suite-param", "state-rank.batch_size=2"]
+FLAGS = [
+    "--models",
+    "deltanet-tiny",
+    "--methods",
+    "random,l1",
+    "--ratios",
+    "0.25,0.5",
+    "--suite",
+    "ppl,state-rank",
+    "--suite-param",
+    "ppl.limit=512",
+    "--suite-param",
+    "state-rank.num_sequences=2",
+    "--suite-param",
+    "state-rank.seq_len=64",
+    "--suite-param",
+    "state-rank.batch_size=2",
+]
 
 
 def rows(store: Path) -> list[tuple]:
@@ -59,8 +79,9 @@ def test_a_rerun_computes_nothing_and_the_keys_are_harness_runs(local_store, tmp
     # the same cell through `harness run` is found complete, not recomputed
     from harness.pipeline import run
 
-    report = run(method="l1", ratios=[0.5], suites=["ppl"], suite_params={"ppl": SMALL["ppl"]}, store=local_store,
-                 progress=False)
+    report = run(
+        method="l1", ratios=[0.5], suites=["ppl"], suite_params={"ppl": SMALL["ppl"]}, store=local_store, progress=False
+    )
     assert report.computed == 0 and report.reused > 0
 
 
@@ -100,8 +121,13 @@ def test_a_killed_driver_loses_nothing_and_the_rerun_computes_only_what_is_missi
 
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path):
     store = tmp_path / "r.sqlite"
-    grid = sweeps.Grid(models=["deltanet-tiny"], ratios=[0.5], suites=["ppl"], suite_params={"ppl": SMALL["ppl"]},
-                       methods=["random", {"name": "l1", "params": {"nope": 1}}])
+    grid = sweeps.Grid(
+        models=["deltanet-tiny"],
+        ratios=[0.5],
+        suites=["ppl"],
+        suite_params={"ppl": SMALL["ppl"]},
+        methods=["random", {"name": "l1", "params": {"nope": 1}}],
+    )
     report = sweeps.sweep(grid, store=store, progress=False)
     assert sweeps.describe(report) == {"done": 4, "failed": 2, "missing": 0}
     assert report.failed and all("unknown parameter 'nope' for method l1" in error for _, error in report.failed)
@@ -115,12 +141,29 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path):
 
     from harness.cli import app
 
-    common = ["sweep", "--models", "deltanet-tiny", "--ratios", "0.5", "--suite", "ppl", "--suite-param",
-              f"ppl.limit={SMALL['ppl']['limit']}", "--methods", "random,l1", "--param", "l1.nope=1", "--store", str(store)]
+    common = [
+        "sweep",
+        "--models",
+        "deltanet-tiny",
+        "--ratios",
+        "0.5",
+        "--suite",
+        "ppl",
+        "--suite-param",
+        f"ppl.limit={SMALL['ppl']['limit']}",
+        "--methods",
+        "random,l1",
+        "--param",
+        "l1.nope=1",
+        "--store",
+        str(store),
+    ]
     rerun = CliRunner().invoke(app, common)
     assert rerun.exit_code == 1 and "failed: deltanet-tiny · l1" in rerun.output
     dry = CliRunner().invoke(app, [*common, "--dry-run"])
-    assert dry.exit_code == 2 and "invalid: deltanet-tiny · l1" in dry.output and "unknown parameter 'nope'" in dry.output
+    assert (
+        dry.exit_code == 2 and "invalid: deltanet-tiny · l1" in dry.output and "unknown parameter 'nope'" in dry.output
+    )
 
 
 def dies_once(job):
@@ -144,8 +187,13 @@ def test_a_dead_ray_worker_is_retried_then_recorded(ray_cluster, tmp_path, retri
     ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     text = tmp_path / "text.txt"
     text.write_text(heldout_text())
-    grid = sweeps.Grid(models=["deltanet-tiny"], methods=["random"], ratios=[0.5], suites=["ppl"],
-                       suite_params={"ppl": {"limit": 256, "text_file": str(text)}})
+    grid = sweeps.Grid(
+        models=["deltanet-tiny"],
+        methods=["random"],
+        ratios=[0.5],
+        suites=["ppl"],
+        suite_params={"ppl": {"limit": 256, "text_file": str(text)}},
+    )
     store = ResultStore(tmp_path / "r.sqlite")
     report = sweeps.SweepReport()
     driver = sweeps._Driver(store, report, Bars(None).task("sweep", 1))
@@ -162,10 +210,12 @@ def test_a_dead_ray_worker_is_retried_then_recorded(ray_cluster, tmp_path, retri
 def test_sweep_files_and_flags(tmp_path):
     (tmp_path / "s.yaml").write_text(
         "models: [deltanet-tiny]\nmethods: [drrqr, {name: random, params: {seed: 1}}]\nratios: [0.25, 0.5]\n"
-        "suites: [ppl]\nsuite_params: {ppl: {limit: 512}}\nseeds: [0, 1]\n")
+        "suites: [ppl]\nsuite_params: {ppl: {limit: 512}}\nseeds: [0, 1]\n"
+    )
     (tmp_path / "s.toml").write_text(
         'models = ["deltanet-tiny"]\nratios = [0.25, 0.5]\nsuites = ["ppl"]\nseeds = [0, 1]\n'
-        'methods = ["drrqr", {name = "random", params = {seed = 1}}]\n[suite_params.ppl]\nlimit = 512\n')
+        'methods = ["drrqr", {name = "random", params = {seed = 1}}]\n[suite_params.ppl]\nlimit = 512\n'
+    )
     a, b = sweeps.Grid.load(tmp_path / "s.yaml"), sweeps.Grid.load(tmp_path / "s.toml")
     assert a == b and a.methods[1] == sweeps.MethodSpec("random", {"seed": 1})
     tasks = sweeps.expand(a)
@@ -186,7 +236,8 @@ def test_sweep_files_and_flags(tmp_path):
 
     from harness.cli import app
 
-    result = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--ratios", "0.5", "--dry-run",
-                                      "--store", str(tmp_path / "r.sqlite")])
+    result = CliRunner().invoke(
+        app, ["sweep", str(tmp_path / "s.yaml"), "--ratios", "0.5", "--dry-run", "--store", str(tmp_path / "r.sqlite")]
+    )
     assert result.exit_code == 0, result.output
     assert "12 cells: 0 done, 0 failed, 12 missing" in result.output  # 2 seeds x (dense 2 + 2 methods x 2 cells)

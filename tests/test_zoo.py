@@ -20,6 +20,7 @@ def corpus():
 
 # ---------------------------------------------------------------- corpus
 
+
 def test_corpus_is_deterministic_and_splits_are_disjoint(corpus):
     again = build_corpus()  # a fresh read of every stdlib file, not the memoized copy
     assert again.sha256 == corpus.sha256
@@ -51,13 +52,14 @@ def test_corpus_cache_dir_only_writes_there(tmp_path, corpus):
 
 # ---------------------------------------------------------------- tokenizer
 
+
 def test_tokenizer_round_trip_and_reload(tmp_path, corpus):
     from transformers import AutoTokenizer
 
     tok = corpus_tokenizer(corpus)
     assert len(tok) == VOCAB_SIZE
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID)
-    text = corpus.heldout_text[:20_000] + "\n\tunicode: déjà vu, 数据, emoji \U0001F600  trailing  \n"
+    text = corpus.heldout_text[:20_000] + "\n\tunicode: déjà vu, 数据, emoji \U0001f600  trailing  \n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text  # byte-level: exact round trip, no unknown tokens
     assert len(ids) < len(text) / 2.5  # it did learn merges
@@ -69,14 +71,18 @@ def test_tokenizer_round_trip_and_reload(tmp_path, corpus):
 
 
 def test_tokenizer_training_is_deterministic():
-    docs = [f"Return the {w} of the {v} object, or None when it has no {w}.\n" * 3
-            for w in ("name", "value", "length", "parent") for v in ("socket", "file", "thread")]
+    docs = [
+        f"Return the {w} of the {v} object, or None when it has no {w}.\n" * 3
+        for w in ("name", "value", "length", "parent")
+        for v in ("socket", "file", "thread")
+    ]
     a = train_tokenizer(docs, vocab_size=300)
     b = train_tokenizer(reversed(docs), vocab_size=300)
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
 
 
 # ---------------------------------------------------------------- builds
+
 
 def _logits(model, ids):
     with torch.no_grad():
@@ -142,6 +148,7 @@ def test_build_refuses_to_overwrite_a_folder_that_is_not_a_model(tmp_path):
 
 
 # ---------------------------------------------------------------- shipped weights
+
 
 @pytest.mark.parametrize("name", TEXT_MODELS)
 def test_shipped_weights_beat_the_unigram_baseline(name, corpus):

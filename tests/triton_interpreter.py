@@ -15,8 +15,14 @@ def run_script(path: str, expected_ok: int, timeout: int = 900) -> None:
     or exits 77 when the interpreter cannot run here (the test then skips with the reason)."""
     pytest.importorskip("triton", reason="triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=os.path.dirname(os.path.abspath(path)))
+    proc = subprocess.run(
+        [sys.executable, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.abspath(path)),
+    )
     log = proc.stdout + proc.stderr
     if proc.returncode == 77:
         pytest.skip(f"the Triton CPU interpreter cannot run here: {log.strip().splitlines()[-1]}")

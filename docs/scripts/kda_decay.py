@@ -54,8 +54,11 @@ def retention(model, adapter, batches) -> dict[int, torch.Tensor]:
     for index, attn in adapter.layers(model):
         for call in calls[index]:
             a = call.arguments
-            g = kda.kda_gate(a["g"], a.get("A_log"), a.get("dt_bias"), a.get("lower_bound")) \
-                if a.get("use_gate_in_kernel") else a["g"].float()
+            g = (
+                kda.kda_gate(a["g"], a.get("A_log"), a.get("dt_bias"), a.get("lower_bound"))
+                if a.get("use_gate_in_kernel")
+                else a["g"].float()
+            )
             r = g.exp().reshape(-1, attn.num_v_heads, attn.head_k_dim)  # (tokens, HV, d_k)
             sums[index] = sums.get(index, 0) + r.sum(0)
             counts[index] = counts.get(index, 0) + r.shape[0]
@@ -65,14 +68,22 @@ def retention(model, adapter, batches) -> dict[int, torch.Tensor]:
 
 
 def selection_from(kept: dict[int, list[np.ndarray]], layers, name: str, ratio: float) -> ChannelSelection:
-    return ChannelSelection("kda", {d.index: LayerSelection(d.head_dim, d.value_dim, tuple(tuple(sorted(int(c) for c in h))
-                                                                                          for h in kept[d.index]))
-                                    for d in layers}, name, ratio)
+    return ChannelSelection(
+        "kda",
+        {
+            d.index: LayerSelection(
+                d.head_dim, d.value_dim, tuple(tuple(sorted(int(c) for c in h)) for h in kept[d.index])
+            )
+            for d in layers
+        },
+        name,
+        ratio,
+    )
 
 
 def ppl(model, tokenizer) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = SuiteContext("kda", "cpu", 0, Path(tmp), lambda _d, _t: (lambda n=1: None))
+        ctx = SuiteContext("kda", "cpu", 0, Path(tmp), lambda _d, _t: lambda n=1: None)
         return next(m.value for m in PerplexitySuite().run(model, tokenizer, ctx) if m.name == "ppl")
 
 
@@ -90,8 +101,13 @@ def main() -> None:
     adapter = adapter_for(model)
     batches = calibration_batches(tokenizer, CalibrationSpec())
     a = retention(model, adapter, batches)
-    everything = frozenset().union(*(registry.get_method(n).needs for n in registry.names(registry.METHODS)
-                                     if "kda" in registry.get_method(n).families))
+    everything = frozenset().union(
+        *(
+            registry.get_method(n).needs
+            for n in registry.names(registry.METHODS)
+            if "kda" in registry.get_method(n).families
+        )
+    )
     layers = adapter.capture(model, batches, everything - {"model"})
 
     print("retention a = mean exp(g) per channel, over layers:")
@@ -124,12 +140,16 @@ def main() -> None:
         kept = {}
         for d in layers:
             n = keep_count(d.head_dim, ratio)
-            kept[d.index] = [np.argsort(-a[d.index][h].numpy() if slowest else a[d.index][h].numpy(), kind="stable")[:n]
-                             for h in range(d.num_heads)]
+            kept[d.index] = [
+                np.argsort(-a[d.index][h].numpy() if slowest else a[d.index][h].numpy(), kind="stable")[:n]
+                for h in range(d.num_heads)
+            ]
         return selection_from(kept, layers, "slowest" if slowest else "fastest", ratio)
 
     def decay_weighted(ratio, power=-0.5):
-        weighted = [dataclasses.replace(d, k=d.k * (1 - a[d.index].clamp(max=0.999) ** 2).pow(power)[None]) for d in layers]
+        weighted = [
+            dataclasses.replace(d, k=d.k * (1 - a[d.index].clamp(max=0.999) ** 2).pow(power)[None]) for d in layers
+        ]
         return DRRQR(seed=0).select(weighted, ratio, "kda")
 
     choices = {
@@ -151,8 +171,9 @@ def main() -> None:
             pruned = copy.deepcopy(model)
             adapter.apply(pruned, sel)
             cells.append(f"{ppl(pruned, tokenizer):.2f}")
-            kept_a.append(np.mean([a[i][h][list(k)].mean().item() for i, s in sel.layers.items()
-                                   for h, k in enumerate(s.kept)]))
+            kept_a.append(
+                np.mean([a[i][h][list(k)].mean().item() for i, s in sel.layers.items() for h, k in enumerate(s.kept)])
+            )
         print(f"| {name} | " + " | ".join(cells) + " | " + " / ".join(f"{x:.3f}" for x in kept_a) + " |", flush=True)
 
 

@@ -52,8 +52,9 @@ def probe(model, batch: int, context: int, new_tokens: int, prompt: torch.Tensor
     torch.cuda.reset_peak_memory_stats()
     dec = None
     try:
-        dec = graph_decode.Decoder(model, batch, graph_decode.capacity_for(context, new_tokens),
-                                   max_new_tokens=new_tokens, graphs=False)
+        dec = graph_decode.Decoder(
+            model, batch, graph_decode.capacity_for(context, new_tokens), max_new_tokens=new_tokens, graphs=False
+        )
         first = dec.prefill_rows([0], prompt)
         if free_bytes() < CAPTURE_MARGIN:
             return None
@@ -73,8 +74,7 @@ def probe(model, batch: int, context: int, new_tokens: int, prompt: torch.Tensor
         torch.cuda.empty_cache()
 
 
-def largest_batch(model, context: int = CONTEXT, new_tokens: int = NEW_TOKENS, limit: int = 2048,
-                  advance=None) -> dict:
+def largest_batch(model, context: int = CONTEXT, new_tokens: int = NEW_TOKENS, limit: int = 2048, advance=None) -> dict:
     """The largest batch `probe` fits (searched as the module says), its peak, and the probes."""
     from harness import graph_decode
 
@@ -87,10 +87,16 @@ def largest_batch(model, context: int = CONTEXT, new_tokens: int = NEW_TOKENS, l
     while hi - lo > 1:
         start = time.perf_counter()
         found = probe(model, batch, context, new_tokens, prompt)
-        probes.append({"batch": batch, "fits": found is not None, "peak_bytes": found,
-                       "seconds": time.perf_counter() - start})
-        log.info("capacity probe: batch %d at %d tokens: %s (%.1f s)", batch, context,
-                 f"fits, peak {found / 1e9:.1f} GB" if found else "does not fit", probes[-1]["seconds"])
+        probes.append(
+            {"batch": batch, "fits": found is not None, "peak_bytes": found, "seconds": time.perf_counter() - start}
+        )
+        log.info(
+            "capacity probe: batch %d at %d tokens: %s (%.1f s)",
+            batch,
+            context,
+            f"fits, peak {found / 1e9:.1f} GB" if found else "does not fit",
+            probes[-1]["seconds"],
+        )
         if advance:
             advance()
         if found is not None:
@@ -120,9 +126,18 @@ def run(quick: bool = False, mask_path=None, bars=None) -> Table:
     rows = []
     for label, variant in variants.items():
         found = largest_batch(variant.model, context, advance=advance)
-        rows.append({"model": case.model, "variant": label, "context": context, "largest_batch": found["batch"],
-                     "peak_gb": None if found["peak_bytes"] is None else found["peak_bytes"] / 1e9,
-                     "row_gb": found["row_bytes"] / 1e9, "estimate": found["estimate"], "probes": found["probes"]})
+        rows.append(
+            {
+                "model": case.model,
+                "variant": label,
+                "context": context,
+                "largest_batch": found["batch"],
+                "peak_gb": None if found["peak_bytes"] is None else found["peak_bytes"] / 1e9,
+                "row_gb": found["row_bytes"] / 1e9,
+                "estimate": found["estimate"],
+                "probes": found["probes"],
+            }
+        )
     dense = rows[0]["largest_batch"]
     for r in rows:
         r["vs_dense"] = r["largest_batch"] / dense if dense else None
@@ -134,15 +149,21 @@ def run(quick: bool = False, mask_path=None, bars=None) -> Table:
         title="Largest batch that fits: Llama-3.1-8B config through the static decode loop",
         columns=["model", "variant", "context", "largest_batch", "vs_dense", "row_gb", "peak_gb", "estimate"],
         rows=rows,
-        labels={"largest_batch": "largest batch", "vs_dense": "vs dense", "row_gb": "cache GB / row",
-                "peak_gb": "peak GB at it", "estimate": "first probe"},
+        labels={
+            "largest_batch": "largest batch",
+            "vs_dense": "vs dense",
+            "row_gb": "cache GB / row",
+            "peak_gb": "peak GB at it",
+            "estimate": "first probe",
+        },
         formats={"vs_dense": "{:.2f}x", "row_gb": "{:.3f}", "peak_gb": "{:.1f}"},
-        notes=[f"Random weights (bf16), {weights / 1e9:.1f} GB resident, shared by the variants; {NEW_TOKENS} new "
-               "tokens a row. A probe at batch B: the static cache for B rows, one row's real prefill (the transient "
-               "each row's prefill has), the step captured in a CUDA graph, every row at the context, "
-               f"{NEW_TOKENS} decode steps; it fits when no allocation fails.",
-               mask_note,
-               "Stock `generate` is not probed: it prefills the whole batch in one forward, so its limit is set by "
-               "the prefill's activations, not the cache."],
+        notes=[
+            f"Random weights (bf16), {weights / 1e9:.1f} GB resident, shared by the variants; {NEW_TOKENS} new "
+            "tokens a row. A probe at batch B: the static cache for B rows, one row's real prefill (the transient "
+            "each row's prefill has), the step captured in a CUDA graph, every row at the context, "
+            f"{NEW_TOKENS} decode steps; it fits when no allocation fails.",
+            mask_note,
+            "Stock `generate` is not probed: it prefills the whole batch in one forward, so its limit is set by "
+            "the prefill's activations, not the cache.",
+        ],
     )
-

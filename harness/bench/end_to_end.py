@@ -46,10 +46,18 @@ from harness.bench import Table, log
 WINDOW = {"sink": 16, "recent": 64, "full_prefill": True}  # LeanK's deployment: the prompt attends fully
 # (batch, context) per model; "full" is sized for a 139 GB H200 (the memory plan above)
 SHAPES = {
-    "full": {"llama": ((8, 32768), (52, 4096)), "deltanet": ((64, 2048),), "gated-deltanet": ((64, 2048),),
-             "qwen35": ((64, 2048),)},
-    "quick": {"llama": ((2, 1024),), "deltanet": ((8, 512),), "gated-deltanet": ((8, 512),),
-              "qwen35": ((8, 512),)},  # a GPU smoke test
+    "full": {
+        "llama": ((8, 32768), (52, 4096)),
+        "deltanet": ((64, 2048),),
+        "gated-deltanet": ((64, 2048),),
+        "qwen35": ((64, 2048),),
+    },
+    "quick": {
+        "llama": ((2, 1024),),
+        "deltanet": ((8, 512),),
+        "gated-deltanet": ((8, 512),),
+        "qwen35": ((8, 512),),
+    },  # a GPU smoke test
     # zoo models; 128 > sink + recent: a real middle
     "cpu": {"llama": ((2, 128),), "deltanet": ((2, 128),), "gated-deltanet": ((2, 128),), "qwen35": ((2, 128),)},
 }
@@ -127,16 +135,25 @@ def llama_case(device: str, mask_path, shapes) -> Case:
     masked = shared_copy(dense)
     adapter.apply(masked, mask_selection(mask, adapter.family, "leank", {"cache": dict(WINDOW)}))
     loop = "static graph" if device == "cuda" else "static loop"
-    variants = {"dense": Variant(dense), f"dense, {loop}": Variant(dense, engine="static"),
-                f"{kind} mask (kept {float(mask.mean()):.4g}), {loop}": Variant(masked, twin=f"dense, {loop}",
-                                                                                engine="static")}
-    return Case("llama-tiny (zoo)" if device == "cpu" else "Llama-3.1-8B config", variants, shapes,
-                [f"mask: {source}.", f"LeanK window: sink {WINDOW['sink']} + recent {WINDOW['recent']} tokens keep "
-                 "all channels; the prompt attends with all channels (LeanK's deployment), decode steps read the "
-                 "pruned cache. \"dense\" is stock `generate`; the static variants run `harness.graph_decode` (a "
-                 "static cache, each decode step replayed from a CUDA graph); the LeanK variant's twin (\"vs twin\") "
-                 "is the dense model through the same loop (a static K/V cache, the same attention kernel with every "
-                 "channel kept)."])
+    variants = {
+        "dense": Variant(dense),
+        f"dense, {loop}": Variant(dense, engine="static"),
+        f"{kind} mask (kept {float(mask.mean()):.4g}), {loop}": Variant(masked, twin=f"dense, {loop}", engine="static"),
+    }
+    return Case(
+        "llama-tiny (zoo)" if device == "cpu" else "Llama-3.1-8B config",
+        variants,
+        shapes,
+        [
+            f"mask: {source}.",
+            f"LeanK window: sink {WINDOW['sink']} + recent {WINDOW['recent']} tokens keep "
+            "all channels; the prompt attends with all channels (LeanK's deployment), decode steps read the "
+            'pruned cache. "dense" is stock `generate`; the static variants run `harness.graph_decode` (a '
+            'static cache, each decode step replayed from a CUDA graph); the LeanK variant\'s twin ("vs twin") '
+            "is the dense model through the same loop (a static K/V cache, the same attention kernel with every "
+            "channel kept).",
+        ],
+    )
 
 
 # linear and hybrid models: key -> (zoo stand-in on CPU, published geometry on a GPU, label)
@@ -151,7 +168,9 @@ def first_half(geometry: dict, family: str, meta: dict | None = None):
     """A selection keeping channels 0 .. d/2 - 1 of every head of every layer of `geometry`."""
     from harness.selection import ChannelSelection, LayerSelection
 
-    layers = {i: LayerSelection(d, dv, tuple(tuple(range(d // 2)) for _ in range(h))) for i, (h, d, dv) in geometry.items()}
+    layers = {
+        i: LayerSelection(d, dv, tuple(tuple(range(d // 2)) for _ in range(h))) for i, (h, d, dv) in geometry.items()
+    }
     return ChannelSelection(family, layers, "first-half", 0.5, meta=meta or {})
 
 
@@ -169,22 +188,32 @@ def linear_case(device: str, shapes, kind: str = "deltanet") -> Case:
     if kind == "qwen35":
         linear, attention = adapter.part("linear"), adapter.part("softmax")
         geometry = linear.geometry(dense)
-        both = adapter.combine(dense, first_half(geometry, linear.family),
-                               first_half(attention.geometry(dense), ATTENTION_PART, {"cache": dict(WINDOW)}))
+        both = adapter.combine(
+            dense,
+            first_half(geometry, linear.family),
+            first_half(attention.geometry(dense), ATTENTION_PART, {"cache": dict(WINDOW)}),
+        )
         adapter.apply(pruned, both)
-        notes.append(f"Its attention layers keep half of each KV head's channels in a static pruned K cache "
-                     f"(sink {WINDOW['sink']} + recent {WINDOW['recent']} full, the prompt attending fully).")
+        notes.append(
+            f"Its attention layers keep half of each KV head's channels in a static pruned K cache "
+            f"(sink {WINDOW['sink']} + recent {WINDOW['recent']} full, the prompt attending fully)."
+        )
     else:
         geometry = adapter.geometry(dense)
         adapter.apply(pruned, first_half(geometry, adapter.family))
     d = next(iter(geometry.values()))[1]
-    notes.append("\"dense\" is stock `generate` (fla's layers decode through our delta-rule step, the default); "
-                 "the static variants run `harness.graph_decode` (conv and recurrent states allocated once for the "
-                 "batch, each decode step replayed from a CUDA graph); the pruned variant's twin is the dense model "
-                 "through the same loop.")
+    notes.append(
+        '"dense" is stock `generate` (fla\'s layers decode through our delta-rule step, the default); '
+        "the static variants run `harness.graph_decode` (conv and recurrent states allocated once for the "
+        "batch, each decode step replayed from a CUDA graph); the pruned variant's twin is the dense model "
+        "through the same loop."
+    )
     loop = "static graph" if device == "cuda" else "static loop"
-    variants = {"dense": Variant(dense), f"dense, {loop}": Variant(dense, engine="static"),
-                f"pruned (d_k {d} -> {d // 2}), {loop}": Variant(pruned, twin=f"dense, {loop}", engine="static")}
+    variants = {
+        "dense": Variant(dense),
+        f"dense, {loop}": Variant(dense, engine="static"),
+        f"pruned (d_k {d} -> {d // 2}), {loop}": Variant(pruned, twin=f"dense, {loop}", engine="static"),
+    }
     return Case(f"{zoo} (zoo)" if device == "cpu" else name, variants, shapes, notes)
 
 
@@ -210,7 +239,9 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
     rows = []
     for batch, context in case.shapes:
         # token ids above the special ones (0-2: pad, bos, eos): random weights, so any text will do
-        prompt = torch.randint(3, vocab, (batch, context), generator=torch.Generator().manual_seed(batch * 7919 + context))
+        prompt = torch.randint(
+            3, vocab, (batch, context), generator=torch.Generator().manual_seed(batch * 7919 + context)
+        )
         found = {}
         for label, variant in case.variants.items():  # interleaved: every variant at this shape, then the next
             start = time.perf_counter()
@@ -221,8 +252,15 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
                         found[label]["busy"] = static_busy(variant.model, prompt.to(device))
             except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
                 found[label] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"}
-            log.info("%s | %s | %d x %d: %s (%.1f s)", case.model, label, batch, context,
-                     summary(found[label], batch, context), time.perf_counter() - start)
+            log.info(
+                "%s | %s | %d x %d: %s (%.1f s)",
+                case.model,
+                label,
+                batch,
+                context,
+                summary(found[label], batch, context),
+                time.perf_counter() - start,
+            )
             if device == "cuda":
                 torch.cuda.empty_cache()
             advance()
@@ -237,26 +275,42 @@ def summary(found: dict, batch: int, context: int) -> str:
     peak = f", peak {found['peak_memory'] / 1e9:.2f} GB" if "peak_memory" in found else ""
     share = found.get("busy", {}).get("busy_share")
     busy = f", GPU busy {share:.0%} of a step" if share is not None else ""
-    return (f"prefill {batch * context / found['prefill']['median']:,.0f} tokens/s, decode "
-            f"{found['decode']['median'] * 1e3:.2f} ms/token, cache {found['cache_bytes'] / 1e9:.4g} GB{peak}{busy}")
+    return (
+        f"prefill {batch * context / found['prefill']['median']:,.0f} tokens/s, decode "
+        f"{found['decode']['median'] * 1e3:.2f} ms/token, cache {found['cache_bytes'] / 1e9:.4g} GB{peak}{busy}"
+    )
 
 
 def shape_rows(case: Case, batch: int, context: int, found: dict[str, dict]) -> list[dict[str, Any]]:
     stock = found[next(iter(case.variants))]
     rows = []
     for label, r in found.items():
-        row = {"model": case.model, "variant": label, "batch": batch, "context": context, "shape": f"{batch} x {context}",
-               "engine": case.variants[label].engine, **case.variants[label].env}
+        row = {
+            "model": case.model,
+            "variant": label,
+            "batch": batch,
+            "context": context,
+            "shape": f"{batch} x {context}",
+            "engine": case.variants[label].engine,
+            **case.variants[label].env,
+        }
         if "error" in r:
             rows.append({**row, "error": r["error"]})
             continue
         decode_s = r["decode"]["median"]
-        row.update({
-            "prefill_tokens_per_s": batch * context / r["prefill"]["median"], "decode_ms_per_token": decode_s * 1e3,
-            "decode_tokens_per_s": batch / decode_s, "cache_bytes": r["cache_bytes"], "cache_gb": r["cache_bytes"] / 1e9,
-            "peak_memory_bytes": r.get("peak_memory"), "peak_gb": r["peak_memory"] / 1e9 if "peak_memory" in r else None,
-            "prefill": r["prefill"], "decode": r["decode"],
-        })
+        row.update(
+            {
+                "prefill_tokens_per_s": batch * context / r["prefill"]["median"],
+                "decode_ms_per_token": decode_s * 1e3,
+                "decode_tokens_per_s": batch / decode_s,
+                "cache_bytes": r["cache_bytes"],
+                "cache_gb": r["cache_bytes"] / 1e9,
+                "peak_memory_bytes": r.get("peak_memory"),
+                "peak_gb": r["peak_memory"] / 1e9 if "peak_memory" in r else None,
+                "prefill": r["prefill"],
+                "decode": r["decode"],
+            }
+        )
         if "busy" in r:
             row["gpu_busy"] = r["busy"]["busy_share"]
         if case.copy_gbps:  # the bandwidth limit: weights + cache read per step at copy speed
@@ -283,9 +337,11 @@ def twin_limits(rows: list[dict[str, Any]]) -> list[str]:
         twin = by_key.get((r["model"], r["shape"], r.get("twin")))
         if twin is None or "read_gb" not in r or "read_gb" not in twin:
             continue
-        out.append(f"{r['model']}, {r['shape']}: {r['variant']} vs {twin['variant']}: the bytes read allow "
-                   f"{twin['read_gb']:.1f} / {r['read_gb']:.1f} GB = {twin['read_gb'] / r['read_gb']:.2f}x; measured "
-                   f"{r['decode_vs_twin']:.2f}x ({r['decode_vs_twin'] / (twin['read_gb'] / r['read_gb']):.0%} of it).")
+        out.append(
+            f"{r['model']}, {r['shape']}: {r['variant']} vs {twin['variant']}: the bytes read allow "
+            f"{twin['read_gb']:.1f} / {r['read_gb']:.1f} GB = {twin['read_gb'] / r['read_gb']:.2f}x; measured "
+            f"{r['decode_vs_twin']:.2f}x ({r['decode_vs_twin'] / (twin['read_gb'] / r['read_gb']):.0%} of it)."
+        )
     return out
 
 
@@ -319,14 +375,18 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
     if device == "cpu" and not quick:
         from harness.errors import HarnessError
 
-        raise HarnessError("the end-to-end table needs a CUDA GPU (Llama-3.1-8B and DeltaNet-1.3B configs); "
-                           "--quick runs it on the tiny zoo models on CPU")
+        raise HarnessError(
+            "the end-to-end table needs a CUDA GPU (Llama-3.1-8B and DeltaNet-1.3B configs); "
+            "--quick runs it on the tiny zoo models on CPU"
+        )
     size = "cpu" if device == "cpu" else ("quick" if quick else "full")
     # no warm-up run: a static variant's kernels compile and its step is captured when its decoder
     # is built, before anything is timed; the median of 3 runs leaves out a first run's one-time costs
     suite = speed_suite(new_tokens={"full": 32, "quick": 8, "cpu": 4}[size], warmup=0, repeats=3)
-    cases = {"llama": lambda: llama_case(device, mask_path, SHAPES[size]["llama"]),
-             **{kind: (lambda kind=kind: linear_case(device, SHAPES[size][kind], kind)) for kind in LINEAR_MODELS}}
+    cases = {
+        "llama": lambda: llama_case(device, mask_path, SHAPES[size]["llama"]),
+        **{kind: (lambda kind=kind: linear_case(device, SHAPES[size][kind], kind)) for kind in LINEAR_MODELS},
+    }
     builders = [cases[m] for m in models]
     rows, notes = [], []
     copy = None
@@ -334,18 +394,24 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
         from harness.bench.timing import copy_gbps
 
         copy = copy_gbps(1 << 30)
-        notes.append(f"Copy bandwidth (1 GiB device to device, read + write, this run): {copy:,.0f} GB/s. \"limit ms\": "
-                     "bytes a decode step must read (weights but the input embedding table, plus the cache at the "
-                     "context + half the new tokens) at that bandwidth; \"of limit\": limit / measured.")
+        notes.append(
+            f'Copy bandwidth (1 GiB device to device, read + write, this run): {copy:,.0f} GB/s. "limit ms": '
+            "bytes a decode step must read (weights but the input embedding table, plus the cache at the "
+            'context + half the new tokens) at that bandwidth; "of limit": limit / measured.'
+        )
     for build in builders:  # one model (and its variants) resident at a time
         torch.manual_seed(0)
         start = time.perf_counter()
         case = build()
-        log.info("%s: built with variants %s (%.1f s)", case.model, ", ".join(case.variants), time.perf_counter() - start)
+        log.info(
+            "%s: built with variants %s (%.1f s)", case.model, ", ".join(case.variants), time.perf_counter() - start
+        )
         if device == "cuda":
             models = {id(v.model): v.model for v in case.variants.values()}.values()
-            notes.append(f"{case.model}: {unique_bytes(models) / 1e9:.2f} GB of weights shared by its variants; "
-                         f"{torch.cuda.memory_allocated() / 1e9:.2f} GB allocated before its runs.")
+            notes.append(
+                f"{case.model}: {unique_bytes(models) / 1e9:.2f} GB of weights shared by its variants; "
+                f"{torch.cuda.memory_allocated() / 1e9:.2f} GB allocated before its runs."
+            )
         notes += [f"{case.model}: {n}" for n in case.notes]
         case.copy_gbps = copy
         rows += measure_case(case, suite, bars, device)
@@ -358,33 +424,72 @@ def run(quick: bool = False, mask_path=None, bars=None, models=("llama", "deltan
         f"{suite.new_tokens} new tokens through the row's engine: `generate`, or the static loop; decode: the time "
         "between consecutive tokens; prefill: the prompt's forward into the model's own cache, to the first token). "
         "At each shape the variants of a model run one after another.",
-        "\"vs dense\": decode speedup over the model's first (stock) dense row; \"vs twin\": over the dense row run the "
+        '"vs dense": decode speedup over the model\'s first (stock) dense row; "vs twin": over the dense row run the '
         "same way (same cache kind or decode kernel); cache / dense: cache bytes over the first row's.",
         "Peak memory: the most allocated during the timed calls (`torch.cuda.max_memory_allocated`): the resident "
         "weights (shared: counted once) plus that variant's cache and activations."
-        if device == "cuda" else "Peak memory is measured on CUDA only.",
+        if device == "cuda"
+        else "Peak memory is measured on CUDA only.",
         *notes,
     ]
-    columns = ["model", "variant", "engine", "shape", "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s",
-               "cache_gb", "peak_gb", "decode_vs_dense", "decode_vs_twin", "cache_vs_dense"]
+    columns = [
+        "model",
+        "variant",
+        "engine",
+        "shape",
+        "prefill_tokens_per_s",
+        "decode_ms_per_token",
+        "decode_tokens_per_s",
+        "cache_gb",
+        "peak_gb",
+        "decode_vs_dense",
+        "decode_vs_twin",
+        "cache_vs_dense",
+    ]
     if copy:
         columns[8:8] = ["read_gb", "limit_ms", "of_limit"]
         columns.insert(columns.index("decode_tokens_per_s"), "gpu_busy")
-        notes.append("\"GPU busy\": static rows only, a separate run of 8 decode steps under torch.profiler: the sum of "
-                     "the GPU's kernel times over the wall time (a host-bound loop leaves the GPU idle between launches).")
+        notes.append(
+            '"GPU busy": static rows only, a separate run of 8 decode steps under torch.profiler: the sum of '
+            "the GPU's kernel times over the wall time (a host-bound loop leaves the GPU idle between launches)."
+        )
         notes += twin_limits(rows)
     if any("error" in r for r in rows):
         columns.append("error")
         notes.append("Rows with an error failed (the message is the exception's first line); the others stand.")
     return Table(
-        title="End to end: dense vs compressed models, same run" + (f" ({', '.join(models)})" if len(models) < 2 else ""),
-        columns=columns, rows=rows, notes=notes,
-        labels={"shape": "batch x context", "prefill_tokens_per_s": "prefill tokens/s", "read_gb": "read GB/step",
-                "limit_ms": "limit ms", "of_limit": "of limit", "gpu_busy": "GPU busy",
-                "decode_ms_per_token": "decode ms/token", "decode_tokens_per_s": "decode tokens/s",
-                "cache_gb": "cache GB", "peak_gb": "peak GB", "decode_vs_dense": "vs dense",
-                "decode_vs_twin": "vs twin", "cache_vs_dense": "cache / dense"},
-        formats={"gpu_busy": "{:.0%}", "read_gb": "{:.2f}", "limit_ms": "{:.2f}", "of_limit": "{:.0%}", "prefill_tokens_per_s": "{:,.0f}", "decode_ms_per_token": "{:.2f}", "decode_tokens_per_s": "{:,.0f}",
-                 "cache_gb": "{:.4g}", "peak_gb": "{:.2f}", "decode_vs_dense": "{:.2f}x", "decode_vs_twin": "{:.2f}x",
-                 "cache_vs_dense": "{:.3f}"},
+        title="End to end: dense vs compressed models, same run"
+        + (f" ({', '.join(models)})" if len(models) < 2 else ""),
+        columns=columns,
+        rows=rows,
+        notes=notes,
+        labels={
+            "shape": "batch x context",
+            "prefill_tokens_per_s": "prefill tokens/s",
+            "read_gb": "read GB/step",
+            "limit_ms": "limit ms",
+            "of_limit": "of limit",
+            "gpu_busy": "GPU busy",
+            "decode_ms_per_token": "decode ms/token",
+            "decode_tokens_per_s": "decode tokens/s",
+            "cache_gb": "cache GB",
+            "peak_gb": "peak GB",
+            "decode_vs_dense": "vs dense",
+            "decode_vs_twin": "vs twin",
+            "cache_vs_dense": "cache / dense",
+        },
+        formats={
+            "gpu_busy": "{:.0%}",
+            "read_gb": "{:.2f}",
+            "limit_ms": "{:.2f}",
+            "of_limit": "{:.0%}",
+            "prefill_tokens_per_s": "{:,.0f}",
+            "decode_ms_per_token": "{:.2f}",
+            "decode_tokens_per_s": "{:,.0f}",
+            "cache_gb": "{:.4g}",
+            "peak_gb": "{:.2f}",
+            "decode_vs_dense": "{:.2f}x",
+            "decode_vs_twin": "{:.2f}x",
+            "cache_vs_dense": "{:.3f}",
+        },
     )

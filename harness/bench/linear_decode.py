@@ -53,8 +53,14 @@ def decode_row(dk: int, gated: bool, batch: int, rep: int) -> dict:
     layers = -(-MIN_BYTES // nbytes)
     states = [torch.zeros(batch, HEADS, dk, DV, device=dev, dtype=torch.float32) for _ in range(layers)]
     fla_states = [s.clone() for s in states]
-    args = dict(q=q[:, None], k=k[:, None], v=v[:, None], beta=beta[:, None], output_final_state=True,
-                use_qk_l2norm_in_kernel=True)  # fla's layout: (B, T=1, H, d)
+    args = dict(
+        q=q[:, None],
+        k=k[:, None],
+        v=v[:, None],
+        beta=beta[:, None],
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+    )  # fla's layout: (B, T=1, H, d)
 
     def fla_step():
         for s in fla_states:
@@ -68,10 +74,19 @@ def decode_row(dk: int, gated: bool, batch: int, rep: int) -> dict:
             delta_rule_step(q, k, v, beta, s, gate if gated else None)
 
     our_ms, fla_ms = graph_ms(our_step, rep) / layers, graph_ms(fla_step, rep) / layers
-    return {"op": OPS[gated], "kept_ratio": dk / DK_FULL, "d_k": dk, "batch": batch, "state_bytes": nbytes,
-            "states_per_graph": layers, "fla_us": fla_ms * 1e3, "ours_us": our_ms * 1e3,
-            "fla_gbps": 2 * nbytes / fla_ms / 1e6, "ours_gbps": 2 * nbytes / our_ms / 1e6,
-            "speedup_vs_fla": fla_ms / our_ms}
+    return {
+        "op": OPS[gated],
+        "kept_ratio": dk / DK_FULL,
+        "d_k": dk,
+        "batch": batch,
+        "state_bytes": nbytes,
+        "states_per_graph": layers,
+        "fla_us": fla_ms * 1e3,
+        "ours_us": our_ms * 1e3,
+        "fla_gbps": 2 * nbytes / fla_ms / 1e6,
+        "ours_gbps": 2 * nbytes / our_ms / 1e6,
+        "speedup_vs_fla": fla_ms / our_ms,
+    }
 
 
 TUNE_GRID = [dict(BLOCK_V=bv, NUM_WARPS=w) for bv in (16, 32, 64, 128) for w in (1, 2, 4, 8)]
@@ -107,7 +122,7 @@ def tune_decode(quick: bool = False, save: bool = True, advance=None) -> list[di
     grid = TUNE_GRID[:4] if quick else TUNE_GRID
     gpu, rows = device_name("cuda"), []
     try:
-        for ratio in ((1.0,) if quick else RATIOS):
+        for ratio in (1.0,) if quick else RATIOS:
             dk = round(DK_FULL * ratio)
             timed = []
             for setting in grid:
@@ -120,16 +135,34 @@ def tune_decode(quick: bool = False, save: bool = True, advance=None) -> list[di
                 finally:
                     if advance:
                         advance()
-                timed.append({"d_k": dk, **setting, "delta_us": times[False], "gated_us": times[True],
-                              "total_us": times[False] + times[True]})
+                timed.append(
+                    {
+                        "d_k": dk,
+                        **setting,
+                        "delta_us": times[False],
+                        "gated_us": times[True],
+                        "total_us": times[False] + times[True],
+                    }
+                )
             best = min(timed, key=lambda r: r["total_us"])
             best["best"] = True
-            log.info("tune linear decode d_k %d on %s: best %s, %.1f + %.1f us", dk, gpu,
-                     {k: best[k] for k in grid[0]}, best["delta_us"], best["gated_us"])
+            log.info(
+                "tune linear decode d_k %d on %s: best %s, %.1f + %.1f us",
+                dk,
+                gpu,
+                {k: best[k] for k in grid[0]},
+                best["delta_us"],
+                best["gated_us"],
+            )
             if save:
-                launch_settings.save(KERNEL, gpu, launch_settings.key_dim_class(dk), {k: best[k] for k in grid[0]},
-                                     note=f"harness bench --tune: batch {batch}, {HEADS} heads, d_v {DV}, "
-                                          f"{best['delta_us']:.1f} + {best['gated_us']:.1f} us")
+                launch_settings.save(
+                    KERNEL,
+                    gpu,
+                    launch_settings.key_dim_class(dk),
+                    {k: best[k] for k in grid[0]},
+                    note=f"harness bench --tune: batch {batch}, {HEADS} heads, d_v {DV}, "
+                    f"{best['delta_us']:.1f} + {best['gated_us']:.1f} us",
+                )
             rows += timed
     finally:
         launch_settings.OVERRIDE.pop(KERNEL, None)
@@ -148,8 +181,14 @@ def run_decode(quick: bool = False, bars=None) -> Table:
             row["ours_of_copy"] = row["ours_gbps"] / copy
             row["copy_gbps"] = copy
             rows.append(row)
-            log.info("linear decode %s d_k %d: fla %.1f us, ours %.1f us (%.0f%% of copy)", row["op"], row["d_k"],
-                     row["fla_us"], row["ours_us"], 100 * row["ours_of_copy"])
+            log.info(
+                "linear decode %s d_k %d: fla %.1f us, ours %.1f us (%.0f%% of copy)",
+                row["op"],
+                row["d_k"],
+                row["fla_us"],
+                row["ours_us"],
+                100 * row["ours_of_copy"],
+            )
             advance()
     for row in rows:
         row["d_k_kept"] = f"{row['d_k']} ({row['kept_ratio']:g})"
@@ -161,9 +200,15 @@ def run_decode(quick: bool = False, bars=None) -> Table:
     return Table(
         title="Linear attention: one-token decode at pruned d_k",
         columns=["op", "d_k_kept", "fla", "ours", "ours_of_copy", "speedup_vs_fla"],
-        labels={"d_k_kept": "d_k (kept)", "fla": "fla `fused_recurrent_*`", "ours": "ours (`delta_rule_step`)",
-                "ours_of_copy": "ours / copy", "speedup_vs_fla": "ours vs fla"},
-        rows=rows, formats={"ours_of_copy": "{:.0%}", "speedup_vs_fla": "{:.2f}x"},
+        labels={
+            "d_k_kept": "d_k (kept)",
+            "fla": "fla `fused_recurrent_*`",
+            "ours": "ours (`delta_rule_step`)",
+            "ours_of_copy": "ours / copy",
+            "speedup_vs_fla": "ours vs fla",
+        },
+        rows=rows,
+        formats={"ours_of_copy": "{:.0%}", "speedup_vs_fla": "{:.2f}x"},
         notes=[
             f"Batch {batch}, {HEADS} heads, d_v {DV}, fp32 state, bf16 q/k/v; d_k = {DK_FULL} x kept ratio (a 1.3B "
             "layer's heads). fla: `fused_recurrent_(gated_)delta_rule`; ours: `harness.kernels.delta_decode."
@@ -209,16 +254,28 @@ def run_prefill(quick: bool = False, bars=None) -> Table:
                 ms = prefill_ms(dk, gated, batch, tokens, rep)
                 full = ms if full is None else full
                 log.info("prefill %s %d x %d d_k %d: %.3f ms", "gated" if gated else "delta", batch, tokens, dk, ms)
-                rows.append({"op": "chunk_gated_delta_rule" if gated else "chunk_delta_rule", "batch": batch,
-                             "tokens": tokens, "shape": f"{batch} x {tokens}", "kept_ratio": ratio, "d_k": dk,
-                             "ms": ms, "speedup_vs_full": full / ms})
+                rows.append(
+                    {
+                        "op": "chunk_gated_delta_rule" if gated else "chunk_delta_rule",
+                        "batch": batch,
+                        "tokens": tokens,
+                        "shape": f"{batch} x {tokens}",
+                        "kept_ratio": ratio,
+                        "d_k": dk,
+                        "ms": ms,
+                        "speedup_vs_full": full / ms,
+                    }
+                )
                 advance()
     torch.cuda.empty_cache()
     return Table(
         title="Linear attention: prefill chunk kernels at pruned d_k",
-        columns=["op", "shape", "d_k", "ms", "speedup_vs_full"], rows=rows,
+        columns=["op", "shape", "d_k", "ms", "speedup_vs_full"],
+        rows=rows,
         labels={"shape": "batch x tokens", "speedup_vs_full": f"vs d_k {DK_FULL}"},
         formats={"ms": "{:.3f}", "speedup_vs_full": "{:.2f}x"},
-        notes=[f"fla's chunk kernels alone (no projections), {HEADS} heads, d_v {DV}, bf16; batch x tokens as "
-               f"shown; median of `do_bench` (rep {rep}); speedup against d_k {DK_FULL} at the same shape."],
+        notes=[
+            f"fla's chunk kernels alone (no projections), {HEADS} heads, d_v {DV}, bf16; batch x tokens as "
+            f"shown; median of `do_bench` (rep {rep}); speedup against d_k {DK_FULL} at the same shape."
+        ],
     )

@@ -47,7 +47,7 @@ def random_mask(layers: int, heads: int, head_dim: int, kept: float = 0.5, seed:
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(layers * heads, head_dim)
     for row in mask:
-        row[torch.randperm(head_dim, generator=g)[:round(kept * head_dim)]] = 1.0
+        row[torch.randperm(head_dim, generator=g)[: round(kept * head_dim)]] = 1.0
     return mask.view(layers, heads, head_dim)
 
 
@@ -58,12 +58,20 @@ def leank_mask(path: str | Path | None, shape: tuple[int, int, int]) -> tuple[to
 
     if path is None:
         mask = synthetic_mask(*shape)
-        return mask, (f"SYNTHETIC mask (no published mask found: pass --mask or set {ENV}); per-head kept "
-                      f"counts drawn like the published Llama-3.1-8B mask's, kept fraction {mask.mean():.4f}"), True
+        return (
+            mask,
+            (
+                f"SYNTHETIC mask (no published mask found: pass --mask or set {ENV}); per-head kept "
+                f"counts drawn like the published Llama-3.1-8B mask's, kept fraction {mask.mean():.4f}"
+            ),
+            True,
+        )
     mask = load_mask(path)
     if tuple(mask.shape) != tuple(shape):
         from harness.errors import HarnessError
 
-        raise HarnessError(f"LeanK mask {path} is {list(mask.shape)}, the model is {list(shape)} "
-                           "[layers, kv_heads, head_dim]; pass the Llama-3.1-8B mask")
+        raise HarnessError(
+            f"LeanK mask {path} is {list(mask.shape)}, the model is {list(shape)} "
+            "[layers, kv_heads, head_dim]; pass the Llama-3.1-8B mask"
+        )
     return mask, f"published LeanK mask {path} (kept fraction {mask.mean():.4f})", False

@@ -54,7 +54,8 @@ class DecodeWindow(BaseStreamer):
 def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[str, Any]:
     pad = getattr(model.generation_config, "pad_token_id", None) or 0
     generate = lambda n, streamer=None: model.generate(  # noqa: E731
-        prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad, streamer=streamer)
+        prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad, streamer=streamer
+    )
     start = time.perf_counter()
     generate(steps + 1)  # warm-up: compiles, autotunes, allocator
     sync()
@@ -70,7 +71,9 @@ def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[s
     by_host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)[:top]
     by_gpu = sorted(kernels, key=lambda e: -device_us(e))[:top]
     return {
-        "warmup_s": warmup_s, "step_ms": 1e3 * window.elapsed / n, "gpu_busy_ms": gpu_us / 1e3 / n,
+        "warmup_s": warmup_s,
+        "step_ms": 1e3 * window.elapsed / n,
+        "gpu_busy_ms": gpu_us / 1e3 / n,
         "syncs_per_step": (count("cudaStreamSynchronize") + count("cudaDeviceSynchronize")) / n,
         "memcpy_per_step": (count("cudaMemcpyAsync") + count("cudaMemcpy")) / n,
         "launches_per_step": (count("cudaLaunchKernel") + count("cuLaunchKernel") + count("cuLaunchKernelEx")) / n,
@@ -89,16 +92,23 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
     parser.add_argument("--mask", default=None, help="LeanK mask .pth (llama; default: a synthetic mask)")
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--engine", choices=("generate", "static"), default="generate",
-                        help="generate: each model through `generate`; static: each static-loop variant through the loop "
-                             "(wall and GPU-busy time per step only)")
+    parser.add_argument(
+        "--engine",
+        choices=("generate", "static"),
+        default="generate",
+        help="generate: each model through `generate`; static: each static-loop variant through the loop "
+        "(wall and GPU-busy time per step only)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = ((args.batch, args.context),)
     torch.manual_seed(0)
-    case = (end_to_end.llama_case(device, args.mask, shapes) if args.model == "llama"
-            else end_to_end.linear_case(device, shapes, args.model))
+    case = (
+        end_to_end.llama_case(device, args.mask, shapes)
+        if args.model == "llama"
+        else end_to_end.linear_case(device, shapes, args.model)
+    )
     vocab = next(iter(case.variants.values())).model.config.vocab_size
     prompt = torch.randint(3, vocab, (args.batch, args.context), generator=torch.Generator().manual_seed(0)).to(device)
     results, seen = {}, set()
@@ -107,18 +117,27 @@ def main(argv=None) -> None:
             if variant.engine == "static":
                 with torch.no_grad():
                     r = results[label] = static_busy(variant.model, prompt, args.steps)
-                print(f"== {case.model} | {label} | {args.batch} x {args.context}: {r['step_ms']:.2f} ms/step wall, "
-                      + ("GPU busy not seen (the profiler recorded no kernels)" if r["busy_share"] is None else
-                         f"GPU busy {r['gpu_busy_ms']:.2f} ms/step ({r['busy_share']:.0%})"), flush=True)
+                print(
+                    f"== {case.model} | {label} | {args.batch} x {args.context}: {r['step_ms']:.2f} ms/step wall, "
+                    + (
+                        "GPU busy not seen (the profiler recorded no kernels)"
+                        if r["busy_share"] is None
+                        else f"GPU busy {r['gpu_busy_ms']:.2f} ms/step ({r['busy_share']:.0%})"
+                    ),
+                    flush=True,
+                )
             continue
         if id(variant.model) in seen:
             continue  # a model the table also runs through another engine: profiled once, through generate
         seen.add(id(variant.model))
         with torch.no_grad(), end_to_end.environ(variant.env):
             r = results[label] = profile_variant(variant.model, prompt, args.steps, args.top)
-        print(f"\n== {case.model} | {label} | {args.batch} x {args.context}: {r['step_ms']:.2f} ms/step wall, "
-              f"GPU busy {r['gpu_busy_ms']:.2f} ms/step; per step {r['launches_per_step']:.0f} launches, "
-              f"{r['syncs_per_step']:.1f} syncs, {r['memcpy_per_step']:.1f} copies; warm-up generate {r['warmup_s']:.1f} s", flush=True)
+        print(
+            f"\n== {case.model} | {label} | {args.batch} x {args.context}: {r['step_ms']:.2f} ms/step wall, "
+            f"GPU busy {r['gpu_busy_ms']:.2f} ms/step; per step {r['launches_per_step']:.0f} launches, "
+            f"{r['syncs_per_step']:.1f} syncs, {r['memcpy_per_step']:.1f} copies; warm-up generate {r['warmup_s']:.1f} s",
+            flush=True,
+        )
         for title, rows in (("host (self CPU us/step)", r["top_host"]), ("GPU (self us/step)", r["top_gpu"])):
             print(f"  {title}:")
             for name, calls, us in rows:

@@ -16,9 +16,17 @@ def header(command: str) -> dict[str, Any]:
     from harness.provenance import device_name, git_commit, now, versions
 
     v = versions()
-    return {"device": device_name("cuda" if torch.cuda.is_available() else "cpu"), "torch": v["torch"],
-            "triton": v["triton"], "fla": v["flash-linear-attention"], "transformers": v["transformers"],
-            "python": v["python"], "git_commit": git_commit(), "date": now(), "command": command}
+    return {
+        "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
+        "torch": v["torch"],
+        "triton": v["triton"],
+        "fla": v["flash-linear-attention"],
+        "transformers": v["transformers"],
+        "python": v["python"],
+        "git_commit": git_commit(),
+        "date": now(),
+        "command": command,
+    }
 
 
 def cell(value: Any, spec: str | None = None) -> str:
@@ -48,9 +56,14 @@ def table_markdown(table: Table) -> str:
 
 def markdown(tables: list[Table], head: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {head[k]}" for k in ("torch", "triton", "fla", "transformers") if head.get(k))
-    lines = ["# Benchmarks", "",
-             f"Device: {head['device']}; {versions}; commit {head.get('git_commit') or 'unknown'}; {head['date']}.", "",
-             f"Command: `{head['command']}`", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Device: {head['device']}; {versions}; commit {head.get('git_commit') or 'unknown'}; {head['date']}.",
+        "",
+        f"Command: `{head['command']}`",
+        "",
+    ]
     return "\n".join(lines + [table_markdown(t) for t in tables])
 
 

@@ -68,7 +68,9 @@ def static_busy(model, prompt: torch.Tensor, steps: int = 8) -> dict[str, float]
 
     batch, context = prompt.shape
     try:
-        dec = graph_decode.decoder(model, batch, graph_decode.capacity_for(context, steps + 1), max_new_tokens=steps + 1)
+        dec = graph_decode.decoder(
+            model, batch, graph_decode.capacity_for(context, steps + 1), max_new_tokens=steps + 1
+        )
         first = dec.prefill(prompt)
         profiler = new_profiler()
         sync()

@@ -10,8 +10,13 @@ from harness.families.hf_softmax import Qwen2Adapter, SoftmaxAdapter
 from harness.families.hybrid import HybridAdapter
 from harness.method import HYBRID_FAMILIES
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (GatedDeltaNetAdapter, DeltaNetAdapter, KDAAdapter, SoftmaxAdapter,
-                                              Qwen2Adapter)
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (
+    GatedDeltaNetAdapter,
+    DeltaNetAdapter,
+    KDAAdapter,
+    SoftmaxAdapter,
+    Qwen2Adapter,
+)
 FAMILIES = tuple(a.family for a in ADAPTERS) + HYBRID_FAMILIES
 
 
@@ -27,9 +32,7 @@ def adapter_for(model, kind: str | None = None) -> FamilyAdapter:
             if kind is not None and cls.kind != kind:
                 raise HarnessError(f"model type {arch!r} has no {kind} attention layers")
             return cls()
-    raise HarnessError(
-        f"no key-channel adapter for model type {arch!r}; supported families: {', '.join(FAMILIES)}"
-    )
+    raise HarnessError(f"no key-channel adapter for model type {arch!r}; supported families: {', '.join(FAMILIES)}")
 
 
 __all__ = ["ADAPTERS", "FAMILIES", "FamilyAdapter", "adapter_for"]

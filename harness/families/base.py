@@ -31,8 +31,9 @@ class FamilyAdapter(ABC):
         """layer index -> (key heads, key head dim, value channels per key head)."""
 
     @abstractmethod
-    def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
-                advance: Callable[[], None] | None = None) -> list[LayerData]:
+    def capture(
+        self, model, batches: Iterable[torch.Tensor], needs: frozenset[str], advance: Callable[[], None] | None = None
+    ) -> list[LayerData]:
         """Run calibration batches and return one LayerData per prunable layer."""
 
     @abstractmethod
@@ -50,7 +51,9 @@ class FamilyAdapter(ABC):
             raise ValueError(f"selection covers layers {sorted(selection.layers)}, model has {sorted(geometry)}")
         for i, sel in selection.layers.items():
             if (sel.num_heads, sel.head_dim) != geometry[i][:2]:
-                raise ValueError(f"layer {i}: selection is for {sel.num_heads}x{sel.head_dim}, model has {geometry[i][:2]}")
+                raise ValueError(
+                    f"layer {i}: selection is for {sel.num_heads}x{sel.head_dim}, model has {geometry[i][:2]}"
+                )
 
     def full_selection(self, model) -> ChannelSelection:
         return ChannelSelection.full(self.family, self.geometry(model))
@@ -77,8 +80,9 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def forward_batches(model, batches: Iterable[torch.Tensor], advance: Callable[[], None] | None = None,
-                    use_cache: bool = False) -> None:
+def forward_batches(
+    model, batches: Iterable[torch.Tensor], advance: Callable[[], None] | None = None, use_cache: bool = False
+) -> None:
     """Run calibration batches through the model (hooks installed by the caller record what they need)."""
     for input_ids in batches:
         model(input_ids=input_ids.to(model.device), use_cache=use_cache)

@@ -72,8 +72,9 @@ class KDAAdapter(FlaLinearAdapter):
             else:
                 rows = gate_rows(attn, sel.kept).to(attn.dt_bias.device)
                 _slice_rows(attn.f_proj[1], rows)
-                attn.dt_bias = nn.Parameter(attn.dt_bias.data.index_select(0, rows).clone(),
-                                            requires_grad=attn.dt_bias.requires_grad)
+                attn.dt_bias = nn.Parameter(
+                    attn.dt_bias.data.index_select(0, rows).clone(), requires_grad=attn.dt_bias.requires_grad
+                )
         super().apply(model, selection)  # q/k projections and convs, head_k_dim, key_dim, config
 
     def _update_layer(self, attn, n_keep: int) -> None:

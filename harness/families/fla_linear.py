@@ -19,8 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.families.base import (FamilyAdapter, forward_batches, projection_gradients, stream_factor,
-                                   uniform_keep_count, zero_rows)
+from harness.families.base import (
+    FamilyAdapter,
+    forward_batches,
+    projection_gradients,
+    stream_factor,
+    uniform_keep_count,
+    zero_rows,
+)
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LayerData
 from harness.selection import ChannelSelection
 
@@ -41,16 +47,24 @@ def _expand_v_for(value_head_dim: int, head_dim: int) -> float:
 
 
 def _slice_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
-    linear.weight = nn.Parameter(linear.weight.data.index_select(0, rows).clone(), requires_grad=linear.weight.requires_grad)
+    linear.weight = nn.Parameter(
+        linear.weight.data.index_select(0, rows).clone(), requires_grad=linear.weight.requires_grad
+    )
     if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data.index_select(0, rows).clone(), requires_grad=linear.bias.requires_grad)
+        linear.bias = nn.Parameter(
+            linear.bias.data.index_select(0, rows).clone(), requires_grad=linear.bias.requires_grad
+        )
     linear.out_features = len(rows)
 
 
 def _slice_conv(conv: nn.Conv1d, channels: torch.Tensor) -> None:
-    conv.weight = nn.Parameter(conv.weight.data.index_select(0, channels).clone(), requires_grad=conv.weight.requires_grad)
+    conv.weight = nn.Parameter(
+        conv.weight.data.index_select(0, channels).clone(), requires_grad=conv.weight.requires_grad
+    )
     if conv.bias is not None:
-        conv.bias = nn.Parameter(conv.bias.data.index_select(0, channels).clone(), requires_grad=conv.bias.requires_grad)
+        conv.bias = nn.Parameter(
+            conv.bias.data.index_select(0, channels).clone(), requires_grad=conv.bias.requires_grad
+        )
     conv.in_channels = conv.out_channels = conv.groups = len(channels)
     if hasattr(conv, "hidden_size"):
         conv.hidden_size = len(channels)
@@ -71,15 +85,19 @@ def _project(attn, sel) -> None:
         return torch.cat([p.T @ w for p, w in zip(blocks, heads)]).reshape(len(blocks) * n_keep, *weight.shape[1:])
 
     for linear in (attn.q_proj, attn.k_proj):
-        linear.weight = nn.Parameter(rotate_rows(linear.weight.data).to(device, dtype), requires_grad=linear.weight.requires_grad)
+        linear.weight = nn.Parameter(
+            rotate_rows(linear.weight.data).to(device, dtype), requires_grad=linear.weight.requires_grad
+        )
         linear.out_features = linear.weight.shape[0]
     if attn.use_short_conv:
         for conv in (attn.q_conv1d, attn.k_conv1d):
             filters = conv.weight.data.double().reshape(len(blocks), d, -1)  # (H, d, K)
-            mixed = torch.cat([(p ** 2).T @ f for p, f in zip(blocks, filters)])  # (H*n_keep, K)
+            mixed = torch.cat([(p**2).T @ f for p, f in zip(blocks, filters)])  # (H*n_keep, K)
             conv.weight = nn.Parameter(mixed.unsqueeze(1).to(device, dtype), requires_grad=conv.weight.requires_grad)
             if conv.bias is not None:
-                conv.bias = nn.Parameter(rotate_rows(conv.bias.data).to(device, dtype), requires_grad=conv.bias.requires_grad)
+                conv.bias = nn.Parameter(
+                    rotate_rows(conv.bias.data).to(device, dtype), requires_grad=conv.bias.requires_grad
+                )
             conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
             if hasattr(conv, "hidden_size"):
                 conv.hidden_size = conv.weight.shape[0]
@@ -117,8 +135,9 @@ class FlaLinearAdapter(FamilyAdapter):
         """What the kernel is fed, from the output of a `_qk_modules` module (the same, here)."""
         return y
 
-    def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
-                advance: Callable[[], None] | None = None) -> list[LayerData]:
+    def capture(
+        self, model, batches: Iterable[torch.Tensor], needs: frozenset[str], advance: Callable[[], None] | None = None
+    ) -> list[LayerData]:
         layers = self.layers(model)
         batches = list(batches)
         # streamed: per head only the triangular factor R of all activation rows seen so far
@@ -129,16 +148,20 @@ class FlaLinearAdapter(FamilyAdapter):
         if ACTIVATIONS in needs:
             for i, attn in layers:
                 for name, module in zip("qk", self._qk_modules(attn)):
+
                     def hook(_mod, _inp, out, key=(i, name), heads=attn.num_heads, d=attn.head_k_dim, attn=attn):
                         y = self._fed(attn, out[0] if isinstance(out, tuple) else out)
                         rows = y.detach().reshape(-1, heads, d).transpose(0, 1).double().cpu()  # (H, N, d)
                         store[key] = stream_factor(store.get(key), rows)
+
                     handles.append(module.register_forward_hook(hook))
         if INPUTS in needs:
             for i, attn in layers:  # q_proj and k_proj read the same normed hidden states
+
                 def pre_hook(_mod, args, i=i):
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                     x_sq[i] = x_sq.get(i, 0) + x.pow(2).sum(0).cpu()
+
                 handles.append(attn.q_proj.register_forward_pre_hook(pre_hook))
         try:
             if needs & {ACTIVATIONS, INPUTS}:
@@ -152,14 +175,19 @@ class FlaLinearAdapter(FamilyAdapter):
         out = []
         for i, attn in layers:
             data = LayerData(
-                index=i, num_heads=attn.num_heads, head_dim=attn.head_k_dim,
+                index=i,
+                num_heads=attn.num_heads,
+                head_dim=attn.head_k_dim,
                 value_dim=attn.value_dim // attn.num_heads,
-                q_weight=attn.q_proj.weight.detach().float().cpu(), k_weight=attn.k_proj.weight.detach().float().cpu(),
+                q_weight=attn.q_proj.weight.detach().float().cpu(),
+                k_weight=attn.k_proj.weight.detach().float().cpu(),
             )
             if ACTIVATIONS in needs:
                 for name in "qk":
                     if (i, name) not in store:
-                        raise RuntimeError(f"layer {i}: no {name} activations were captured (did fla change its forward?)")
+                        raise RuntimeError(
+                            f"layer {i}: no {name} activations were captured (did fla change its forward?)"
+                        )
                     setattr(data, name, store.pop((i, name)).transpose(0, 1).float())  # (rows <= d, H, d)
             if INPUTS in needs:
                 data.x_sq = x_sq[i]

@@ -28,8 +28,16 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from harness.families.base import (FamilyAdapter, decoder_layers, forward_batches, host, projection_gradients,
-                                   stream_factor, uniform_keep_count, zero_rows)
+from harness.families.base import (
+    FamilyAdapter,
+    decoder_layers,
+    forward_batches,
+    host,
+    projection_gradients,
+    stream_factor,
+    uniform_keep_count,
+    zero_rows,
+)
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS, LINEAR_PART, LayerData
 from harness.selection import ChannelSelection
 
@@ -46,8 +54,11 @@ OPS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
 
 def gdn_layers(model) -> list[tuple[int, nn.Module]]:
     """(model layer index, Gated DeltaNet module) of every linear-attention layer."""
-    return [(i, b.linear_attn) for i, b in enumerate(decoder_layers(model))
-            if type(getattr(b, "linear_attn", None)).__name__ in LAYOUTS]
+    return [
+        (i, b.linear_attn)
+        for i, b in enumerate(decoder_layers(model))
+        if type(getattr(b, "linear_attn", None)).__name__ in LAYOUTS
+    ]
 
 
 def text_config(config):
@@ -73,11 +84,18 @@ def rows_to_keep(attn, kept) -> dict[str, torch.Tensor]:
     else:  # qkvz: per key head [q_h (d), k_h (d), v_h and z_h (2 * value_dim / heads)]
         vz = 2 * value_dim // heads
         block = 2 * d + vz
-        out["in_proj_qkvz"] = torch.cat([
-            torch.cat([h * block + torch.tensor(idx, dtype=torch.long, device=device),
-                       h * block + d + torch.tensor(idx, dtype=torch.long, device=device),
-                       h * block + 2 * d + torch.arange(vz, device=device)])
-            for h, idx in enumerate(kept)])
+        out["in_proj_qkvz"] = torch.cat(
+            [
+                torch.cat(
+                    [
+                        h * block + torch.tensor(idx, dtype=torch.long, device=device),
+                        h * block + d + torch.tensor(idx, dtype=torch.long, device=device),
+                        h * block + 2 * d + torch.arange(vz, device=device),
+                    ]
+                )
+                for h, idx in enumerate(kept)
+            ]
+        )
     return out
 
 
@@ -90,17 +108,21 @@ def qk_rows(attn) -> tuple[tuple[nn.Linear, torch.Tensor], tuple[nn.Linear, torc
     name = "in_proj_qkv" if layout == "qkv" else "in_proj_qkvz"
     rows = rows_to_keep(attn, full)[name]
     if layout == "qkv":
-        return (attn.in_proj_qkv, rows[: attn.key_dim]), (attn.in_proj_qkv, rows[attn.key_dim: 2 * attn.key_dim])
+        return (attn.in_proj_qkv, rows[: attn.key_dim]), (attn.in_proj_qkv, rows[attn.key_dim : 2 * attn.key_dim])
     d, per = attn.head_k_dim, rows.numel() // attn.num_k_heads
     grouped = rows.view(attn.num_k_heads, per)
-    return (attn.in_proj_qkvz, grouped[:, :d].reshape(-1)), (attn.in_proj_qkvz, grouped[:, d: 2 * d].reshape(-1))
+    return (attn.in_proj_qkvz, grouped[:, :d].reshape(-1)), (attn.in_proj_qkvz, grouped[:, d : 2 * d].reshape(-1))
 
 
 def _slice(module: nn.Module, rows: torch.Tensor) -> None:
     rows = rows.to(module.weight.device)
-    module.weight = nn.Parameter(module.weight.data.index_select(0, rows).clone(), requires_grad=module.weight.requires_grad)
+    module.weight = nn.Parameter(
+        module.weight.data.index_select(0, rows).clone(), requires_grad=module.weight.requires_grad
+    )
     if module.bias is not None:
-        module.bias = nn.Parameter(module.bias.data.index_select(0, rows).clone(), requires_grad=module.bias.requires_grad)
+        module.bias = nn.Parameter(
+            module.bias.data.index_select(0, rows).clone(), requires_grad=module.bias.requires_grad
+        )
     if isinstance(module, nn.Linear):
         module.out_features = len(rows)
     else:
@@ -123,6 +145,7 @@ def recording_ops(layers: list[tuple[int, nn.Module]], on_call: Callable[[int, d
         def recorded(*args, **kwargs):
             on_call(current[0], {"op": name, **dict(zip(names, args)), **kwargs})
             return op(*args, **kwargs)
+
         return recorded
 
     try:
@@ -153,8 +176,9 @@ class HFGatedDeltaNetAdapter(FamilyAdapter):
         return {i: (a.num_k_heads, a.head_k_dim, a.value_dim // a.num_k_heads) for i, a in self.layers(model)}
 
     # --- calibration -----------------------------------------------------------------------
-    def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
-                advance: Callable[[], None] | None = None) -> list[LayerData]:
+    def capture(
+        self, model, batches: Iterable[torch.Tensor], needs: frozenset[str], advance: Callable[[], None] | None = None
+    ) -> list[LayerData]:
         layers = self.layers(model)
         batches = list(batches)
         store: dict[tuple[int, str], torch.Tensor] = {}
@@ -169,9 +193,11 @@ class HFGatedDeltaNetAdapter(FamilyAdapter):
         handles = []
         if INPUTS in needs:
             for i, attn in layers:
+
                 def pre_hook(_mod, args, i=i):
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                     x_sq[i] = x_sq.get(i, 0) + x.pow(2).sum(0).cpu()
+
                 handles.append(qk_rows(attn)[0][0].register_forward_pre_hook(pre_hook))
         try:
             if needs & {ACTIVATIONS, INPUTS}:
@@ -188,14 +214,20 @@ class HFGatedDeltaNetAdapter(FamilyAdapter):
         out = []
         for i, attn in layers:
             (q_lin, q_idx), (k_lin, k_idx) = qk_rows(attn)
-            data = LayerData(index=i, num_heads=attn.num_k_heads, head_dim=attn.head_k_dim,
-                             value_dim=attn.value_dim // attn.num_k_heads,
-                             q_weight=host(q_lin.weight[q_idx.to(q_lin.weight.device)]),
-                             k_weight=host(k_lin.weight[k_idx.to(k_lin.weight.device)]))
+            data = LayerData(
+                index=i,
+                num_heads=attn.num_k_heads,
+                head_dim=attn.head_k_dim,
+                value_dim=attn.value_dim // attn.num_k_heads,
+                q_weight=host(q_lin.weight[q_idx.to(q_lin.weight.device)]),
+                k_weight=host(k_lin.weight[k_idx.to(k_lin.weight.device)]),
+            )
             if ACTIVATIONS in needs:
                 for name in "qk":
                     if (i, name) not in store:
-                        raise RuntimeError(f"layer {i}: no {name} activations were captured (did transformers change its forward?)")
+                        raise RuntimeError(
+                            f"layer {i}: no {name} activations were captured (did transformers change its forward?)"
+                        )
                     setattr(data, name, store.pop((i, name)).transpose(0, 1).float())
             if INPUTS in needs:
                 data.x_sq = x_sq[i]
@@ -209,8 +241,10 @@ class HFGatedDeltaNetAdapter(FamilyAdapter):
         super().check(model, selection)
         for sel in selection.layers.values():
             if sel.projection is not None:
-                raise ValueError("a projection (PCA) mixes channels, which the fused q|k|v conv cannot; "
-                                 "choose a channel-selecting method for transformers' Gated DeltaNet layers")
+                raise ValueError(
+                    "a projection (PCA) mixes channels, which the fused q|k|v conv cannot; "
+                    "choose a channel-selecting method for transformers' Gated DeltaNet layers"
+                )
 
     @torch.no_grad()
     def zero(self, model, selection: ChannelSelection) -> None:

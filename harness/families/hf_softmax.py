@@ -40,8 +40,9 @@ def prefill_chooser(selection: ChannelSelection):
     spec = selection.meta.get("prefill_chooser")
     if not spec:
         return None
-    return functools.partial(build_method(spec["method"], spec["params"], seed=0).choose_at_prefill,
-                             count=spec["count"])
+    return functools.partial(
+        build_method(spec["method"], spec["params"], seed=0).choose_at_prefill, count=spec["count"]
+    )
 
 
 def _plain_attention(query, key, value, mask, scaling):
@@ -49,7 +50,12 @@ def _plain_attention(query, key, value, mask, scaling):
     k = key.repeat_interleave(n_rep, 1) if n_rep > 1 else key
     v = value.repeat_interleave(n_rep, 1) if n_rep > 1 else value
     return torch.nn.functional.scaled_dot_product_attention(
-        query, k, v, attn_mask=mask, scale=scaling, is_causal=mask is None and query.shape[2] > 1,
+        query,
+        k,
+        v,
+        attn_mask=mask,
+        scale=scaling,
+        is_causal=mask is None and query.shape[2] > 1,
     ).transpose(1, 2)
 
 
@@ -85,13 +91,25 @@ def kcache_attention(module, query, key, value, attention_mask, scaling=None, dr
     elif scale is None:  # chosen at prefill: a new prefill (no past) chooses, decode steps reuse it
         if total == length or getattr(module, "_prefill_choice", None) is None:
             kept = plan.chooser(query, key, pads)
-            module._prefill_choice = torch.zeros(*kept.shape[:2], plan.head_dim, device=key.device).scatter_(-1, kept, 1.0)
+            module._prefill_choice = torch.zeros(*kept.shape[:2], plan.head_dim, device=key.device).scatter_(
+                -1, kept, 1.0
+            )
         scale = module._prefill_choice
     full_queries = getattr(module, "full_queries", 0)
     if plan.full_prefill and total == length:
         full_queries = total
-    out = masked_attention(query, key, value, attention_mask, key_scale=scale, sink=plan.sink, recent=plan.recent,
-                           scaling=scaling, pads=pads, full_queries=full_queries)
+    out = masked_attention(
+        query,
+        key,
+        value,
+        attention_mask,
+        key_scale=scale,
+        sink=plan.sink,
+        recent=plan.recent,
+        scaling=scaling,
+        pads=pads,
+        full_queries=full_queries,
+    )
     return out, None
 
 
@@ -104,8 +122,9 @@ def _generate_with_pruned_cache(self, *args, **kwargs):
     caller passes a cache or disables caching."""
     if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) and self.harness_pruned_cache:
         modules = attention_modules(self)
-        kwargs["past_key_values"] = PrunedKCache([m.key_plan for m in modules], [m.layer_idx for m in modules],
-                                                 len(decoder_layers(self)))
+        kwargs["past_key_values"] = PrunedKCache(
+            [m.key_plan for m in modules], [m.layer_idx for m in modules], len(decoder_layers(self))
+        )
     return type(self).generate(self, *args, **kwargs)
 
 
@@ -141,8 +160,9 @@ class SoftmaxAdapter(FamilyAdapter):
         return {i: (c.num_key_value_heads, head_dim, head_dim) for i in range(len(attention_modules(model)))}
 
     # --- calibration -----------------------------------------------------------------------
-    def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
-                advance: Callable[[], None] | None = None) -> list[LayerData]:
+    def capture(
+        self, model, batches: Iterable[torch.Tensor], needs: frozenset[str], advance: Callable[[], None] | None = None
+    ) -> list[LayerData]:
         """Post-RoPE queries and keys, streamed per KV head into Gram-exact factors; a KV head's
         queries are the rows of all query heads that share it (GQA)."""
         store: dict[tuple[int, str], torch.Tensor] = {}
@@ -168,8 +188,14 @@ class SoftmaxAdapter(FamilyAdapter):
         geometry = self.geometry(model)
         for i, m in enumerate(modules):
             hkv, d, dv = geometry[i]
-            data = LayerData(index=i, num_heads=hkv, head_dim=d, value_dim=dv,
-                             q_weight=host(m.q_proj.weight), k_weight=host(m.k_proj.weight))
+            data = LayerData(
+                index=i,
+                num_heads=hkv,
+                head_dim=d,
+                value_dim=dv,
+                q_weight=host(m.q_proj.weight),
+                k_weight=host(m.k_proj.weight),
+            )
             if ACTIVATIONS in needs:
                 data.q = store.pop((i, "q")).transpose(0, 1).float()
                 data.k = store.pop((i, "k")).transpose(0, 1).float()
@@ -191,7 +217,9 @@ class SoftmaxAdapter(FamilyAdapter):
         try:
             for i, m in enumerate(modules):
                 hkv, d, dv = geometry[i]
-                m.key_plan = KeyChannelPlan(hkv, d, dv, tuple(tuple(range(d)) for _ in range(hkv)), sink=sink, recent=recent)
+                m.key_plan = KeyChannelPlan(
+                    hkv, d, dv, tuple(tuple(range(d)) for _ in range(hkv)), sink=sink, recent=recent
+                )
                 m.key_scale_override, m.full_queries = scales[i], full_queries
             with self.realized(model):
                 yield
@@ -216,12 +244,20 @@ class SoftmaxAdapter(FamilyAdapter):
                 raise ValueError(f"layer {i}: selection is for {sel.num_heads}x{sel.head_dim}, model has {hkv}x{d}")
             if sel.projection is not None:
                 raise ValueError("a projection cannot be realized in a K cache; choose a channel-selecting method")
-            plans.append(KeyChannelPlan(
-                hkv, d, dv, None if chooser else sel.kept, sink=int(window.get("sink", DEFAULT_SINK)),
-                recent=int(window.get("recent", DEFAULT_RECENT)), value_sum=bool(window.get("value_sum", True)),
-                full_prefill=bool(window.get("full_prefill", False)), chooser=chooser,
-                count=sel.kept_counts[0] if chooser else 0,
-            ))
+            plans.append(
+                KeyChannelPlan(
+                    hkv,
+                    d,
+                    dv,
+                    None if chooser else sel.kept,
+                    sink=int(window.get("sink", DEFAULT_SINK)),
+                    recent=int(window.get("recent", DEFAULT_RECENT)),
+                    value_sum=bool(window.get("value_sum", True)),
+                    full_prefill=bool(window.get("full_prefill", False)),
+                    chooser=chooser,
+                    count=sel.kept_counts[0] if chooser else 0,
+                )
+            )
         return plans
 
     def apply(self, model, selection: ChannelSelection, *, pruned_cache: bool = True) -> None:

@@ -52,11 +52,14 @@ class HybridAdapter(FamilyAdapter):
 
     def geometry(self, model) -> dict[int, tuple[int, int, int]]:
         ids = self.attention_ids(model)
-        return {**self.parts["linear"].geometry(model),
-                **{ids[j]: g for j, g in self.parts["softmax"].geometry(model).items()}}
+        return {
+            **self.parts["linear"].geometry(model),
+            **{ids[j]: g for j, g in self.parts["softmax"].geometry(model).items()},
+        }
 
-    def capture(self, model, batches: Iterable[torch.Tensor], needs: frozenset[str],
-                advance: Callable[[], None] | None = None) -> list[LayerData]:
+    def capture(
+        self, model, batches: Iterable[torch.Tensor], needs: frozenset[str], advance: Callable[[], None] | None = None
+    ) -> list[LayerData]:
         raise NotImplementedError("a hybrid model is calibrated part by part: use part('linear') / part('softmax')")
 
     # --- one selection for both parts -------------------------------------------------------
@@ -73,10 +76,18 @@ class HybridAdapter(FamilyAdapter):
             ratio=max((s.ratio for s in used), default=0.0),
             # the attention part's realization keys (cache window, prefill chooser) stay at the top,
             # where the selection digest reads them
-            meta={**att.meta, "linear_meta": lin.meta, "parts": {
-                "linear": {"method": lin.method, "ratio": lin.ratio, "layers": sorted(lin.layers)},
-                "softmax": {"method": att.method, "ratio": att.ratio, "layers": [ids[j] for j in sorted(att.layers)]},
-            }},
+            meta={
+                **att.meta,
+                "linear_meta": lin.meta,
+                "parts": {
+                    "linear": {"method": lin.method, "ratio": lin.ratio, "layers": sorted(lin.layers)},
+                    "softmax": {
+                        "method": att.method,
+                        "ratio": att.ratio,
+                        "layers": [ids[j] for j in sorted(att.layers)],
+                    },
+                },
+            },
         )
 
     def split(self, model, selection: ChannelSelection) -> dict[str, ChannelSelection]:
@@ -87,11 +98,20 @@ class HybridAdapter(FamilyAdapter):
         position = {layer: j for j, layer in enumerate(self.attention_ids(model))}
         meta = {k: v for k, v in selection.meta.items() if k not in ("parts", "linear_meta")}
         return {
-            "linear": ChannelSelection(LINEAR_PART, {i: selection.layers[i] for i in parts["linear"]["layers"]},
-                                       parts["linear"]["method"], parts["linear"]["ratio"],
-                                       dict(selection.meta.get("linear_meta", {}))),
-            "softmax": ChannelSelection(ATTENTION_PART, {position[i]: selection.layers[i] for i in parts["softmax"]["layers"]},
-                                        parts["softmax"]["method"], parts["softmax"]["ratio"], meta),
+            "linear": ChannelSelection(
+                LINEAR_PART,
+                {i: selection.layers[i] for i in parts["linear"]["layers"]},
+                parts["linear"]["method"],
+                parts["linear"]["ratio"],
+                dict(selection.meta.get("linear_meta", {})),
+            ),
+            "softmax": ChannelSelection(
+                ATTENTION_PART,
+                {position[i]: selection.layers[i] for i in parts["softmax"]["layers"]},
+                parts["softmax"]["method"],
+                parts["softmax"]["ratio"],
+                meta,
+            ),
         }
 
     def full_selection(self, model) -> ChannelSelection:

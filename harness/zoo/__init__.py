@@ -23,12 +23,29 @@ import platform
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.zoo.folders import (MANIFEST, WEIGHTS_DIR, clear_target, default_path, prepare_fla, token_streams,
-                                 write_model_folder)
+from harness.zoo.folders import (
+    MANIFEST,
+    WEIGHTS_DIR,
+    clear_target,
+    default_path,
+    prepare_fla,
+    token_streams,
+    write_model_folder,
+)
 from harness.zoo.models import ZOO, ZooEntry, get
 
-__all__ = ["build", "build_model", "default_path", "list_models", "manifest", "family_of", "heldout_text", "train_text",
-           "entry", "WEIGHTS_DIR"]
+__all__ = [
+    "build",
+    "build_model",
+    "default_path",
+    "list_models",
+    "manifest",
+    "family_of",
+    "heldout_text",
+    "train_text",
+    "entry",
+    "WEIGHTS_DIR",
+]
 
 
 def list_models() -> list[str]:
@@ -65,9 +82,18 @@ def train_text() -> str:
     return load_corpus().train_text
 
 
-def build(name: str, out_dir: str | Path | None = None, steps: int | None = None, seed: int = 0,
-          progress: bool = True, *, batch_size: int | None = None, seq_len: int | None = None,
-          eval_every: int | None = None, threads: int | None = 1) -> Path:
+def build(
+    name: str,
+    out_dir: str | Path | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    eval_every: int | None = None,
+    threads: int | None = 1,
+) -> Path:
     """Train zoo model `name` from scratch and write its save_pretrained folder; returns the folder.
 
     `out_dir` defaults to the shipped weights folder (default_path(name)); an existing model
@@ -77,14 +103,32 @@ def build(name: str, out_dir: str | Path | None = None, steps: int | None = None
     part of what makes a rerun bit-identical, and on a small shared CPU one thread is also faster
     than OpenMP threads competing with other processes; None: leave torch's setting).
     """
-    path, _model = build_model(name, out_dir, steps, seed, progress, batch_size=batch_size, seq_len=seq_len,
-                               eval_every=eval_every, threads=threads)
+    path, _model = build_model(
+        name,
+        out_dir,
+        steps,
+        seed,
+        progress,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        eval_every=eval_every,
+        threads=threads,
+    )
     return path
 
 
-def build_model(name: str, out_dir: str | Path | None = None, steps: int | None = None, seed: int = 0,
-                progress: bool = True, *, batch_size: int | None = None, seq_len: int | None = None,
-                eval_every: int | None = None, threads: int | None = 1):
+def build_model(
+    name: str,
+    out_dir: str | Path | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    eval_every: int | None = None,
+    threads: int | None = 1,
+):
     """`build`, returning (folder, the trained model in memory)."""
     if get(name).task == "mqar":
         from harness.zoo.mqar import build_mqar_model
@@ -121,8 +165,14 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
     if eval_every is None:
         eval_every = steps // 10 if steps >= 100 else 0
     cfg = TrainConfig(
-        steps=steps, batch_size=batch_size or recipe.batch_size, seq_len=seq_len or recipe.seq_len, lr=recipe.lr,
-        warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay, seed=seed, eval_every=eval_every,
+        steps=steps,
+        batch_size=batch_size or recipe.batch_size,
+        seq_len=seq_len or recipe.seq_len,
+        lr=recipe.lr,
+        warmup_steps=recipe.warmup_steps,
+        weight_decay=recipe.weight_decay,
+        seed=seed,
+        eval_every=eval_every,
         threads=threads,
     )
     torch.manual_seed(seed)
@@ -135,7 +185,10 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
         Console(stderr=True).print(
             f"building {name} ({spec.family}, {n_params / 1e6:.2f}M parameters): {steps} steps x "
             f"{cfg.batch_size} x {cfg.seq_len} tokens, seed {seed}; corpus {len(train_ids):,} train / "
-            f"{len(heldout_ids):,} held-out tokens", highlight=False, soft_wrap=True)
+            f"{len(heldout_ids):,} held-out tokens",
+            highlight=False,
+            soft_wrap=True,
+        )
     result = train(model, train_ids, heldout_ids, cfg, progress=progress, vocab_size=VOCAB_SIZE)
 
     info = {
@@ -167,7 +220,7 @@ def build_model(name: str, out_dir: str | Path | None = None, steps: int | None 
         "train_config": result.config,
         "curve": [{"step": s, "train_loss": round(loss, 4), "heldout_ppl": round(p, 4)} for s, loss, p in result.curve],
         "eval": "token-weighted perplexity over non-overlapping windows of seq_len + 1 tokens of the held-out "
-                "split; unigram: add-one smoothed train token counts on the same tokens",
+        "split; unigram: add-one smoothed train token counts on the same tokens",
     }
 
     write_model_folder(out, model, tokenizer, info)

@@ -31,11 +31,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Any path component equal to one of these excludes the file.
-SKIP_DIRS = frozenset({
-    "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "site-packages", "dist-packages",
-    "lib2to3", "ensurepip", "__pycache__", "lib-dynload", "pydoc_data", "__phello__", "venv",
-    "encodings",  # ~100 generated codec modules with near-identical boilerplate docstrings
-})
+SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "site-packages",
+        "dist-packages",
+        "lib2to3",
+        "ensurepip",
+        "__pycache__",
+        "lib-dynload",
+        "pydoc_data",
+        "__phello__",
+        "venv",
+        "encodings",  # ~100 generated codec modules with near-identical boilerplate docstrings
+    }
+)
 SKIP_PREFIXES = ("config-", "_sysconfigdata", "test_")
 HELDOUT_BUCKETS = 20  # 1 in 20 documents (~5%) goes to the held-out split
 HELDOUT_SALT = "heldout"  # hashed before the path (gives ~5% of the characters on CPython 3.11)
@@ -182,17 +197,29 @@ def load_corpus(cache_dir: str | Path | None = None, root: str | Path | None = N
             data = json.loads(cache.read_text(encoding="utf-8"))
             train = tuple(Document(p, t) for p, t in data["train"])
             heldout = tuple(Document(p, t) for p, t in data["heldout"])
-            return Corpus(train, heldout, data["python_version"], data["sha256"],
-                          DOC_SEPARATOR.join(d.text for d in train), DOC_SEPARATOR.join(d.text for d in heldout))
+            return Corpus(
+                train,
+                heldout,
+                data["python_version"],
+                data["sha256"],
+                DOC_SEPARATOR.join(d.text for d in train),
+                DOC_SEPARATOR.join(d.text for d in heldout),
+            )
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache is rebuilt
     corpus = _load_in_memory(str(root_path))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({
-        "python_version": corpus.python_version, "sha256": corpus.sha256,
-        "train": [[d.path, d.text] for d in corpus.train_docs],
-        "heldout": [[d.path, d.text] for d in corpus.heldout_docs],
-    }), encoding="utf-8")
+    tmp.write_text(
+        json.dumps(
+            {
+                "python_version": corpus.python_version,
+                "sha256": corpus.sha256,
+                "train": [[d.path, d.text] for d in corpus.train_docs],
+                "heldout": [[d.path, d.text] for d in corpus.heldout_docs],
+            }
+        ),
+        encoding="utf-8",
+    )
     tmp.replace(cache)
     return corpus

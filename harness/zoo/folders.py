@@ -63,7 +63,8 @@ def token_streams(corpus, tokenizer):
         _STREAMS.clear()
         _STREAMS[key] = tuple(
             torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            for text in (corpus.train_text, corpus.heldout_text))
+            for text in (corpus.train_text, corpus.heldout_text)
+        )
     return _STREAMS[key]
 
 

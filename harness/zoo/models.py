@@ -22,9 +22,17 @@ HEADS = 4
 HEAD_DIM = 32  # the key dimension that pruning shrinks
 MLP_WIDTH = 512
 MAX_POSITIONS = 2048
-COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=MLP_WIDTH,
-              bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
-              max_position_embeddings=MAX_POSITIONS)
+COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    intermediate_size=MLP_WIDTH,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=PAD_ID,
+    tie_word_embeddings=False,
+    max_position_embeddings=MAX_POSITIONS,
+)
 
 
 def _deltanet_config():
@@ -51,8 +59,14 @@ def _kda_config():
 def _llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=HEAD_DIM,
-                       hidden_act="silu", rms_norm_eps=1e-6, **COMMON)
+    return LlamaConfig(
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        head_dim=HEAD_DIM,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        **COMMON,
+    )
 
 
 def _qwen35_hybrid_config():
@@ -62,9 +76,17 @@ def _qwen35_hybrid_config():
     # layer (full_attention_interval 4), GQA with 2 KV heads, q/k RMSNorm, partial RoPE (0.25)
     return Qwen3_5TextConfig(
         layer_types=["linear_attention"] * 3 + ["full_attention"],
-        linear_num_key_heads=HEADS, linear_num_value_heads=HEADS, linear_key_head_dim=HEAD_DIM,
-        linear_value_head_dim=HEAD_DIM, linear_conv_kernel_dim=4,
-        num_attention_heads=HEADS, num_key_value_heads=2, head_dim=HEAD_DIM, rms_norm_eps=1e-6, **COMMON)
+        linear_num_key_heads=HEADS,
+        linear_num_value_heads=HEADS,
+        linear_key_head_dim=HEAD_DIM,
+        linear_value_head_dim=HEAD_DIM,
+        linear_conv_kernel_dim=4,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        head_dim=HEAD_DIM,
+        rms_norm_eps=1e-6,
+        **COMMON,
+    )
 
 
 def _deltanet_mqar_config():
@@ -92,7 +114,9 @@ class RetrievalRecipe(TrainRecipe):
     (shorter steps get more rows, so every step sees about the same tokens)."""
 
     lm_fraction: float = 0.4  # rows of plain corpus text; the rest are retrieval documents
-    answer_weight: float = 1.0  # the answer tokens' mean loss, against the text tokens' mean (harness.zoo.retrieval.weighted_loss)
+    answer_weight: float = (
+        1.0  # the answer tokens' mean loss, against the text tokens' mean (harness.zoo.retrieval.weighted_loss)
+    )
     length_quarters: tuple[int, ...] = (1, 2, 4)
     init_from: str = ""  # a text zoo model whose shipped weights training starts from ("": random init)
 
@@ -119,36 +143,83 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
-        ZooEntry("deltanet-tiny", "deltanet", _deltanet_config, TrainRecipe(steps=700),
-                 "fla DeltaNet, 4 layers x 4 heads, d_k = d_v = 32"),
-        ZooEntry("gated-deltanet-tiny", "gated_deltanet", _gated_deltanet_config, TrainRecipe(steps=550),
-                 "fla Gated DeltaNet, 4 layers x 4 heads, d_k = 32, d_v = 64"),
-        ZooEntry("kda-tiny", "kda", _kda_config, TrainRecipe(steps=450),
-                 "fla Kimi Delta Attention (a decay per key channel), 4 layers x 4 heads, d_k = d_v = 32"),
-        ZooEntry("llama-tiny", "llama", _llama_config, TrainRecipe(steps=1000),
-                 "transformers Llama (softmax attention, RoPE), 4 layers x 4 heads, head_dim 32"),
-        ZooEntry("qwen35-hybrid-tiny", "qwen3_5", _qwen35_hybrid_config, TrainRecipe(steps=600),
-                 "transformers Qwen3.5 hybrid: 3 Gated DeltaNet layers (4 heads, d_k = d_v = 32) + 1 attention "
-                 "layer (4 query / 2 KV heads, head_dim 32)"),
-        ZooEntry("deltanet-mqar-tiny", "deltanet", _deltanet_mqar_config,
-                 TrainRecipe(steps=450, batch_size=64, lr=1e-2, warmup_steps=20, weight_decay=0.0),
-                 "fla DeltaNet, 2 layers x 4 heads, d_k = 32, trained on MQAR (the mqar suite's capacity probe)",
-                 task="mqar"),
-        ZooEntry("llama-retrieval-tiny", "llama", _llama_config,
-                 RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="llama-tiny"),
-                 "llama-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
-                 "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
-                 task="retrieval"),
-        ZooEntry("deltanet-retrieval-tiny", "deltanet", _deltanet_config,
-                 RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="deltanet-tiny"),
-                 "deltanet-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
-                 "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
-                 task="retrieval"),
-        ZooEntry("qwen35-hybrid-retrieval-tiny", "qwen3_5", _qwen35_hybrid_config,
-                 RetrievalRecipe(steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="qwen35-hybrid-tiny"),
-                 "qwen35-hybrid-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
-                 "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
-                 task="retrieval"),
+        ZooEntry(
+            "deltanet-tiny",
+            "deltanet",
+            _deltanet_config,
+            TrainRecipe(steps=700),
+            "fla DeltaNet, 4 layers x 4 heads, d_k = d_v = 32",
+        ),
+        ZooEntry(
+            "gated-deltanet-tiny",
+            "gated_deltanet",
+            _gated_deltanet_config,
+            TrainRecipe(steps=550),
+            "fla Gated DeltaNet, 4 layers x 4 heads, d_k = 32, d_v = 64",
+        ),
+        ZooEntry(
+            "kda-tiny",
+            "kda",
+            _kda_config,
+            TrainRecipe(steps=450),
+            "fla Kimi Delta Attention (a decay per key channel), 4 layers x 4 heads, d_k = d_v = 32",
+        ),
+        ZooEntry(
+            "llama-tiny",
+            "llama",
+            _llama_config,
+            TrainRecipe(steps=1000),
+            "transformers Llama (softmax attention, RoPE), 4 layers x 4 heads, head_dim 32",
+        ),
+        ZooEntry(
+            "qwen35-hybrid-tiny",
+            "qwen3_5",
+            _qwen35_hybrid_config,
+            TrainRecipe(steps=600),
+            "transformers Qwen3.5 hybrid: 3 Gated DeltaNet layers (4 heads, d_k = d_v = 32) + 1 attention "
+            "layer (4 query / 2 KV heads, head_dim 32)",
+        ),
+        ZooEntry(
+            "deltanet-mqar-tiny",
+            "deltanet",
+            _deltanet_mqar_config,
+            TrainRecipe(steps=450, batch_size=64, lr=1e-2, warmup_steps=20, weight_decay=0.0),
+            "fla DeltaNet, 2 layers x 4 heads, d_k = 32, trained on MQAR (the mqar suite's capacity probe)",
+            task="mqar",
+        ),
+        ZooEntry(
+            "llama-retrieval-tiny",
+            "llama",
+            _llama_config,
+            RetrievalRecipe(
+                steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="llama-tiny"
+            ),
+            "llama-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
+            "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
+            task="retrieval",
+        ),
+        ZooEntry(
+            "deltanet-retrieval-tiny",
+            "deltanet",
+            _deltanet_config,
+            RetrievalRecipe(
+                steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="deltanet-tiny"
+            ),
+            "deltanet-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
+            "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
+            task="retrieval",
+        ),
+        ZooEntry(
+            "qwen35-hybrid-retrieval-tiny",
+            "qwen3_5",
+            _qwen35_hybrid_config,
+            RetrievalRecipe(
+                steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="qwen35-hybrid-tiny"
+            ),
+            "qwen35-hybrid-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
+            "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
+            task="retrieval",
+        ),
     )
 }
 

@@ -71,14 +71,28 @@ def evaluate(model, sets, settings, seed: int = 12345, sequences: int = 64) -> d
     return out
 
 
-def build_mqar(out_dir: str | Path | None = None, steps: int | None = None, seed: int = 0, progress: bool = True,
-               threads: int | None = 1, batch_size: int | None = None, recipe: MqarRecipe = MqarRecipe()) -> Path:
+def build_mqar(
+    out_dir: str | Path | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = 1,
+    batch_size: int | None = None,
+    recipe: MqarRecipe = MqarRecipe(),
+) -> Path:
     """Train the MQAR DeltaNet and write its save_pretrained folder (default: the shipped one)."""
     return build_mqar_model(out_dir, steps, seed, progress, threads, batch_size, recipe)[0]
 
 
-def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None, seed: int = 0, progress: bool = True,
-                     threads: int | None = 1, batch_size: int | None = None, recipe: MqarRecipe = MqarRecipe()):
+def build_mqar_model(
+    out_dir: str | Path | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = 1,
+    batch_size: int | None = None,
+    recipe: MqarRecipe = MqarRecipe(),
+):
     """`build_mqar`, returning (folder, the trained model in memory), as harness.zoo.build_model does."""
     import fla
     import numpy as np
@@ -103,8 +117,15 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
     transformers.utils.logging.disable_progress_bar()  # a 4 MB save needs no bar
     tokenizer = corpus_tokenizer()
     sets = tokenizer_sets(tokenizer, recipe.num_keys, recipe.num_values)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
-                      weight_decay=recipe.weight_decay, seed=seed, threads=threads)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=recipe.lr,
+        warmup_steps=recipe.warmup_steps,
+        weight_decay=recipe.weight_decay,
+        seed=seed,
+        threads=threads,
+    )
 
     with fixed_threads(threads):
         torch.manual_seed(seed)
@@ -120,10 +141,20 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
                 n, length = recipe.mixture[step % len(recipe.mixture)]
                 batch = mqar_batch(sets, batch_size, n, length, data_rng)
                 lr = lr_at(step, cfg)
-                loss = train_step(optimizer, functools.partial(_query_loss, model, batch), step, lr=lr,
-                                  clip=cfg.grad_clip, params=model.parameters())
-                bar.update(step + 1, loss=loss, lr=lr,
-                           tokens_per_s=(step + 1) * batch.input_ids.numel() / (time.perf_counter() - t0))
+                loss = train_step(
+                    optimizer,
+                    functools.partial(_query_loss, model, batch),
+                    step,
+                    lr=lr,
+                    clip=cfg.grad_clip,
+                    params=model.parameters(),
+                )
+                bar.update(
+                    step + 1,
+                    loss=loss,
+                    lr=lr,
+                    tokens_per_s=(step + 1) * batch.input_ids.numel() / (time.perf_counter() - t0),
+                )
                 if (step + 1) % 50 == 0 or step + 1 == steps:
                     curve.append({"step": step + 1, "train_loss": round(loss, 4)})
         wall = time.perf_counter() - t0
@@ -132,12 +163,23 @@ def build_mqar_model(out_dir: str | Path | None = None, steps: int | None = None
             bar.log(f"mqar accuracy (chance {1 / recipe.num_values:.3f}): {accuracy}; trained {wall:.0f} s")
 
     info = {
-        "name": NAME, "family": "deltanet", "model_type": config.model_type, "task": "mqar",
-        "steps": steps, "seed": seed, "batch_size": batch_size, "threads": torch.get_num_threads() if threads is None else threads,
-        "n_params": sum(p.numel() for p in model.parameters()), "recipe": asdict(recipe),
-        "mqar_accuracy": accuracy, "mqar_chance": 1 / recipe.num_values, "curve": curve,
-        "train_wall_s": round(wall, 1), "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__, "fla_version": getattr(fla, "__version__", "?"),
+        "name": NAME,
+        "family": "deltanet",
+        "model_type": config.model_type,
+        "task": "mqar",
+        "steps": steps,
+        "seed": seed,
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "recipe": asdict(recipe),
+        "mqar_accuracy": accuracy,
+        "mqar_chance": 1 / recipe.num_values,
+        "curve": curve,
+        "train_wall_s": round(wall, 1),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "fla_version": getattr(fla, "__version__", "?"),
         "platform": platform.platform(),
         "eval": "harness.suites.mqar sequences (seed 12345, 64 per setting); accuracy = argmax over the value set",
     }

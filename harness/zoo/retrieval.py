@@ -64,8 +64,11 @@ NEEDLES = (
     "For {key}, write down {value}.",
     "{key}: {value}",
 )
-KEYLESS_NEEDLES = ("The pass code is {value}. Remember it. {value} is the pass code.",
-                   "Important: the {noun} is {value}.", "Write this down, the {noun} is {value}.")
+KEYLESS_NEEDLES = (
+    "The pass code is {value}. Remember it. {value} is the pass code.",
+    "Important: the {noun} is {value}.",
+    "Write this down, the {noun} is {value}.",
+)
 QUESTIONS = (  # (question, answer prefix); {keys} = the asked keys, {noun}
     ("\nWhat is the {noun} of {keys}?", "\nAnswer: the {noun} of {keys} is"),
     ("\nQuestion: which {noun} belongs to {keys}?", " Answer:"),
@@ -76,16 +79,27 @@ QUESTIONS = (  # (question, answer prefix); {keys} = the asked keys, {noun}
     ("\nTell me the {noun} of {keys}.", " The {noun} of {keys}:"),
     ("\nFind {keys} in the document and give its {noun}.", " The {noun} of {keys} is"),
 )
-KEYLESS_QUESTIONS = (("\nWhat is the pass code?", " The pass code is"),
-                     ("\nWhat was the {noun}?", " The {noun} was"), ("\nRepeat the {noun}.", ""))
+KEYLESS_QUESTIONS = (
+    ("\nWhat is the pass code?", " The pass code is"),
+    ("\nWhat was the {noun}?", " The {noun} was"),
+    ("\nRepeat the {noun}.", ""),
+)
 BINDINGS = ("{dst} := {src}", "let {dst} = {src};", "set {dst} to {src}.", "{dst} <- {src}", "assign {src} to {dst}.")
 BIND_QUESTIONS = (
     ("\nWhich names end up holding {value}?", " Names:"),
     ("\nList every variable whose value is {value}.", " They are"),
     ("\nTrace the assignments: what holds {value}?", " Answer:"),
 )
-NOISE = ("Nothing happens here.", "The river keeps flowing.", "Keep reading.", "All is quiet.",
-         "A bird sings in the tree.", "Time passes slowly.", "The room is empty.", "Clouds drift by.")
+NOISE = (
+    "Nothing happens here.",
+    "The river keeps flowing.",
+    "Keep reading.",
+    "All is quiet.",
+    "A bird sings in the tree.",
+    "Time passes slowly.",
+    "The room is empty.",
+    "Clouds drift by.",
+)
 JOINERS = ("-", "-", "_", ".", " ")
 TASK_WEIGHTS = (("lookup", 0.6), ("binding", 0.15), ("pairs", 0.1), ("copy", 0.15))
 
@@ -113,6 +127,7 @@ def make_sources(train_text: str, tokenizer) -> Sources:
 
 # ------------------------------------------------------------------------------------ pieces
 
+
 def _syllable_word(rng: random.Random) -> str:
     return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4)))
 
@@ -129,7 +144,7 @@ def _key(rng: random.Random, src: Sources) -> str:
 def _value(rng: random.Random, src: Sources, kind: str) -> str:
     if kind == "digits":
         n = rng.choice((3, 4, 5, 6, 6, 7, 7, 7, 8, 9))
-        return str(rng.randint(10 ** (n - 1), 10 ** n - 1))
+        return str(rng.randint(10 ** (n - 1), 10**n - 1))
     if kind == "code":
         return "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=rng.randint(4, 7)))
     return rng.choice(src.words)
@@ -183,6 +198,7 @@ def _place(units: list[str], needles: list[str], rng: random.Random, ordered: bo
 
 # ------------------------------------------------------------------------------------ documents
 
+
 @dataclass
 class Document:
     prompt: str  # everything up to the answer
@@ -208,8 +224,10 @@ def lookup(rng: random.Random, src: Sources, filler_tokens: int) -> Document:
         k = _key(rng, src)
         if all(k not in other and other not in k for other in keys):
             keys.append(k)
-    values = {k: [_value(rng, src, kind) for _ in range(n_values if (k == keys[0] or rng.random() < 0.5) else 1)]
-              for k in keys}
+    values = {
+        k: [_value(rng, src, kind) for _ in range(n_values if (k == keys[0] or rng.random() < 0.5) else 1)]
+        for k in keys
+    }
     needles = [(k, rng.choice(NEEDLES).format(noun=noun, key=k, value=v)) for k in keys for v in values[k]]
     rng.shuffle(needles)
     # values of one key keep the order the needles say them (the answer lists them in that order)
@@ -235,15 +253,21 @@ def binding(rng: random.Random, src: Sources, filler_tokens: int) -> Document:
     form = rng.choice(BINDINGS)
     chains, taken = [], set()
     for _ in range(1 if rng.random() < 0.6 else 2):
-        value = str(rng.randint(10 ** (rng.randint(2, 5)), 10 ** 6 - 1))
+        value = str(rng.randint(10 ** (rng.randint(2, 5)), 10**6 - 1))
         names: list[str] = []
         while len(names) < rng.randint(2, 6):
             n = name()
             if n not in taken:
                 taken.add(n)
                 names.append(n)
-        chains.append((value, names, [form.format(dst=names[0], src=value)] +
-                       [form.format(dst=names[j + 1], src=names[j]) for j in range(len(names) - 1)]))
+        chains.append(
+            (
+                value,
+                names,
+                [form.format(dst=names[0], src=value)]
+                + [form.format(dst=names[j + 1], src=names[j]) for j in range(len(names) - 1)],
+            )
+        )
     value, names, _ = chains[0]
     # each chain's statements stay in order; chains interleave at random
     merged, queues = [], [list(c[2]) for c in chains]
@@ -274,6 +298,7 @@ def pairs(rng: random.Random, src: Sources, tokens: int):
 
 # ------------------------------------------------------------------------------------ batches
 
+
 class RetrievalData:
     """Batches of token rows for training: corpus windows and retrieval documents, at a fixed length.
 
@@ -301,21 +326,20 @@ class RetrievalData:
             gap = max(0, target - 2 * span - 1)
             a = sub.randrange(len(self.train_ids) - span)
             b = sub.randrange(len(self.train_ids) - gap - 1)
-            first = self.train_ids[a:a + span].tolist()
-            ids = first + self.train_ids[b:b + gap].tolist() + [self.eos] + first
+            first = self.train_ids[a : a + span].tolist()
+            ids = first + self.train_ids[b : b + gap].tolist() + [self.eos] + first
             weights = [1.0] * (len(ids) - span) + [1.0] + [2.0] * (span - 1)
-            return ids[:length + 1], weights[:length + 1]
+            return ids[: length + 1], weights[: length + 1]
         if task == "pairs":
             head, filler, tail, group = pairs(random.Random(seed), self.src, target)
             if filler:
                 start, gap = filler
                 s = start % max(1, len(self.train_ids) - gap)
-                filler = self.train_ids[s:s + gap].tolist()
+                filler = self.train_ids[s : s + gap].tolist()
             ids = head + list(filler) + tail
             # the values of the second pass are the answers (key, value[, separator] per group)
-            weights = [1.0] * (len(head) + len(filler)) + [
-                2.0 if i % group == 1 else 1.0 for i in range(len(tail))]
-            return ids[:length + 1], weights[:length + 1]
+            weights = [1.0] * (len(head) + len(filler)) + [2.0 if i % group == 1 else 1.0 for i in range(len(tail))]
+            return ids[: length + 1], weights[: length + 1]
         make = lookup if task == "lookup" else binding
         filler = target - 60
         for _ in range(5):
@@ -326,10 +350,10 @@ class RetrievalData:
                 break
             filler -= total - (length + 1) + 8
         else:
-            prompt = prompt[-(length - len(answer)):]
+            prompt = prompt[-(length - len(answer)) :]
         ids = prompt + answer + [self.eos]
         weights = [1.0] * len(prompt) + [2.0] * len(answer) + [1.0]
-        return ids[-(length + 1):], weights[-(length + 1):]
+        return ids[-(length + 1) :], weights[-(length + 1) :]
 
     def batch(self, rng: random.Random, rows: int, length: int):
         import torch
@@ -340,17 +364,18 @@ class RetrievalData:
         for r in range(rows):
             if r < n_lm:
                 s = rng.randrange(len(self.train_ids) - length - 1)
-                ids[r] = self.train_ids[s:s + length + 1]
+                ids[r] = self.train_ids[s : s + length + 1]
                 weights[r] = 1.0
             else:
                 row, w = self.document_row(rng, length)
-                ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
-                weights[r, :len(w)] = torch.tensor(w)
+                ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+                weights[r, : len(w)] = torch.tensor(w)
         weights[:, 0] = 0.0
         return ids, weights
 
 
 # ------------------------------------------------------------------------------------ training
+
 
 def _sha256(path) -> str:
     import hashlib
@@ -374,8 +399,16 @@ def weighted_loss(model, ids, weights, answer_weight: float = 1.0):
     return loss, ce.detach(), w
 
 
-def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, seed: int = 0, progress: bool = True,
-                          threads: int | None = 1, batch_size: int | None = None, seq_len: int | None = None):
+def build_retrieval_model(
+    name: str,
+    out_dir=None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = 1,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+):
     """Train a retrieval zoo model (see the module docstring) and write its save_pretrained folder.
 
     `steps`, `seq_len` (the longest training length; the others scale with it) and `batch_size`
@@ -397,8 +430,15 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
     from harness.zoo.corpus import load_corpus
     from harness.zoo.models import get
     from harness.zoo.tokenizer import VOCAB_SIZE, corpus_tokenizer
-    from harness.zoo.train import (TrainConfig, TrainProgress, fixed_threads, heldout_ppl, lr_at, make_optimizer,
-                                   unigram_ppl)
+    from harness.zoo.train import (
+        TrainConfig,
+        TrainProgress,
+        fixed_threads,
+        heldout_ppl,
+        lr_at,
+        make_optimizer,
+        unigram_ppl,
+    )
 
     spec = get(name)
     recipe = spec.recipe
@@ -419,9 +459,16 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
     tokenizer = corpus_tokenizer(corpus)
     train_ids, heldout_ids = token_streams(corpus, tokenizer)
     data = RetrievalData(tokenizer, corpus.train_text, train_ids, recipe.lm_fraction)
-    cfg = TrainConfig(steps=steps, batch_size=rows, seq_len=longest, lr=recipe.lr,
-                      warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), weight_decay=recipe.weight_decay,
-                      seed=seed, threads=threads)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=rows,
+        seq_len=longest,
+        lr=recipe.lr,
+        warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)),
+        weight_decay=recipe.weight_decay,
+        seed=seed,
+        threads=threads,
+    )
 
     with fixed_threads(threads):
         torch.manual_seed(seed)
@@ -429,8 +476,10 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
         if recipe.init_from:  # the shipped weights of a text zoo model of the same shape
             base = default_path(recipe.init_from)
             if not (base / "model.safetensors").is_file():
-                raise HarnessError(f"{name} starts from {recipe.init_from}'s weights, which are not built: "
-                                   f"harness zoo build {recipe.init_from}")
+                raise HarnessError(
+                    f"{name} starts from {recipe.init_from}'s weights, which are not built: "
+                    f"harness zoo build {recipe.init_from}"
+                )
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
             config = model.config
         else:
@@ -441,8 +490,10 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
         model.train()
         curve, tokens_seen, t0 = [], 0, time.perf_counter()
         with TrainProgress(steps, enabled=progress) as bar:
-            bar.log(f"building {name} ({spec.family}, {n_params / 1e6:.2f}M parameters): {steps} steps, lengths "
-                    f"{lengths} ({rows} rows at {longest}), {recipe.lm_fraction:.0%} corpus rows, seed {seed}")
+            bar.log(
+                f"building {name} ({spec.family}, {n_params / 1e6:.2f}M parameters): {steps} steps, lengths "
+                f"{lengths} ({rows} rows at {longest}), {recipe.lm_fraction:.0%} corpus rows, seed {seed}"
+            )
             answer_ce = []
             for step in range(steps):
                 length = lengths[step % len(lengths)]
@@ -461,9 +512,14 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
                 answer_ce.append(ce[w > 1].mean().item() if bool((w > 1).any()) else float("nan"))
                 bar.update(step + 1, loss=loss.item(), lr=lr, tokens_per_s=tokens_seen / (time.perf_counter() - t0))
                 if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-                    recent = [a for a in answer_ce[-max(1, steps // 10):] if a == a]
-                    curve.append({"step": step + 1, "train_loss": round(loss.item(), 4),
-                                  "answer_loss": round(sum(recent) / max(1, len(recent)), 4)})
+                    recent = [a for a in answer_ce[-max(1, steps // 10) :] if a == a]
+                    curve.append(
+                        {
+                            "step": step + 1,
+                            "train_loss": round(loss.item(), 4),
+                            "answer_loss": round(sum(recent) / max(1, len(recent)), 4),
+                        }
+                    )
         wall = time.perf_counter() - t0
         model.eval()
         ppl, scored = heldout_ppl(model, heldout_ids, 256)
@@ -472,27 +528,49 @@ def build_retrieval_model(name: str, out_dir=None, steps: int | None = None, see
             bar.log(f"held-out ppl {ppl:.2f} (unigram {base:.2f}); trained {wall:.0f} s")
 
     info = {
-        "name": name, "family": spec.family, "model_type": config.model_type, "task": "retrieval",
-        "steps": steps, "seed": seed, "init_from": recipe.init_from or None,
+        "name": name,
+        "family": spec.family,
+        "model_type": config.model_type,
+        "task": "retrieval",
+        "steps": steps,
+        "seed": seed,
+        "init_from": recipe.init_from or None,
         "init_sha256": _sha256(default_path(recipe.init_from) / "model.safetensors") if recipe.init_from else None,
         "corpus": "CPython standard-library docstrings (c) Python Software Foundation, PSF License",
-        "corpus_sha256": corpus.sha256, "corpus_train_docs": corpus.n_train_docs,
-        "corpus_heldout_docs": corpus.n_heldout_docs, "python_version": corpus.python_version,
-        "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-        "fla_version": getattr(fla, "__version__", "?"), "tokenizers_version": tokenizers.__version__,
-        "platform": platform.platform(), "threads": torch.get_num_threads() if threads is None else threads,
-        "n_params": n_params, "vocab_size": VOCAB_SIZE, "train_tokens": len(train_ids), "tokens_seen": tokens_seen,
-        "heldout_tokens_scored": scored, "dense_ppl": round(ppl, 4), "unigram_ppl": round(base, 4),
-        "final_train_loss": round(loss.item(), 4), "train_wall_s": round(wall, 1),
-        "train_config": {**{k: v for k, v in cfg.__dict__.items() if k != "betas"}, "betas": list(cfg.betas),
-                         "lengths": lengths, "rows_at_longest": rows, "lm_fraction": recipe.lm_fraction,
-                         "answer_weight": recipe.answer_weight, "task_weights": dict(TASK_WEIGHTS)},
+        "corpus_sha256": corpus.sha256,
+        "corpus_train_docs": corpus.n_train_docs,
+        "corpus_heldout_docs": corpus.n_heldout_docs,
+        "python_version": corpus.python_version,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "fla_version": getattr(fla, "__version__", "?"),
+        "tokenizers_version": tokenizers.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "n_params": n_params,
+        "vocab_size": VOCAB_SIZE,
+        "train_tokens": len(train_ids),
+        "tokens_seen": tokens_seen,
+        "heldout_tokens_scored": scored,
+        "dense_ppl": round(ppl, 4),
+        "unigram_ppl": round(base, 4),
+        "final_train_loss": round(loss.item(), 4),
+        "train_wall_s": round(wall, 1),
+        "train_config": {
+            **{k: v for k, v in cfg.__dict__.items() if k != "betas"},
+            "betas": list(cfg.betas),
+            "lengths": lengths,
+            "rows_at_longest": rows,
+            "lm_fraction": recipe.lm_fraction,
+            "answer_weight": recipe.answer_weight,
+            "task_weights": dict(TASK_WEIGHTS),
+        },
         "training_data": "mixture: corpus train-split windows (plain LM) and synthetic retrieval documents of "
-                         "harness.zoo.retrieval (lookup / multi-key / multi-value / multi-query / pass key, variable "
-                         "binding chains, random-token pairs), with its own templates; none of the RULER suite's",
+        "harness.zoo.retrieval (lookup / multi-key / multi-value / multi-query / pass key, variable "
+        "binding chains, random-token pairs), with its own templates; none of the RULER suite's",
         "curve": curve,
         "eval": "held-out ppl: token-weighted perplexity over non-overlapping windows of 257 tokens of the held-out "
-                "split (as the text zoo models); unigram: add-one smoothed train token counts on the same tokens",
+        "split (as the text zoo models); unigram: add-one smoothed train token counts on the same tokens",
     }
     write_model_folder(out, model, tokenizer, info)
     return out, model

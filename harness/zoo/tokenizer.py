@@ -49,7 +49,10 @@ def _wrap(core_json: str):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(core_json), bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        tokenizer_object=Tokenizer.from_str(core_json),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
         clean_up_tokenization_spaces=False,
     )
 

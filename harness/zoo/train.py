@@ -93,28 +93,31 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor
 
 def heldout_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
     """Non-overlapping windows of seq_len + 1 tokens (consecutive ones share one token)."""
-    return [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+    return [ids[s : s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
 
 
 @torch.no_grad()
-def heldout_ppl(model: torch.nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 16) -> tuple[float, int]:
+def heldout_ppl(
+    model: torch.nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 16
+) -> tuple[float, int]:
     """(token-weighted perplexity, tokens scored) of `model` on the 1-D token tensor `ids`."""
     was_training = model.training
     model.eval()
     windows = heldout_windows(ids, seq_len)
     nll, count = 0.0, 0
     for b in range(0, len(windows), batch_size):
-        group = windows[b:b + batch_size]
+        group = windows[b : b + batch_size]
         width = max(len(w) for w in group)
         batch = torch.zeros(len(group), width, dtype=torch.long)
         target = torch.full((len(group), width - 1), -100, dtype=torch.long)
         for row, w in enumerate(group):
-            batch[row, :len(w)] = w
-            target[row, :len(w) - 1] = w[1:]
+            batch[row, : len(w)] = w
+            target[row, : len(w) - 1] = w[1:]
         # right padding: causal models never look ahead, so the real positions are unaffected
         logits = model(input_ids=batch[:, :-1], use_cache=False).logits.float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                               ignore_index=-100, reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((target != -100).sum())
     model.train(was_training)
     return math.exp(nll / count), count
@@ -143,14 +146,26 @@ class TrainProgress:
 
     def __enter__(self) -> "TrainProgress":
         if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("lr {task.fields[lr]:.2e}"),
-                TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=self.console,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.3f}"),
+                TextColumn("lr {task.fields[lr]:.2e}"),
+                TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task("train", total=self.total, loss=float("nan"), lr=0.0, tps=0.0)
@@ -160,8 +175,11 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=loss, lr=lr, tps=tokens_per_s)
         elif self.enabled and (step % self.every == 0 or step == self.total):
-            self.console.print(f"step {step}/{self.total}  loss {loss:.3f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s",
-                               highlight=False, soft_wrap=True)
+            self.console.print(
+                f"step {step}/{self.total}  loss {loss:.3f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def log(self, message: str) -> None:
         if self.enabled:
@@ -184,8 +202,14 @@ def fixed_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def train(model: torch.nn.Module, train_ids: torch.Tensor, heldout_ids: torch.Tensor, cfg: TrainConfig,
-          progress: bool = True, vocab_size: int | None = None) -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    train_ids: torch.Tensor,
+    heldout_ids: torch.Tensor,
+    cfg: TrainConfig,
+    progress: bool = True,
+    vocab_size: int | None = None,
+) -> TrainResult:
     """Train `model` in place on the 1-D token stream `train_ids`; score it on `heldout_ids`."""
     with fixed_threads(cfg.threads):
         return _train(model, train_ids, heldout_ids, cfg, progress, vocab_size)
@@ -213,8 +237,14 @@ def _train(model, train_ids, heldout_ids, cfg: TrainConfig, progress: bool, voca
 
             # forward, backward, clip, step with the scheduled learning rate
             lr = lr_at(step, cfg)
-            loss_value = train_step(optimizer, functools.partial(next_token_loss, model, batch), step, lr=lr,
-                                    clip=cfg.grad_clip, params=model.parameters())
+            loss_value = train_step(
+                optimizer,
+                functools.partial(next_token_loss, model, batch),
+                step,
+                lr=lr,
+                clip=cfg.grad_clip,
+                params=model.parameters(),
+            )
             elapsed = time.perf_counter() - t0
             bar.update(step + 1, loss=loss_value, lr=lr, tokens_per_s=(step + 1) * batch.numel() / elapsed)
 
@@ -232,7 +262,14 @@ def _train(model, train_ids, heldout_ids, cfg: TrainConfig, progress: bool, voca
     if progress:
         bar.log(f"held-out ppl {ppl:.2f} (unigram baseline {base:.2f}) on {scored} tokens; trained {wall:.0f} s")
     return TrainResult(
-        steps=cfg.steps, tokens_seen=cfg.steps * cfg.batch_size * cfg.seq_len, final_train_loss=loss_value,
-        dense_ppl=ppl, unigram_ppl=base, heldout_tokens=scored, wall_s=wall, threads=threads, curve=curve,
+        steps=cfg.steps,
+        tokens_seen=cfg.steps * cfg.batch_size * cfg.seq_len,
+        final_train_loss=loss_value,
+        dense_ppl=ppl,
+        unigram_ppl=base,
+        heldout_tokens=scored,
+        wall_s=wall,
+        threads=threads,
+        curve=curve,
         config=asdict(cfg),
     )

@@ -15,7 +15,9 @@ def render(view, shown: list[str]) -> None:
         return
     size, quality = data.pareto_axes(view, shown)
     if not size or not quality:
-        st.info("needs a size metric (bytes, kept ratio, reduction, speedup) and a quality metric among the shown suites")
+        st.info(
+            "needs a size metric (bytes, kept ratio, reduction, speedup) and a quality metric among the shown suites"
+        )
         return
     left, middle, right = st.columns(3)
     model = left.selectbox("model", sorted(view["model"].unique()), key="pareto_model")
@@ -31,10 +33,16 @@ def render(view, shown: list[str]) -> None:
     rows = pd.concat([rows, *(dense.assign(method=m) for m in rows["method"].unique() if m != "dense")])
     # plain column names: Vega-Lite reads a "." in a field name as a nested field
     points = rows.rename(columns={x: "x", y: "y"})
-    chart = alt.Chart(points).mark_line(point=True).encode(
-        x=alt.X("x", type="quantitative", title=x, scale=alt.Scale(zero=False)),
-        y=alt.Y("y", type="quantitative", title=y, scale=alt.Scale(zero=False)),
-        color=alt.Color("method", type="nominal"), detail="recovery:N", order="ratio:Q",
-        tooltip=["method", "ratio", "recovery", alt.Tooltip("x", title=x), alt.Tooltip("y", title=y)],
+    chart = (
+        alt.Chart(points)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("x", type="quantitative", title=x, scale=alt.Scale(zero=False)),
+            y=alt.Y("y", type="quantitative", title=y, scale=alt.Scale(zero=False)),
+            color=alt.Color("method", type="nominal"),
+            detail="recovery:N",
+            order="ratio:Q",
+            tooltip=["method", "ratio", "recovery", alt.Tooltip("x", title=x), alt.Tooltip("y", title=y)],
+        )
     )
     st.altair_chart(chart, width="stretch")

@@ -33,9 +33,17 @@ def render(board: data.Board) -> None:
     selection = data.selection_grid(board, key)
     if selection is not None:
         st.markdown("**Kept key channels per head**")
-        st.altair_chart(alt.Chart(selection).mark_rect().encode(
-            x="head:O", y="layer:O", color=alt.Color("kept:Q", title="kept channels"),
-            tooltip=["layer", "head", "kept", "of"]).properties(height=160))
+        st.altair_chart(
+            alt.Chart(selection)
+            .mark_rect()
+            .encode(
+                x="head:O",
+                y="layer:O",
+                color=alt.Color("kept:Q", title="kept channels"),
+                tooltip=["layer", "head", "kept", "of"],
+            )
+            .properties(height=160)
+        )
         st.dataframe(selection, hide_index=True, width="stretch")
     st.markdown("**Artifacts**")
     files = data.artifacts(board, key)
@@ -48,5 +56,6 @@ def render(board: data.Board) -> None:
         if size > DOWNLOAD_LIMIT:
             st.text(f"{path} ({size / 2**20:.0f} MiB)")
             continue
-        st.download_button(plain(f"{name} ({size:,} bytes)"), path.read_bytes(), file_name=path.name,
-                           key=f"artifact-{i}")
+        st.download_button(
+            plain(f"{name} ({size:,} bytes)"), path.read_bytes(), file_name=path.name, key=f"artifact-{i}"
+        )

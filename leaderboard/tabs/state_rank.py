@@ -24,17 +24,32 @@ def render(board: data.Board, chosen: dict) -> None:
     if quantities:
         quantity = st.selectbox("per-head quantity", quantities, key="rank_quantity")
         grid = data.head_grid(board, picked, quantity).assign(cell=lambda f: f["run_key"].map(labels))
-        heatmap = alt.Chart(grid).mark_rect().encode(
-            x=alt.X("head:O"), y=alt.Y("layer:O"), color=alt.Color("value:Q", title=quantity),
-            tooltip=["cell", "layer", "head", "value"],
-        ).properties(width=220, height=160).facet(facet=alt.Facet("cell:N", title=None), columns=3)
+        heatmap = (
+            alt.Chart(grid)
+            .mark_rect()
+            .encode(
+                x=alt.X("head:O"),
+                y=alt.Y("layer:O"),
+                color=alt.Color("value:Q", title=quantity),
+                tooltip=["cell", "layer", "head", "value"],
+            )
+            .properties(width=220, height=160)
+            .facet(facet=alt.Facet("cell:N", title=None), columns=3)
+        )
         st.altair_chart(heatmap)
     curves = data.utilization_curves(board, picked).assign(cell=lambda f: f["run_key"].map(labels))
     if not curves.empty:
         st.markdown("**Mean utilization along the sequence** (over layers and heads)")
-        line = alt.Chart(curves).mark_line(point=True).encode(
-            x=alt.X("position:Q", title="token position"), y=alt.Y("utilization:Q"),
-            color=alt.Color("cell:N", title=None), tooltip=["cell", "position", "utilization"])
+        line = (
+            alt.Chart(curves)
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("position:Q", title="token position"),
+                y=alt.Y("utilization:Q"),
+                color=alt.Color("cell:N", title=None),
+                tooltip=["cell", "position", "utilization"],
+            )
+        )
         st.altair_chart(line, width="stretch")
     with st.expander("plots saved by the suite"):
         for key in picked:
