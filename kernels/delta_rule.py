@@ -224,38 +224,9 @@ def _run(
     if HV % H != 0:
         raise ValueError(f"num_v_heads (HV={HV}) must be divisible by num_heads (H={H})")
     _check_varlen(q, initial_state, cu_seqlens)
-    if scale is None:
-        scale = k.shape[-1] ** -0.5
-
-    dtype = _compute_dtype(q, k, v, beta, g, initial_state)
-    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
-    g = g.to(dtype) if g is not None else None
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    q = q * scale
-    if HV != H:
-        q, k = (x.repeat_interleave(HV // H, dim=2) for x in (q, k))
-
-    lens = None
-    if cu_seqlens is not None:
-        lens = [int(n) for n in torch.as_tensor(cu_seqlens).diff().tolist()]
-        q, k, v, beta, g = (_pack(x, lens) for x in (q, k, v, beta, g))
-
-    B, T, _, K = k.shape
-    V = v.shape[-1]
-    if initial_state is None:
-        state = q.new_zeros(B, HV, K, V)
-    else:
-        state = initial_state.to(dtype)
-        if state_v_first:
-            state = state.transpose(-1, -2)
-        if tuple(state.shape) != (B, HV, K, V):
-            layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
-            raise ValueError(f"initial_state must be {layout} = {(B, HV, K, V)}, got {tuple(initial_state.shape)}")
-
-    # [B, T, H, ...] -> [B, H, T, ...]
-    q, k, v, beta = (x.transpose(1, 2) for x in (q, k, v, beta))
-    g = g.transpose(1, 2) if g is not None else None
+    q, k, v, (beta, g), state, lens = prepared(
+        q, k, v, (beta, g), scale, initial_state, use_qk_l2norm_in_kernel, state_v_first, cu_seqlens
+    )
     if core == "chunk":
         if beta.dim() == v.dim():
             raise ValueError("the chunked delta rule takes one beta per head and token ([B, T, H])")
@@ -270,6 +241,45 @@ def _run(
     if output_final_state:
         final_state = state.transpose(-1, -2).contiguous() if state_v_first else state
     return o.to(out_dtype), final_state
+
+
+def prepared(q, k, v, gates, scale, initial_state, use_qk_l2norm_in_kernel, state_v_first, cu_seqlens):
+    """What every reference runner does before its core (the delta rule's and KDA's): one compute
+    dtype, the in-kernel q/k norm and scale, q/k repeated for grouped value heads, packed
+    sequences padded into a batch, the initial state in [N, HV, K, V], and every tensor moved to
+    [B, H, T, ...]. `gates` (beta, g, ...; None stays None) follow the values. Returns (q, k, v,
+    gates, state, lens) with lens the packed sequences' lengths (None when not packed)."""
+    H, HV = q.shape[2], v.shape[2]
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    dtype = _compute_dtype(q, k, v, *gates, initial_state)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    gates = [None if x is None else x.to(dtype) for x in gates]
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    q = q * scale
+    if HV != H:
+        q, k = (x.repeat_interleave(HV // H, dim=2) for x in (q, k))
+    lens = None
+    if cu_seqlens is not None:
+        lens = [int(n) for n in torch.as_tensor(cu_seqlens).diff().tolist()]
+        q, k, v = (_pack(x, lens) for x in (q, k, v))
+        gates = [_pack(x, lens) for x in gates]
+    B, _, _, K = k.shape
+    V = v.shape[-1]
+    if initial_state is None:
+        state = q.new_zeros(B, HV, K, V)
+    else:
+        state = initial_state.to(dtype)
+        if state_v_first:
+            state = state.transpose(-1, -2)
+        if tuple(state.shape) != (B, HV, K, V):
+            layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
+            raise ValueError(f"initial_state must be {layout} = {(B, HV, K, V)}, got {tuple(initial_state.shape)}")
+    # [B, T, H, ...] -> [B, H, T, ...]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    gates = tuple(None if x is None else x.transpose(1, 2) for x in gates)
+    return q, k, v, gates, state, lens
 
 
 def _beta_in_kernel(beta: torch.Tensor, use_beta_sigmoid_in_kernel: bool, allow_neg_eigval: bool) -> torch.Tensor:

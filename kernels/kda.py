@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .delta_rule import _beta_in_kernel, _check_unknown, _check_varlen, _compute_dtype, _pack, _unpack, l2norm
+from .delta_rule import _beta_in_kernel, _check_unknown, _check_varlen, _compute_dtype, _unpack, prepared
 
 __all__ = ["REFERENCE_CHUNK", "chunk_kda", "fused_recurrent_kda", "kda_gate"]
 
@@ -133,35 +133,10 @@ def _run(
     if tuple(beta.shape) != (B, T, HV):
         raise ValueError(f"beta must have shape [B, T, HV]={[B, T, HV]}, got {list(beta.shape)}")
     _check_varlen(q, initial_state, cu_seqlens)
-    if scale is None:
-        scale = K**-0.5
     out_dtype = v.dtype
-
-    dtype = _compute_dtype(q, k, v, g, beta, initial_state)
-    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    q = q * scale
-    if HV != H:
-        q, k = (x.repeat_interleave(HV // H, dim=2) for x in (q, k))
-
-    lens = None
-    if cu_seqlens is not None:
-        lens = [int(n) for n in torch.as_tensor(cu_seqlens).diff().tolist()]
-        q, k, v, g, beta = (_pack(x, lens) for x in (q, k, v, g, beta))
-        B = len(lens)
-    V = v.shape[-1]
-    if initial_state is None:
-        state = q.new_zeros(B, HV, K, V)
-    else:
-        state = initial_state.to(dtype)
-        if state_v_first:
-            state = state.transpose(-1, -2)
-        if tuple(state.shape) != (B, HV, K, V):
-            layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
-            raise ValueError(f"initial_state must be {layout} = {(B, HV, K, V)}, got {tuple(initial_state.shape)}")
-
-    q, k, v, g, beta = (x.transpose(1, 2) for x in (q, k, v, g, beta))
+    q, k, v, (g, beta), state, lens = prepared(
+        q, k, v, (g, beta), scale, initial_state, use_qk_l2norm_in_kernel, state_v_first, cu_seqlens
+    )
     o, state = core(q, k, v, beta, g, state)
     o = o.transpose(1, 2)
     if lens is not None:
