@@ -261,9 +261,15 @@ def evaluate_tasks(
 ) -> list[Metric]:
     """Run `names` through `lm_eval.simple_evaluate` with an lm-eval LM object; per-task rows plus
     `avg_acc` (mean `acc` over the tasks that report one, as papers average zero-shot accuracy)."""
+    from unittest import mock
+
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
 
-    with hub_access(allow_download):
+    # lm-eval asks `git describe` for its results' git_hash and lets git print "fatal: not a git
+    # repository" to the terminal outside a checkout; the store keeps the harness's own commit
+    quiet_git = mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None)
+    with hub_access(allow_download), quiet_git:
         manager = task_manager(data_dir, include_defaults=not set(names) <= set(LOCAL_TASKS))
         tasks = load_tasks(names, manager)  # a group name expands to its tasks
         advance = progress("lm-eval", len(tasks)) if progress else (lambda n=1: None)
