@@ -19,12 +19,12 @@ Corpus: the docstrings of CPython's standard library, (c) Python Software Founda
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.zoo.folders import (
     MANIFEST,
+    corpus_provenance,
     WEIGHTS_DIR,
     clear_target,
     default_path,
@@ -138,10 +138,7 @@ def build_model(
         from harness.zoo.retrieval import build_retrieval_model
 
         return build_retrieval_model(name, out_dir, steps, seed, progress, threads, batch_size, seq_len)
-    import fla
-    import tokenizers
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
 
     from harness.zoo.corpus import load_corpus
@@ -197,16 +194,7 @@ def build_model(
         "model_type": config.model_type,
         "steps": steps,
         "seed": seed,
-        "corpus": "CPython standard-library docstrings (c) Python Software Foundation, PSF License",
-        "corpus_sha256": corpus.sha256,
-        "corpus_train_docs": corpus.n_train_docs,
-        "corpus_heldout_docs": corpus.n_heldout_docs,
-        "python_version": corpus.python_version,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "fla_version": getattr(fla, "__version__", "?"),
-        "tokenizers_version": tokenizers.__version__,
-        "platform": platform.platform(),
+        **corpus_provenance(corpus),
         "threads": result.threads,
         "n_params": n_params,
         "vocab_size": VOCAB_SIZE,

@@ -68,6 +68,29 @@ def token_streams(corpus, tokenizer):
     return _STREAMS[key]
 
 
+def corpus_provenance(corpus) -> dict:
+    """What a built model's zoo.json records of its corpus and of the software that trained it."""
+    import platform
+
+    import fla
+    import tokenizers
+    import torch
+    import transformers
+
+    return {
+        "corpus": "CPython standard-library docstrings (c) Python Software Foundation, PSF License",
+        "corpus_sha256": corpus.sha256,
+        "corpus_train_docs": corpus.n_train_docs,
+        "corpus_heldout_docs": corpus.n_heldout_docs,
+        "python_version": corpus.python_version,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "fla_version": getattr(fla, "__version__", "?"),
+        "tokenizers_version": tokenizers.__version__,
+        "platform": platform.platform(),
+    }
+
+
 def write_model_folder(out: Path, model, tokenizer, info: dict) -> None:
     """save_pretrained + tokenizer + zoo.json, written next to `out` and swapped in, so that a
     crash never leaves half a model folder."""

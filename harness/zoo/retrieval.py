@@ -414,19 +414,23 @@ def build_retrieval_model(
     `steps`, `seq_len` (the longest training length; the others scale with it) and `batch_size`
     (rows at the longest length; shorter lengths get proportionally more rows, so every step sees
     about the same number of tokens) default to the entry's recipe. Returns (folder, model)."""
-    import math
-    import platform
     import time
     from pathlib import Path
 
-    import fla
-    import tokenizers
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
     from harness.errors import HarnessError
-    from harness.zoo.folders import clear_target, default_path, prepare_fla, token_streams, write_model_folder
+    from harness.zoo.folders import (
+        clear_target,
+        corpus_provenance,
+        default_path,
+        prepare_fla,
+        token_streams,
+        write_model_folder,
+    )
+    from harness.training import train_step
     from harness.zoo.corpus import load_corpus
     from harness.zoo.models import get
     from harness.zoo.tokenizer import VOCAB_SIZE, corpus_tokenizer
@@ -499,24 +503,23 @@ def build_retrieval_model(
                 length = lengths[step % len(lengths)]
                 ids, weights = data.batch(data_rng, max(1, rows * longest // length), length)
                 lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, ce, w = weighted_loss(model, ids, weights, recipe.answer_weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"training diverged at step {step}: loss {loss.item()}")
+                parts = {}
+
+                def loss_fn():
+                    loss, parts["ce"], parts["w"] = weighted_loss(model, ids, weights, recipe.answer_weight)
+                    return loss
+
+                loss = train_step(optimizer, loss_fn, step, lr=lr, clip=cfg.grad_clip, params=model.parameters())
+                ce, w = parts["ce"], parts["w"]
                 tokens_seen += ids[:, 1:].numel()
                 answer_ce.append(ce[w > 1].mean().item() if bool((w > 1).any()) else float("nan"))
-                bar.update(step + 1, loss=loss.item(), lr=lr, tokens_per_s=tokens_seen / (time.perf_counter() - t0))
+                bar.update(step + 1, loss=loss, lr=lr, tokens_per_s=tokens_seen / (time.perf_counter() - t0))
                 if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
                     recent = [a for a in answer_ce[-max(1, steps // 10) :] if a == a]
                     curve.append(
                         {
                             "step": step + 1,
-                            "train_loss": round(loss.item(), 4),
+                            "train_loss": round(loss, 4),
                             "answer_loss": round(sum(recent) / max(1, len(recent)), 4),
                         }
                     )
@@ -536,16 +539,7 @@ def build_retrieval_model(
         "seed": seed,
         "init_from": recipe.init_from or None,
         "init_sha256": _sha256(default_path(recipe.init_from) / "model.safetensors") if recipe.init_from else None,
-        "corpus": "CPython standard-library docstrings (c) Python Software Foundation, PSF License",
-        "corpus_sha256": corpus.sha256,
-        "corpus_train_docs": corpus.n_train_docs,
-        "corpus_heldout_docs": corpus.n_heldout_docs,
-        "python_version": corpus.python_version,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "fla_version": getattr(fla, "__version__", "?"),
-        "tokenizers_version": tokenizers.__version__,
-        "platform": platform.platform(),
+        **corpus_provenance(corpus),
         "threads": torch.get_num_threads() if threads is None else threads,
         "n_params": n_params,
         "vocab_size": VOCAB_SIZE,
@@ -554,7 +548,7 @@ def build_retrieval_model(
         "heldout_tokens_scored": scored,
         "dense_ppl": round(ppl, 4),
         "unigram_ppl": round(base, 4),
-        "final_train_loss": round(loss.item(), 4),
+        "final_train_loss": round(loss, 4),
         "train_wall_s": round(wall, 1),
         "train_config": {
             **{k: v for k, v in cfg.__dict__.items() if k != "betas"},
