@@ -1,6 +1,7 @@
 """One optimizer step, shared by every training loop of the harness: the zoo's text models
-(`harness.zoo.train`), the MQAR zoo model (`harness.zoo.mqar`), LoRA recovery
-(`harness.recovery`) and LeanK's scales (`harness.methods.leank_training`).
+(`harness.zoo.train`), the MQAR and retrieval zoo models (`harness.zoo.mqar`,
+`harness.zoo.retrieval`), LoRA recovery (`harness.recovery`) and LeanK's scales
+(`harness.methods.leank_training`).
 
 Each loop keeps what is its own (its data, its loss, its schedule, its progress report); the
 step is the part they all do the same way, in the same order, so they all fail the same way too.
