@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from harness.zoo.models import HEAD_DIM, HEADS, HIDDEN, MAX_POSITIONS, MLP_WIDTH
+from harness.zoo.models import HEAD_DIM, HIDDEN, MAX_POSITIONS, MLP_WIDTH
 from harness.zoo.tokenizer import VOCAB_SIZE
 
 FIRST_ID = 4  # ids below are the zoo tokenizer's special tokens
@@ -75,12 +75,15 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help=f"model width; heads of {HEAD_DIM} fill it")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--tie", action="store_true")
     ap.add_argument("--prev-head", action="store_true")
     ap.add_argument("--fixed-offset", action="store_true")
     args = ap.parse_args()
+    if args.hidden % HEAD_DIM:
+        raise SystemExit(f"--hidden must be a multiple of the head size {HEAD_DIM}, got {args.hidden}")
     if not 2 <= args.vocab <= VOCAB_SIZE - FIRST_ID:
         raise SystemExit(f"--vocab must be in [2, {VOCAB_SIZE - FIRST_ID}], got {args.vocab}")
 
@@ -88,12 +91,12 @@ def main() -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN,
+        hidden_size=args.hidden,
         num_hidden_layers=args.layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
+        num_attention_heads=args.hidden // HEAD_DIM,
+        num_key_value_heads=args.hidden // HEAD_DIM,
         head_dim=HEAD_DIM,
-        intermediate_size=MLP_WIDTH,
+        intermediate_size=MLP_WIDTH * args.hidden // HIDDEN,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=args.tie,
     )
