@@ -12,6 +12,9 @@ span's predictable tokens. With `--fixed-offset`, every row is one span of lengt
 once: one attention offset then solves every row, which a head can learn from positions alone,
 without matching content (a positional shortcut, not induction).
 
+`--zoo NAME` trains another zoo entry's shape instead (random weights; e.g. deltanet-tiny or
+qwen35-hybrid-tiny, whose short convolutions hand each position its predecessors).
+
 Options that change the start: `--tie` (tied input and output embeddings: a copy is then
 e_x . e_x); `--prev-head` (layer 0's head 0 built as a previous-token head: every embedding gets
 a constant first coordinate, and that head's query and key read only it, with the query's rotary
@@ -78,10 +81,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=HIDDEN, help=f"model width; heads of {HEAD_DIM} fill it")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--zoo", help="a zoo entry whose shape to train instead (random weights), e.g. deltanet-tiny")
     ap.add_argument("--tie", action="store_true")
     ap.add_argument("--prev-head", action="store_true")
     ap.add_argument("--fixed-offset", action="store_true")
     args = ap.parse_args()
+    if args.zoo and (args.prev_head or args.tie or args.hidden != HIDDEN or args.layers != 4):
+        raise SystemExit("--zoo takes the entry's shape as it is: leave out --prev-head, --tie, --hidden and --layers")
     if args.hidden % HEAD_DIM:
         raise SystemExit(f"--hidden must be a multiple of the head size {HEAD_DIM}, got {args.hidden}")
     if not 2 <= args.vocab <= VOCAB_SIZE - FIRST_ID:
@@ -100,6 +106,14 @@ def main() -> None:
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=args.tie,
     )
+    if args.zoo:
+        from harness.zoo.folders import prepare_fla
+        from harness.zoo.models import get
+
+        spec = get(args.zoo)
+        if spec.needs_fla:
+            prepare_fla()
+        config = spec.config()
     model = AutoModelForCausalLM.from_config(config)
     if args.prev_head:
         build_previous_token_head(model)
