@@ -54,3 +54,29 @@ def test_built_head_attends_to_the_previous_token():
     previous, current, two_back = (after.diagonal(-1).mean(), after.diagonal(0)[1:].mean(), after.diagonal(-2).mean())
     assert previous > 0.6 and previous > 3 * current and previous > 3 * two_back
     assert before.diagonal(-1).mean() < 0.2  # random weights spread attention
+
+
+def copy_accuracy(model, probe) -> float:
+    ids, copied = probe.batch(random.Random(0), rows=16, length=64, vocab=2000, fixed_offset=False)
+    with torch.no_grad():
+        hits = (model(input_ids=ids).logits[:, :-1].argmax(-1) == ids[:, 1:]).float()
+    return float((hits * copied[:, 1:]).sum() / copied[:, 1:].sum())
+
+
+def test_written_induction_circuit_copies_before_any_training():
+    probe = load_probe()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        intermediate_size=512,
+        tie_word_embeddings=True,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    assert copy_accuracy(model, probe) < 0.02  # random weights do not copy
+    probe.build_induction_circuit(model)
+    assert copy_accuracy(model, probe) > 0.3  # chance is 1 / 2000
