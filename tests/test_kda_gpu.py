@@ -104,8 +104,8 @@ def test_kda_kernel_parity(name, reference, chunk, dtype, K, gate, varlen):
         o_ref, s_ref = reference(**x, **kwargs)
         o_x, s_x = reference(**{k: v.double() for k, v in x.items()}, **kwargs)
     meta = dict(kernel=name, dtype=dtype, K=K, gate=gate, varlen=varlen)
-    compare("kda_kernel", "o", o.float(), o_ref.float(), o_x, TOL[dtype], **meta)
-    compare("kda_kernel", "final_state", s.float(), s_ref.float(), s_x, TOL[dtype], **meta)
+    compare("kda_kernel", "o", o, o_ref, o_x, TOL[dtype], **meta)
+    compare("kda_kernel", "final_state", s, s_ref, s_x, TOL[dtype], **meta)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -87,8 +87,9 @@ def compare(test, name, got, ref, exact, tol, **meta):
     e["ref_vs_fp64"] = errors(ref, exact)["max_rel"]
     record(test=test, tensor=name, tol=tol, **meta, **e)
     assert torch.isfinite(got).all(), f"{name}: fla produced non-finite values"
-    # the reference computes in fp32 but returns the input dtype: allow that one rounding (bf16: 2**-7)
-    sane = max(1e-3, torch.finfo(got.dtype).eps)
+    # the reference computes in fp32 but returns the input dtype: allow that one rounding (bf16: 2**-7);
+    # the caller passes each tensor in the dtype it came in (a cast to fp32 would hide the rounding's size)
+    sane = max(1e-3, torch.finfo(got.dtype).eps, torch.finfo(ref.dtype).eps)
     assert e["ref_vs_fp64"] < sane, f"{name}: reference far from float64 ({e['ref_vs_fp64']:.2e})"
     assert e["max_rel"] <= tol, f"{name}: max_rel {e['max_rel']:.2e} > {tol:.0e}"
 
