@@ -19,6 +19,22 @@ def load_probe():
     return module
 
 
+def tiny_llama(layers: int, tie: bool):
+    """llama-tiny's shape (hidden 128, heads of 32) from random weights, seed 0, eager attention."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        intermediate_size=512,
+        tie_word_embeddings=tie,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
 def test_rows_repeat_a_span_and_mark_only_its_predictable_tokens():
     probe = load_probe()
     ids, copied = probe.batch(random.Random(0), rows=16, length=64, vocab=50, fixed_offset=False)
@@ -36,17 +52,7 @@ def test_rows_repeat_a_span_and_mark_only_its_predictable_tokens():
 
 def test_built_head_attends_to_the_previous_token():
     probe = load_probe()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=32,
-        intermediate_size=256,
-    )
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = tiny_llama(layers=1, tie=False)
     ids = torch.randint(probe.FIRST_ID, 2048, (1, 128))
     before = model(input_ids=ids, output_attentions=True).attentions[0][0, 0]
     probe.build_previous_token_head(model)
@@ -65,18 +71,7 @@ def copy_accuracy(model, probe) -> float:
 
 def test_written_induction_circuit_copies_before_any_training():
     probe = load_probe()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=32,
-        intermediate_size=512,
-        tie_word_embeddings=True,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_llama(layers=4, tie=True)
     assert copy_accuracy(model, probe) < 0.02  # random weights do not copy
     probe.build_induction_circuit(model)
     assert copy_accuracy(model, probe) > 0.3  # chance is 1 / 2000
