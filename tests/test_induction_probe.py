@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "scripts" / "induction_probe.py"
 
@@ -19,20 +19,10 @@ def load_probe():
     return module
 
 
-def tiny_llama(layers: int, tie: bool):
-    """llama-tiny's shape (hidden 128, heads of 32) from random weights, seed 0, eager attention."""
+def tiny_llama(probe, layers: int, tie: bool):
+    """The probe's llama-tiny shape from random weights, seed 0, eager attention (for attention maps)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=32,
-        intermediate_size=512,
-        tie_word_embeddings=tie,
-    )
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return AutoModelForCausalLM.from_config(probe.llama_config(layers=layers, tie=tie), attn_implementation="eager")
 
 
 def test_rows_repeat_a_span_and_mark_only_its_predictable_tokens():
@@ -52,7 +42,7 @@ def test_rows_repeat_a_span_and_mark_only_its_predictable_tokens():
 
 def test_built_head_attends_to_the_previous_token():
     probe = load_probe()
-    model = tiny_llama(layers=1, tie=False)
+    model = tiny_llama(probe, layers=1, tie=False)
     ids = torch.randint(probe.FIRST_ID, 2048, (1, 128))
     before = model(input_ids=ids, output_attentions=True).attentions[0][0, 0]
     probe.build_previous_token_head(model)
@@ -65,13 +55,12 @@ def test_built_head_attends_to_the_previous_token():
 def copy_accuracy(model, probe) -> float:
     ids, copied = probe.batch(random.Random(0), rows=16, length=64, vocab=2000, fixed_offset=False)
     with torch.no_grad():
-        hits = (model(input_ids=ids).logits[:, :-1].argmax(-1) == ids[:, 1:]).float()
-    return float((hits * copied[:, 1:]).sum() / copied[:, 1:].sum())
+        return probe.copy_accuracy(model(input_ids=ids).logits, ids, copied)
 
 
 def test_written_induction_circuit_copies_before_any_training():
     probe = load_probe()
-    model = tiny_llama(layers=4, tie=True)
+    model = tiny_llama(probe, layers=4, tie=True)
     assert copy_accuracy(model, probe) < 0.02  # random weights do not copy
     probe.build_induction_circuit(model)
     assert copy_accuracy(model, probe) > 0.3  # chance is 1 / 2000

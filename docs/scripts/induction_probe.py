@@ -44,6 +44,28 @@ from harness.zoo.tokenizer import VOCAB_SIZE
 FIRST_ID = 4  # ids below are the zoo tokenizer's special tokens
 
 
+def llama_config(hidden: int = HIDDEN, layers: int = 4, tie: bool = False) -> LlamaConfig:
+    """llama-tiny's shape at width `hidden` (heads of HEAD_DIM fill it, MLP 4x wide)."""
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // HEAD_DIM,
+        num_key_value_heads=hidden // HEAD_DIM,
+        head_dim=HEAD_DIM,
+        intermediate_size=MLP_WIDTH * hidden // HIDDEN,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=tie,
+    )
+
+
+def copy_accuracy(logits: torch.Tensor, ids: torch.Tensor, copied: torch.Tensor) -> float:
+    """Share of the marked (predictable, repeated) tokens whose greedy prediction is right."""
+    hits = (logits[:, :-1].argmax(-1) == ids[:, 1:]).float()
+    w = copied[:, 1:]
+    return (hits * w).sum().item() / w.sum().item()
+
+
 def rotary_frequencies(model) -> list[float]:
     return [model.config.rope_parameters["rope_theta"] ** (-2 * i / HEAD_DIM) for i in range(HEAD_DIM // 2)]
 
@@ -147,17 +169,6 @@ def main() -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // HEAD_DIM,
-        num_key_value_heads=args.hidden // HEAD_DIM,
-        head_dim=HEAD_DIM,
-        intermediate_size=MLP_WIDTH * args.hidden // HIDDEN,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=args.tie,
-    )
     if args.zoo:
         from harness.zoo.folders import prepare_fla
         from harness.zoo.models import get
@@ -166,6 +177,8 @@ def main() -> None:
         if spec.needs_fla:
             prepare_fla()
         config = spec.config()
+    else:
+        config = llama_config(args.hidden, args.layers, args.tie)
     model = AutoModelForCausalLM.from_config(config)
     if args.prev_head:
         build_previous_token_head(model)
@@ -181,9 +194,8 @@ def main() -> None:
         ce = ce.view(args.rows, -1)
         if step % 50 == 0:
             w = copied[:, 1:]
-            hits = (logits[:, :-1].argmax(-1) == ids[:, 1:]).float()
             print(
-                f"| {step} | {(ce * w).sum().item() / w.sum().item():.3f} | {(hits * w).sum().item() / w.sum().item():.3f} "
+                f"| {step} | {(ce * w).sum().item() / w.sum().item():.3f} | {copy_accuracy(logits, ids, copied):.3f} "
                 f"| {time.perf_counter() - t0:.0f} s |",
                 flush=True,
             )
