@@ -14,6 +14,9 @@ their bytes. A step reads and writes only tensors allocated here, so a CUDA grap
   the attention layers' static pruned K cache (the same one) and the linear layers' conv and
   recurrent states, transformers' own linear-attention cache layers allocated once for the batch
   (they copy every update into place); each row's prompt is prefilled into fresh ones and copied in.
+  A decode step runs the linear layers' conv and delta-rule steps on our kernels, in place
+  (`harness.families.hf_linear.decode_ops`), where transformers would run its torch conv update
+  and fla's or its own recurrent op.
   A mixture-of-experts MLP steps through transformers' `batched_mm` experts (each token gathers
   its experts' weights: fixed shapes), since the default routing reads on the host which experts
   were hit, which a replayed step cannot do; prefill keeps the model's own.
@@ -264,13 +267,21 @@ class HybridState(SoftmaxState):
         return HybridCache(plans(self.model), linear_ids, batch, capacity, dtype, self.device)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
+        from harness.families.hf_linear import decode_ops, gdn_layers
+
+        with decode_ops(gdn_layers(self.model)), self._graph_safe_experts():
+            return super().step(ids)
+
+    @contextlib.contextmanager
+    def _graph_safe_experts(self):
         config = self.model.config
         if getattr(config, "num_experts", None) is None:
-            return super().step(ids)
+            yield
+            return
         saved = config._experts_implementation
         config._experts_implementation = GRAPH_SAFE_EXPERTS
         try:
-            return super().step(ids)
+            yield
         finally:
             config._experts_implementation = saved
 

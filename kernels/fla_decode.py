@@ -49,7 +49,15 @@ import torch
 
 from .delta_decode import delta_rule_step
 
-__all__ = ["BACKENDS", "ENV", "decode_backend", "delta_rule_decode", "gated_delta_rule_decode", "refusal"]
+__all__ = [
+    "BACKENDS",
+    "ENV",
+    "decode_backend",
+    "decode_rows",
+    "delta_rule_decode",
+    "gated_delta_rule_decode",
+    "refusal",
+]
 
 ENV = "HARNESS_FLA_DECODE"
 BACKENDS = ("auto", "ours", "fla")
@@ -139,8 +147,9 @@ def refusal(
     return None
 
 
-def _step(q, k, v, beta, initial_state, g=None, *, state_v_first=False, **options):
-    """Run delta_rule_step on fla's [B, 1, ...] or [1, N, ...] tensors; return (o like v, state)."""
+def decode_rows(q, k, v, beta, initial_state, g=None, *, state_v_first=False, **options):
+    """Run delta_rule_step on fla's [B, 1, ...] or [1, N, ...] tensors (a call `refusal` accepted);
+    return (o like v, the state, updated in place: ``initial_state`` unless that is None)."""
     n, hv, kk, vv = q.shape[0] * q.shape[1], v.shape[2], q.shape[3], v.shape[3]
     state = initial_state
     if state is None:
@@ -182,7 +191,7 @@ def delta_rule_decode(
         or refusal(q, k, v, beta, initial_state, output_final_state, cu_seqlens, scale=scale) is not None
     ):
         return original(**args)
-    o, state = _step(q, k, v, beta, initial_state, scale=scale, l2norm=use_qk_l2norm_in_kernel)
+    o, state = decode_rows(q, k, v, beta, initial_state, scale=scale, l2norm=use_qk_l2norm_in_kernel)
     return o.to(q.dtype), state  # fla's plain op returns o in q's dtype
 
 
@@ -257,7 +266,7 @@ def gated_delta_rule_decode(
         is not None
     ):
         return original(**args)
-    return _step(
+    return decode_rows(
         q,
         k,
         v,

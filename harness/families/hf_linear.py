@@ -130,16 +130,28 @@ def _slice(module: nn.Module, rows: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
+def replaced_ops(layers: list[tuple[int, nn.Module]], names: Iterable[str], make: Callable[[str, Callable], Callable]):
+    """While active, each function of `names` in the layers' modeling modules is `make(name, the
+    function)`; the originals are restored after. The layers look these names up at every call."""
+    modules = {sys.modules[type(attn).__module__] for _, attn in layers}
+    saved = [(mod, name, getattr(mod, name)) for mod in modules for name in names if hasattr(mod, name)]
+    try:
+        for mod, name, op in saved:
+            setattr(mod, name, make(name, op))
+        yield
+    finally:
+        for mod, name, op in saved:
+            setattr(mod, name, op)
+
+
+@contextlib.contextmanager
 def recording_ops(layers: list[tuple[int, nn.Module]], on_call: Callable[[int, dict], None]):
     """While active, every delta-rule op call of these layers also reaches `on_call(layer index,
-    arguments)` (query, key, value, g, beta, ... by name), then runs unchanged. The op names are
-    replaced in the layers' modeling modules and restored after."""
+    arguments)` (query, key, value, g, beta, ... by name), then runs unchanged."""
     current: list[int | None] = [None]
     handles = [attn.register_forward_pre_hook(lambda _m, _a, i=i: current.__setitem__(0, i)) for i, attn in layers]
-    modules = {sys.modules[type(attn).__module__] for _, attn in layers}
-    saved = [(mod, name, getattr(mod, name)) for mod in modules for name in OPS if hasattr(mod, name)]
 
-    def wrap(op, name):
+    def wrap(name, op):
         names = ("query", "key", "value")
 
         def recorded(*args, **kwargs):
@@ -149,14 +161,23 @@ def recording_ops(layers: list[tuple[int, nn.Module]], on_call: Callable[[int, d
         return recorded
 
     try:
-        for mod, name, op in saved:
-            setattr(mod, name, wrap(op, name))
-        yield
+        with replaced_ops(layers, OPS, wrap):
+            yield
     finally:
-        for mod, name, op in saved:
-            setattr(mod, name, op)
         for h in handles:
             h.remove()
+
+
+def decode_ops(layers: list[tuple[int, nn.Module]]):
+    """While active, these layers' one-token decode step runs on our kernels
+    (`harness.kernels.hf_gdn_decode`): the conv state and the recurrent state updated in place."""
+    from harness.kernels import hf_gdn_decode
+
+    ours = {
+        "causal_conv1d_update": lambda _op: hf_gdn_decode.causal_conv1d_update,
+        "torch_recurrent_gated_delta_rule": hf_gdn_decode.recurrent_gated_delta_rule,
+    }
+    return replaced_ops(layers, ours, lambda name, op: ours[name](op))
 
 
 class HFGatedDeltaNetAdapter(FamilyAdapter):
