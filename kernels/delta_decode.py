@@ -105,6 +105,7 @@ if triton is not None:
         BETA_SIGMOID: tl.constexpr,
         NEG_EIGVAL: tl.constexpr,
         V_FIRST: tl.constexpr,
+        EVICT_FIRST: tl.constexpr,
     ):
         bh = tl.program_id(0)  # (sequence, value head)
         iv = tl.program_id(1)
@@ -129,7 +130,10 @@ if triton is not None:
         else:
             tile = S + bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
         mask = mk[:, None] & mv[None, :]
-        s = tl.load(tile, mask=mask, other=0.0)
+        if EVICT_FIRST:  # the state is streamed once a step: keep it from displacing the rest of L2
+            s = tl.load(tile, mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            s = tl.load(tile, mask=mask, other=0.0)
         if HAS_G:
             g = tl.load(G + bh).to(tl.float32)
             if GATE_IN_KERNEL:  # fla: -exp(A_log) * softplus(g + dt_bias), softplus linear above 20
@@ -143,7 +147,10 @@ if triton is not None:
         delta = beta * (v - remembered)
         s = s + k[:, None] * delta[None, :]
         o = tl.sum((q * scale)[:, None] * s, axis=0)
-        tl.store(tile, s, mask=mask)
+        if EVICT_FIRST:
+            tl.store(tile, s, mask=mask, eviction_policy="evict_first")
+        else:
+            tl.store(tile, s, mask=mask)
         tl.store(OUT + bh * DV + offs_v, o.to(OUT.dtype.element_ty), mask=mv)
 
 
@@ -175,7 +182,8 @@ def delta_rule_step(
     """One decode step for every (sequence, head): Triton on CUDA (or under TRITON_INTERPRET),
     the torch twin otherwise. Returns o in v's dtype; `state` is updated in place. No autotuning:
     the kernel writes the state in place, so benchmarking configs would run it several times;
-    `block_v` and `num_warps` default to this GPU's tuned settings (`launch_settings`, by d_k)."""
+    `block_v` and `num_warps` default to this GPU's tuned settings (`launch_settings`, by d_k), as
+    does whether the state's loads and stores are marked evict-first in L2."""
     import os
 
     options = dict(
@@ -232,6 +240,7 @@ def delta_rule_step(
         BETA_SIGMOID=beta_sigmoid,
         NEG_EIGVAL=allow_neg_eigval,
         V_FIRST=state_v_first,
+        EVICT_FIRST=bool(tuned["EVICT_FIRST"]),
         num_warps=num_warps,
     )
     return out

@@ -50,10 +50,12 @@ def test_reference_step_equals_the_token_loop_reference(gated):
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    from harness.kernels.delta_decode import delta_rule_step, delta_rule_step_reference
+    from harness.kernels import launch_settings
+    from harness.kernels.delta_decode import KERNEL, delta_rule_step, delta_rule_step_reference
     g = torch.Generator().manual_seed(0)
     worst = 0.0
-    for dk, dv, gated in ((32, 16, False), (24, 16, True), (8, 40, True)):
+    for dk, dv, gated, evict in ((32, 16, False, 0), (24, 16, True, 1), (8, 40, True, 0), (8, 40, False, 1)):
+        launch_settings.OVERRIDE[KERNEL] = {"EVICT_FIRST": evict}
         q, k = torch.randn(2, 3, dk, generator=g), torch.randn(2, 3, dk, generator=g)
         v, beta = torch.randn(2, 3, dv, generator=g), torch.rand(2, 3, generator=g)
         gate, state = -torch.rand(2, 3, generator=g), torch.randn(2, 3, dk, dv, generator=g)
@@ -80,7 +82,12 @@ def test_triton_kernel_under_the_cpu_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dk", [128, 96, 64, 32])
 @pytest.mark.parametrize("gated", [False, True])
-def test_triton_kernel_on_cuda_equals_the_twin_and_fla(dk, gated):
+@pytest.mark.parametrize("evict", [0, 1])
+def test_triton_kernel_on_cuda_equals_the_twin_and_fla(dk, gated, evict, monkeypatch):
+    from harness.kernels import launch_settings
+    from harness.kernels.delta_decode import KERNEL
+
+    monkeypatch.setitem(launch_settings.OVERRIDE, KERNEL, {"EVICT_FIRST": evict})
     q, k, v, beta, gate, state = inputs(b=64, h=16, dk=dk, dv=128, device="cuda")
     v = v.bfloat16()
     ref_state = state.clone()

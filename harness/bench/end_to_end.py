@@ -231,6 +231,9 @@ def environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
+TOP_KERNELS = 10  # the kernels by GPU time per step the log lists for each static row
+
+
 def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
     from harness.bench.timing import static_busy
 
@@ -249,7 +252,7 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
                 with environ(variant.env):
                     found[label] = suite.measure(variant.model, prompt, engine=variant.engine)
                     if variant.engine == "static" and device == "cuda":  # a separate, profiled run
-                        found[label]["busy"] = static_busy(variant.model, prompt.to(device))
+                        found[label]["busy"] = static_busy(variant.model, prompt.to(device), top=TOP_KERNELS)
             except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
                 found[label] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"}
             log.info(
@@ -261,6 +264,8 @@ def measure_case(case: Case, suite, bars, device: str) -> list[dict[str, Any]]:
                 summary(found[label], batch, context),
                 time.perf_counter() - start,
             )
+            for name, calls, us in found[label].get("busy", {}).get("top_gpu", []):
+                log.info("    %9.1f us/step  x%5.1f  %s", us, calls, name[:100])
             if device == "cuda":
                 torch.cuda.empty_cache()
             advance()

@@ -89,7 +89,15 @@ def decode_row(dk: int, gated: bool, batch: int, rep: int) -> dict:
     }
 
 
-TUNE_GRID = [dict(BLOCK_V=bv, NUM_WARPS=w) for bv in (16, 32, 64, 128) for w in (1, 2, 4, 8)]
+TILE_FLOATS = (2048, 8192)  # the sweep's state tiles: 8 to 32 KB of fp32 a program (smaller idles, larger spills)
+
+
+def tune_grid(dk: int) -> list[dict[str, int]]:
+    """The settings the sweep times at key dim `dk`: d_v blocks whose (d_k x BLOCK_V) fp32 tile is
+    8-32 KB, 2, 4 or 8 warps, with and without evict-first loads and stores."""
+    height = 1 << (dk - 1).bit_length()  # the kernel's tile height: d_k rounded up to a power of 2
+    blocks = [bv for bv in (16, 32, 64, 128) if TILE_FLOATS[0] <= height * bv <= TILE_FLOATS[1]] or [16]
+    return [dict(BLOCK_V=bv, NUM_WARPS=w, EVICT_FIRST=e) for bv in blocks for w in (2, 4, 8) for e in (0, 1)]
 
 
 def our_step_us(dk: int, gated: bool, batch: int, rep: int) -> float:
@@ -112,18 +120,18 @@ def our_step_us(dk: int, gated: bool, batch: int, rep: int) -> float:
 
 
 def tune_decode(quick: bool = False, save: bool = True, advance=None) -> list[dict]:
-    """Time our step at every setting of TUNE_GRID for each d_k, both rules; the setting with the
+    """Time our step at every setting of `tune_grid(d_k)` for each d_k, both rules; the setting with the
     least total time of the two rules is recorded per d_k in the user's launch-settings cache."""
     from harness.kernels import launch_settings
     from harness.kernels.delta_decode import KERNEL
     from harness.kernels.pruned_decode import device_name
 
     batch, rep = 64, (10 if quick else 30)
-    grid = TUNE_GRID[:4] if quick else TUNE_GRID
     gpu, rows = device_name("cuda"), []
     try:
         for ratio in (1.0,) if quick else RATIOS:
             dk = round(DK_FULL * ratio)
+            grid = tune_grid(dk)[:4] if quick else tune_grid(dk)
             timed = []
             for setting in grid:
                 launch_settings.OVERRIDE[KERNEL] = setting

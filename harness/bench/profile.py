@@ -9,7 +9,7 @@ through `generate`: the eager path whose host cost the loop removes).
 
 With `--engine static`, each variant the table runs through the static loop is profiled there
 instead (graph replays on CUDA): wall and GPU-busy time per step, the share the acceptance of a
-host-free loop is about.
+host-free loop is about, and the kernels that take the most GPU time.
 
 Per variant it prints the wall time per decode step, the GPU's busy time per step (the sum of its
 kernels' times: a step far longer than that is bound by the host, launching work), the host's
@@ -82,6 +82,13 @@ def profile_variant(model, prompt: torch.Tensor, steps: int, top: int) -> dict[s
     }
 
 
+def print_top(title: str, rows) -> None:
+    if rows:
+        print(f"  {title}:")
+    for name, calls, us in rows:
+        print(f"    {us:9.1f}  x{calls:6.1f}  {name[:90]}")
+
+
 def main(argv=None) -> None:
     from harness.bench import end_to_end
 
@@ -97,7 +104,7 @@ def main(argv=None) -> None:
         choices=("generate", "static"),
         default="generate",
         help="generate: each model through `generate`; static: each static-loop variant through the loop "
-        "(wall and GPU-busy time per step only)",
+        "(wall and GPU-busy time per step, and its top kernels)",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -116,7 +123,7 @@ def main(argv=None) -> None:
         if args.engine == "static":
             if variant.engine == "static":
                 with torch.no_grad():
-                    r = results[label] = static_busy(variant.model, prompt, args.steps)
+                    r = results[label] = static_busy(variant.model, prompt, args.steps, args.top)
                 print(
                     f"== {case.model} | {label} | {args.batch} x {args.context}: {r['step_ms']:.2f} ms/step wall, "
                     + (
@@ -126,6 +133,7 @@ def main(argv=None) -> None:
                     ),
                     flush=True,
                 )
+                print_top("GPU (self us/step)", r.get("top_gpu", []))
             continue
         if id(variant.model) in seen:
             continue  # a model the table also runs through another engine: profiled once, through generate
@@ -138,10 +146,8 @@ def main(argv=None) -> None:
             f"{r['syncs_per_step']:.1f} syncs, {r['memcpy_per_step']:.1f} copies; warm-up generate {r['warmup_s']:.1f} s",
             flush=True,
         )
-        for title, rows in (("host (self CPU us/step)", r["top_host"]), ("GPU (self us/step)", r["top_gpu"])):
-            print(f"  {title}:")
-            for name, calls, us in rows:
-                print(f"    {us:9.1f}  x{calls:6.1f}  {name[:90]}")
+        print_top("host (self CPU us/step)", r["top_host"])
+        print_top("GPU (self us/step)", r["top_gpu"])
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

@@ -253,11 +253,10 @@ def tune_table(mask_path=None, quick: bool = False, bars=None):
     total = len(shapes) * (len(grid) if grid else len(TUNE_TILES) * len(TUNE_ITEMS))
     advance = bars.task("launch settings sweep", total) if bars is not None else None
     rows = tune(mask, shapes, grid, advance=advance)
-    from harness.bench.linear_decode import TUNE_GRID, tune_decode
+    from harness.bench.linear_decode import DK_FULL, RATIOS, tune_decode, tune_grid
 
-    linear_advance = (
-        bars.task("linear decode sweep", (4 if quick else len(TUNE_GRID) * 4)) if bars is not None else None
-    )
+    sweep = 4 if quick else sum(len(tune_grid(round(DK_FULL * r))) for r in RATIOS)
+    linear_advance = bars.task("linear decode sweep", sweep) if bars is not None else None
     linear = tune_decode(quick, advance=linear_advance)
     keys = ["BLOCK_N", "NUM_WARPS", "NUM_STAGES", "ITEMS_PER_SM", "MIN_BLOCKS_PER_SPLIT"]
     rows = [{"kernel": "pruned_decode", **r} for r in rows] + [{"kernel": "delta_decode", **r} for r in linear]
@@ -270,6 +269,7 @@ def tune_table(mask_path=None, quick: bool = False, bars=None):
             "d_k",
             *keys,
             "BLOCK_V",
+            "EVICT_FIRST",
             "graph_us",
             "eager_us",
             "gbps",

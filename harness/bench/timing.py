@@ -60,10 +60,11 @@ def cuda_kernels(events) -> list:
     return [e for e in events if e.device_type == DeviceType.CUDA]  # the GPU's own events
 
 
-def static_busy(model, prompt: torch.Tensor, steps: int = 8) -> dict[str, float]:
+def static_busy(model, prompt: torch.Tensor, steps: int = 8, top: int = 0) -> dict:
     """Wall and GPU-busy time per step of `steps` decode steps of the static loop (graph replays on
     CUDA), after a prefill of `prompt`: the share of a step the GPU is busy, which a host-bound loop
-    (launches, synchronizations) keeps low. The model's decoder is released afterwards."""
+    (launches, synchronizations) keeps low; with `top`, also the `top` kernels by GPU time per step
+    as (name, launches per step, us per step). The model's decoder is released afterwards."""
     from harness import graph_decode
 
     batch, context = prompt.shape
@@ -87,4 +88,10 @@ def static_busy(model, prompt: torch.Tensor, steps: int = 8) -> dict[str, float]
         return {"step_ms": 1e3 * elapsed / steps, "gpu_busy_ms": None, "busy_share": None}
     busy_us = sum(device_us(e) for e in kernels)
     step_ms, busy_ms = 1e3 * elapsed / steps, busy_us / 1e3 / steps
-    return {"step_ms": step_ms, "gpu_busy_ms": busy_ms, "busy_share": busy_ms / step_ms}
+    by_gpu = sorted(kernels, key=lambda e: -device_us(e))[:top]
+    return {
+        "step_ms": step_ms,
+        "gpu_busy_ms": busy_ms,
+        "busy_share": busy_ms / step_ms,
+        "top_gpu": [(e.key, e.count / steps, device_us(e) / steps) for e in by_gpu],
+    }
