@@ -32,8 +32,9 @@ DEFAULTS: dict[str, dict[str, int]] = {
     # 2 stages, about 8 middle work items per SM, each at least 4 blocks long
     "pruned_decode": {"BLOCK_N": 128, "NUM_WARPS": 4, "NUM_STAGES": 2, "ITEMS_PER_SM": 8, "MIN_BLOCKS_PER_SPLIT": 4},
     # the linear decode step: BLOCK_V d_v columns per program (0: 32 for d_k > 64, else 64), warps,
-    # and whether the state's loads and stores are marked evict-first (1) in L2
-    "delta_decode": {"BLOCK_V": 0, "NUM_WARPS": 4, "EVICT_FIRST": 0},
+    # and whether the state's loads and stores are marked evict-first (1) in L2: the H100's sweep
+    # chose evict-first at every d_k (docs/benchmarks.md)
+    "delta_decode": {"BLOCK_V": 0, "NUM_WARPS": 4, "EVICT_FIRST": 1},
 }
 OVERRIDE: dict[str, dict[str, int]] = {}
 LONG_CONTEXT = 16384  # middle tokens per (row, head) from which the "long" class applies
