@@ -16,7 +16,7 @@ their bytes. A step reads and writes only tensors allocated here, so a CUDA grap
   (they copy every update into place); each row's prompt is prefilled into fresh ones and copied in.
   A decode step runs the linear layers' conv and delta-rule steps on our kernels, in place
   (`harness.families.hf_linear.decode_ops`), where transformers would run its torch conv update
-  and fla's or its own recurrent op.
+  and fla's or its own recurrent op, and every RMSNorm as one launch (`fused_norms`).
   A mixture-of-experts MLP steps through transformers' `batched_mm` experts (each token gathers
   its experts' weights: fixed shapes), since the default routing reads on the host which experts
   were hit, which a replayed step cannot do; prefill keeps the model's own.
@@ -269,7 +269,7 @@ class HybridState(SoftmaxState):
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         from harness.families.hf_linear import decode_ops, gdn_layers
 
-        with decode_ops(gdn_layers(self.model)), self._graph_safe_experts():
+        with decode_ops(gdn_layers(self.model)), fused_norms(self.model), self._graph_safe_experts():
             return super().step(ids)
 
     @contextlib.contextmanager
@@ -294,6 +294,25 @@ class HybridState(SoftmaxState):
             use_cache=True,
         )
         return self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1]
+
+
+@contextlib.contextmanager
+def fused_norms(model):
+    """While active, every RMSNorm module of `model` that `harness.kernels.hf_rms_norm` knows runs
+    as one launch (instead of about nine torch ops), with its own rounding."""
+    from harness.kernels.hf_rms_norm import fused_forward
+
+    swapped = []
+    for module in model.modules():
+        forward = fused_forward(module)
+        if forward is not None:
+            module.forward = forward  # an instance attribute: nn.Module.__call__ looks it up first
+            swapped.append(module)
+    try:
+        yield
+    finally:
+        for module in swapped:
+            del module.forward
 
 
 def _tensors(state) -> list[torch.Tensor]:
