@@ -4,9 +4,6 @@ interpreter (a subprocess, so the interpreter switch touches no other test) and 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 
 from harness.kernels import delta_rule
 from harness.kernels.delta_decode import delta_rule_step, delta_rule_step_reference
+from triton_interpreter import max_difference
 
 
 def inputs(b=3, h=2, dk=24, dv=16, seed=0, device="cpu"):
@@ -68,14 +66,7 @@ INTERPRETED = textwrap.dedent("""
 
 
 def test_triton_kernel_under_the_cpu_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
-    if result.returncode != 0 and "interpret" in result.stderr.lower() and "not supported" in result.stderr.lower():
-        pytest.skip(f"Triton's interpreter cannot run here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    worst = float(result.stdout.strip().split()[-1])
-    assert worst < 1e-5
+    assert max_difference(INTERPRETED) < 1e-5
 
 
 @pytest.mark.gpu

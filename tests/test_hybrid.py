@@ -5,16 +5,14 @@ Qwen3.5-0.8B geometry on the meta device."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import sys
 
 import pytest
 import torch
 
 from harness.errors import HarnessError
 from harness.families import adapter_for
-from harness.families.hf_linear import OPS, HFGatedDeltaNetAdapter, gdn_layers
+from harness.families.hf_linear import OPS, HFGatedDeltaNetAdapter, gdn_layers, replaced_ops
 from harness.families.hybrid import HybridAdapter
 from harness.method import ACTIVATIONS, GRADIENTS, INPUTS
 from harness.methods.drrqr import DRRQR
@@ -62,14 +60,11 @@ def tiny_hybrid(model_type: str, seed: int = 0):
     return model.eval()
 
 
-@contextlib.contextmanager
 def kernel_scale(model, head_dim: int):
     """Make the delta-rule ops scale queries by head_dim**-0.5 whatever d_k they receive: the one
     difference between a sliced and a zero-masked layer (docs/design-notes.md)."""
-    modules = {sys.modules[type(a).__module__] for _, a in gdn_layers(model)}
-    saved = [(m, n, getattr(m, n)) for m in modules for n in OPS]
 
-    def rescaled(op):
+    def rescaled(_name, op):
         def call(q, k, v, *args, **kwargs):
             kwargs["use_qk_l2norm_in_kernel"] = False
             q = torch.nn.functional.normalize(q.float(), dim=-1, eps=1e-6) * (q.shape[-1] / head_dim) ** 0.5
@@ -77,13 +72,7 @@ def kernel_scale(model, head_dim: int):
 
         return call
 
-    for module, name, op in saved:
-        setattr(module, name, rescaled(op))
-    try:
-        yield
-    finally:
-        for module, name, op in saved:
-            setattr(module, name, op)
+    return replaced_ops(gdn_layers(model), OPS, rescaled)
 
 
 @pytest.fixture(params=list(ARCHITECTURES))

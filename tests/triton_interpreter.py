@@ -30,6 +30,19 @@ def run_script(path: str, expected_ok: int, timeout: int = 900) -> None:
     assert sum(line.startswith("ok ") for line in log.splitlines()) == expected_ok, log
 
 
+def max_difference(code: str, drop_env: tuple[str, ...] = (), timeout: int = 300) -> float:
+    """Run `code` (which prints "max difference X" last) with TRITON_INTERPRET=1 in a subprocess and
+    return X; skips the test where Triton's interpreter cannot run here."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    if result.returncode != 0 and "interpret" in result.stderr.lower() and "not supported" in result.stderr.lower():
+        pytest.skip(f"Triton's interpreter cannot run here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return float(result.stdout.strip().split()[-1])
+
+
 def unavailable() -> str | None:
     """In the script: why the interpreter cannot run the kernels here (None when it can)."""
     try:
