@@ -62,5 +62,5 @@ def test_written_induction_circuit_copies_before_any_training():
     probe = load_probe()
     model = tiny_llama(probe, layers=4, tie=True)
     assert copy_accuracy(model, probe) < 0.02  # random weights do not copy
-    probe.build_induction_circuit(model)
+    probe.write_induction_circuit(model)
     assert copy_accuracy(model, probe) > 0.3  # chance is 1 / 2000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -16,6 +17,14 @@ from harness.zoo.corpus import load_corpus
 from harness.zoo.tokenizer import corpus_tokenizer
 
 RETRIEVAL_MODELS = [n for n in zoo.list_models() if zoo.entry(n).task == "retrieval"]
+RULER_PHRASES = [  # the RULER suite's own words, which no training document may use
+    "special magic",
+    "VAR ",
+    "Memorize",
+    "mentioned in the provided text",
+    "variable assignment",
+    *ruler_tasks.NOISE_SENTENCES,
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +43,42 @@ def test_there_is_a_retrieval_model_of_each_kind():
 
 def test_documents_are_answerable_and_share_no_template_with_ruler(data):
     rng = random.Random(0)
-    ruler_phrases = [
-        "special magic",
-        "VAR ",
-        "Memorize",
-        "mentioned in the provided text",
-        "variable assignment",
-        *ruler_tasks.NOISE_SENTENCES,
-    ]
     tasks = set()
     for _ in range(300):
         make = retrieval.lookup if rng.random() < 0.7 else retrieval.binding
         doc = make(rng, data.src, rng.randint(0, 300))
         tasks.add(doc.task)
         text = doc.prompt + doc.answer
-        assert not [p for p in ruler_phrases if p in text], text[-300:]
+        assert not [p for p in RULER_PHRASES if p in text], text[-300:]
         answers = re.split(r", and |, | and ", doc.answer.strip())
         for answer in answers:  # every answer is said in the context, before the question
             assert answer in doc.prompt, (answer, doc.prompt[-300:])
     assert tasks == {"passkey", "lookup", "multi", "binding"}
+
+
+def test_qa_documents_ask_about_every_key_and_share_no_template_with_ruler(data):
+    rng = random.Random(1)
+    sizes = set()
+    for _ in range(200):
+        doc = retrieval.qa(rng, data.src, rng.randint(0, 300))
+        text = doc.context + "".join(q + a for q, a in doc.turns)
+        assert not [p for p in RULER_PHRASES if p in text], text[-300:]
+        sizes.add(len(doc.turns))
+        for _question, answer in doc.turns:
+            for value in answer.strip().split(", "):  # every answer is said in the context
+                assert value in doc.context, (value, doc.context[-300:])
+    assert 1 in sizes and max(sizes) >= 6  # one key to eight
+
+
+def test_qa_rows_weigh_the_first_answer_token(data):
+    qa_data = copy.copy(data)  # the fixture's sources, qa documents only
+    qa_data.lm_fraction, qa_data.task_weights, qa_data.first_weight = 0.0, (("qa", 1.0),), 5.0
+    ids, weights = qa_data.batch(random.Random(2), 6, 256)
+    for row, w in zip(ids, weights):
+        firsts = (w == 5.0).nonzero().flatten().tolist()
+        assert firsts, "every row answers at least one question"
+        for i in firsts:  # an answer starts after its question, and the rest of it weighs ANSWER
+            assert w[i - 1] == 1.0 and w[i + 1] in (retrieval.ANSWER, 1.0)
 
 
 def test_the_loss_weighs_answers_as_much_as_all_the_text():
@@ -66,6 +92,9 @@ def test_the_loss_weighs_answers_as_much_as_all_the_text():
     weights = torch.tensor([[0.0, 1.0, 1.0, 2.0, 0.0]])
     loss, ce, w = retrieval.weighted_loss(Fixed(), ids, weights, answer_weight=1.0)
     assert loss.item() == pytest.approx(ce[:2].mean().item() + ce[2].item())  # text mean + answer mean, padding out
+    weights = torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.0]])  # answers weigh as marked: a first token 5, the next 2
+    loss, ce, w = retrieval.weighted_loss(Fixed(), ids, weights, answer_weight=1.0)
+    assert loss.item() == pytest.approx(ce[0].item() + (5 * ce[1].item() + 2 * ce[2].item()) / 7)
 
 
 def test_pairs_repeat_every_key_with_its_value():
@@ -96,9 +125,12 @@ def test_build_writes_a_folder_that_reloads(tmp_path):
         "llama-retrieval-tiny", out_dir=out, steps=2, seed=0, progress=False, batch_size=1, seq_len=64
     )
     info = json.loads((path / "zoo.json").read_text())
-    assert info["task"] == "retrieval" and info["steps"] == 2 and info["train_config"]["lengths"] == [32, 32, 64]
-    assert "none of the RULER suite's" in info["training_data"]
-    assert info["init_from"] == "llama-tiny" and len(info["init_sha256"]) == 64
+    assert info["task"] == "retrieval" and info["steps"] == 2 and info["train_config"]["lengths"] == [32] * 6 + [64]
+    assert (
+        "none of the RULER suite's" in info["training_data"] and "a question about every key" in info["training_data"]
+    )
+    assert info["init_from"] is None and info["train_config"]["induction_circuit"]
+    assert info["train_config"]["first_weight"] == 5.0
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():

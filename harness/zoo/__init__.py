@@ -34,6 +34,8 @@ from harness.zoo.folders import (
 )
 from harness.zoo.models import ZOO, ZooEntry, get
 
+RECIPE = -1  # `threads` default of build / build_model: the recipe's thread count
+
 __all__ = [
     "build",
     "build_model",
@@ -92,16 +94,17 @@ def build(
     batch_size: int | None = None,
     seq_len: int | None = None,
     eval_every: int | None = None,
-    threads: int | None = 1,
+    threads: int | None = RECIPE,
 ) -> Path:
     """Train zoo model `name` from scratch and write its save_pretrained folder; returns the folder.
 
     `out_dir` defaults to the shipped weights folder (default_path(name)); an existing model
     folder there is replaced only once the new one is complete. `steps`, `batch_size`, `seq_len`
     default to the zoo's recipe; `eval_every` adds held-out evaluations to the curve in zoo.json
-    (default: 10 points for runs of 100+ steps). `threads` fixes torch's CPU thread count (default 1:
-    part of what makes a rerun bit-identical, and on a small shared CPU one thread is also faster
-    than OpenMP threads competing with other processes; None: leave torch's setting).
+    (default: 10 points for runs of 100+ steps). `threads` fixes torch's CPU thread count (default: the
+    recipe's, 1 for most: part of what makes a rerun bit-identical, and on a small shared CPU one
+    thread is also faster than OpenMP threads competing with other processes; None: leave torch's
+    setting).
     """
     path, _model = build_model(
         name,
@@ -127,9 +130,11 @@ def build_model(
     batch_size: int | None = None,
     seq_len: int | None = None,
     eval_every: int | None = None,
-    threads: int | None = 1,
+    threads: int | None = RECIPE,
 ):
     """`build`, returning (folder, the trained model in memory)."""
+    if threads == RECIPE:
+        threads = get(name).recipe.threads
     if get(name).task == "mqar":
         from harness.zoo.mqar import build_mqar_model
 

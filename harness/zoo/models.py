@@ -69,6 +69,12 @@ def _llama_config():
     )
 
 
+def _llama_tied_config():
+    config = _llama_config()
+    config.tie_word_embeddings = True  # the written induction circuit copies through the shared embedding
+    return config
+
+
 def _qwen35_hybrid_config():
     from transformers.models.qwen3_5 import Qwen3_5TextConfig
 
@@ -105,6 +111,7 @@ class TrainRecipe:
     lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    threads: int = 1  # torch CPU threads of a build (part of what makes a rerun bit-identical)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,9 @@ class RetrievalRecipe(TrainRecipe):
     )
     length_quarters: tuple[int, ...] = (1, 2, 4)
     init_from: str = ""  # a text zoo model whose shipped weights training starts from ("": random init)
+    circuit: bool = False  # write the induction circuit into the random initial weights (harness.zoo.circuits)
+    tasks: tuple[tuple[str, float], ...] = ()  # retrieval documents and their shares (): harness.zoo.retrieval's
+    first_weight: float = 2.0  # a qa answer's first token (the lookup), against 2 for the other answer tokens
 
 
 @dataclass(frozen=True)
@@ -190,12 +200,25 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "llama-retrieval-tiny",
             "llama",
-            _llama_config,
+            _llama_tied_config,
             RetrievalRecipe(
-                steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="llama-tiny"
+                steps=2400,
+                batch_size=4,
+                seq_len=1024,
+                lr=1e-3,
+                warmup_steps=30,
+                weight_decay=0.0,
+                lm_fraction=0.2,
+                answer_weight=1.0,
+                length_quarters=(1, 1, 2, 1, 1, 2, 4),
+                circuit=True,
+                tasks=(("qa", 0.8), ("copy", 0.2)),
+                first_weight=5.0,
+                threads=2,  # the 2-core machine's both cores: about 10k tokens/s, twice one thread's
             ),
-            "llama-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
-            "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
+            "llama-tiny's shape with tied embeddings, an induction circuit written into its initial weights, trained on "
+            "corpus text + synthetic in-context lookups (every key asked), 256-1024 tokens; experimental, not shipped "
+            "(docs/results.md)",
             task="retrieval",
         ),
         ZooEntry(

@@ -15,6 +15,11 @@ transfer to templates the model never saw. What a training document can be:
   three corpus words joined by `-`, `_`, `.` or a space, an invented syllable word, or a capital
   letter code; values: 3-9 digit numbers, capital codes, or corpus words. One document in eight is
   a key-less pass key ("the pass code is ...").
+* **qa** (dense lookups): 1 key (one time in five; then one time in five with 2-4 values) or 2-8
+  keys, said by needle sentences as above, then a question about every key in random order, each
+  followed by its answer and a line break: one document supervises as many lookups as it has keys.
+  The answer's first token (where the key is looked up; the rest is copying) can weigh more
+  (`first_weight`).
 * **binding** (variable binding, multi-hop): a chain `name0 <- value`, `name1 <- name0`, ... of
   1-5 hops (`BINDINGS` forms), sometimes beside a decoy chain with another value; the question
   asks which names hold the value, the answer lists the chain's names in order.
@@ -30,11 +35,10 @@ times the mean over answer tokens: the few answer tokens pull as hard as all the
 Determinism: a document is a function of the `random.Random` it is given; the builder seeds one
 per step.
 
-Status (measured, see docs/results.md): the recipe as committed does not yet teach retrieval. Two
-builds of llama-retrieval-tiny on the shared 2-core machine (an earlier recipe: 500 steps from
-random weights; this one: 400 steps from llama-tiny's weights) reached held-out ppl 59.9 and 53.3,
-answer-token losses of 4.6 and 3.7 nats over their last logged steps, and RULER 0 on every niah and
-vt cell at 512 and 1024 tokens (the second: MQAR 0.013, chance 0.016). No weights are shipped for these entries.
+Which documents a model trains on, and in what shares, is its recipe's (`RetrievalRecipe.tasks`;
+`TASK_WEIGHTS` by default). `llama-retrieval-tiny` starts from an induction circuit written into
+its initial weights (`harness.zoo.circuits`) and trains on qa documents, span copies and corpus
+text; docs/results.md has what each recipe reached. No weights are shipped for these entries yet.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ PREAMBLES = (
     "Keep track of every value mentioned in this text.\n",
     "The following log contains records. Answer the question at the end.\n",
     "Context:\n",
+    "A {noun} is hidden in the text below; a question follows.\n",
+    "Each {noun} is written next to its name below.\n",
+    "Every {noun} is important. Read on.\n",
 )
 NOUNS = ("code", "pass key", "number", "value", "token", "id", "password", "tag", "label", "secret")
 NEEDLES = (
@@ -63,6 +70,12 @@ NEEDLES = (
     "[{key}] {value}",
     "For {key}, write down {value}.",
     "{key}: {value}",
+    "The {noun} assigned to {key} is: {value}.",
+    "Somewhere it says that {key} is: {value}.",
+    "One {noun} worth keeping, the one for {key}, is {value}.",
+    "In this text the {noun} linked with {key} reads {value}.",
+    "{key} is: {value}.",
+    "The {noun} that goes with {key} happens to be {value}.",
 )
 KEYLESS_NEEDLES = (
     "The pass code is {value}. Remember it. {value} is the pass code.",
@@ -78,6 +91,10 @@ QUESTIONS = (  # (question, answer prefix); {keys} = the asked keys, {noun}
     ("\n{keys} =", ""),
     ("\nTell me the {noun} of {keys}.", " The {noun} of {keys}:"),
     ("\nFind {keys} in the document and give its {noun}.", " The {noun} of {keys} is"),
+    ("\nWhich {noun} was given for {keys} in the notes?", " The {noun} given for {keys} in the notes is"),
+    ("\nWhat {noun} did the document assign to {keys}?", " The {noun} the document assigned to {keys} is"),
+    ("\nName the {noun} for {keys} stated above.", " The {noun} for {keys} stated above is"),
+    ("\nWhat is the {noun} for {keys} that appears earlier?", " The {noun} for {keys} that appears earlier is"),
 )
 KEYLESS_QUESTIONS = (
     ("\nWhat is the pass code?", " The pass code is"),
@@ -102,6 +119,14 @@ NOISE = (
 )
 JOINERS = ("-", "-", "_", ".", " ")
 TASK_WEIGHTS = (("lookup", 0.6), ("binding", 0.15), ("pairs", 0.1), ("copy", 0.15))
+ANSWER = 2.0  # the weight that marks an answer token (text is 1, padding 0)
+TASKS = {  # what each kind of document is, for a built model's info.json
+    "lookup": "lookups: pass key, key-value, multi-key, multi-value, multi-query, one question",
+    "qa": "lookups with a question about every key, each answered",
+    "binding": "variable binding chains",
+    "pairs": "random-token key-value pairs",
+    "copy": "a corpus span repeated after a gap",
+}
 
 
 @dataclass
@@ -148,6 +173,10 @@ def _value(rng: random.Random, src: Sources, kind: str) -> str:
     if kind == "code":
         return "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=rng.randint(4, 7)))
     return rng.choice(src.words)
+
+
+def _preamble(rng: random.Random, noun: str) -> str:
+    return rng.choice(PREAMBLES).replace("{noun}", noun)
 
 
 def _join_list(items: list[str], rng: random.Random) -> str:
@@ -209,7 +238,7 @@ class Document:
 def lookup(rng: random.Random, src: Sources, filler_tokens: int) -> Document:
     noun = rng.choice(NOUNS)
     kind = rng.choice(("digits", "digits", "digits", "code", "word"))
-    preamble = rng.choice(PREAMBLES)
+    preamble = _preamble(rng, noun)
     if rng.random() < 0.125:  # key-less pass key
         value = _value(rng, src, kind)
         needle = rng.choice(KEYLESS_NEEDLES).format(noun=noun, value=value)
@@ -244,6 +273,38 @@ def lookup(rng: random.Random, src: Sources, filler_tokens: int) -> Document:
     return Document(preamble + context + question + prefix, " " + answer, task)
 
 
+@dataclass
+class QADocument:
+    context: str  # the preamble and the filler with the needles
+    turns: list[tuple[str, str]]  # (question and answer prefix, answer) for every key, in the order asked
+    task: str = "qa"
+
+
+def qa(rng: random.Random, src: Sources, filler_tokens: int) -> QADocument:
+    """1 key (one time in five; then, one time in five, with 2-4 values) or 2-8 keys, and a question
+    about every key in random order, each followed by its answer: one document supervises as many
+    lookups as it has keys."""
+    noun = rng.choice(NOUNS)
+    kind = rng.choice(("digits", "digits", "digits", "digits", "code", "word"))
+    n_keys = 1 if rng.random() < 0.2 else rng.randint(2, 8)
+    n_values = rng.randint(2, 4) if n_keys == 1 and rng.random() < 0.2 else 1
+    keys: list[str] = []
+    while len(keys) < n_keys:
+        k = _key(rng, src)
+        if all(k not in other and other not in k for other in keys):
+            keys.append(k)
+    values = {k: [_value(rng, src, kind) for _ in range(n_values)] for k in keys}
+    needles = [(k, v) for k in keys for v in values[k]]
+    rng.shuffle(needles)
+    texts = [rng.choice(NEEDLES).format(noun=noun, key=k, value=v) for k, v in needles]
+    context = _place(_filler(rng, src, filler_tokens), texts, rng, ordered=True)
+    turns = []
+    for k in rng.sample(keys, n_keys):  # a key's values in the order the needles say them
+        question, prefix = (t.format(noun=noun, keys=k) for t in rng.choice(QUESTIONS))
+        turns.append((question + prefix, " " + ", ".join(v for kk, v in needles if kk == k)))
+    return QADocument(_preamble(rng, noun) + context, turns)
+
+
 def binding(rng: random.Random, src: Sources, filler_tokens: int) -> Document:
     def name() -> str:
         if rng.random() < 0.5:
@@ -276,7 +337,7 @@ def binding(rng: random.Random, src: Sources, filler_tokens: int) -> Document:
         merged.append(q.pop(0))
     question, prefix = (s.format(value=value) for s in rng.choice(BIND_QUESTIONS))
     context = _place(_filler(rng, src, filler_tokens), merged, rng, ordered=True)
-    return Document(rng.choice(PREAMBLES) + context + question + prefix, " " + _join_list(names, rng), "binding")
+    return Document(_preamble(rng, "value") + context + question + prefix, " " + _join_list(names, rng), "binding")
 
 
 def pairs(rng: random.Random, src: Sources, tokens: int):
@@ -305,11 +366,21 @@ class RetrievalData:
     `batch(rng, rows, length)` returns (input_ids, weights), both (rows, length + 1): weights[:, t + 1]
     marks what predicting position t + 1 is (0 padding, 2 an answer token, 1 text); see weighted_loss."""
 
-    def __init__(self, tokenizer, train_text: str, train_ids, lm_fraction: float = 0.4):
+    def __init__(
+        self,
+        tokenizer,
+        train_text: str,
+        train_ids,
+        lm_fraction: float = 0.4,
+        task_weights=TASK_WEIGHTS,
+        first_weight: float = ANSWER,
+    ):
         self.tokenizer = tokenizer
         self.src = make_sources(train_text, tokenizer)
         self.train_ids = train_ids
         self.lm_fraction = lm_fraction
+        self.task_weights = tuple(task_weights)
+        self.first_weight = first_weight  # a qa answer's first token (the lookup; the rest is copying)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
 
@@ -317,7 +388,7 @@ class RetrievalData:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def document_row(self, rng: random.Random, length: int) -> tuple[list[int], list[float]]:
-        task = rng.choices([t for t, _ in TASK_WEIGHTS], [w for _, w in TASK_WEIGHTS])[0]
+        task = rng.choices([t for t, _ in self.task_weights], [w for _, w in self.task_weights])[0]
         target = rng.randint(length // 3, length) if rng.random() < 0.3 else length
         seed = rng.getrandbits(64)  # the document's own stream: a retry with less filler redraws the same document
         if task == "copy":
@@ -328,7 +399,7 @@ class RetrievalData:
             b = sub.randrange(len(self.train_ids) - gap - 1)
             first = self.train_ids[a : a + span].tolist()
             ids = first + self.train_ids[b : b + gap].tolist() + [self.eos] + first
-            weights = [1.0] * (len(ids) - span) + [1.0] + [2.0] * (span - 1)
+            weights = [1.0] * (len(ids) - span) + [1.0] + [ANSWER] * (span - 1)
             return ids[: length + 1], weights[: length + 1]
         if task == "pairs":
             head, filler, tail, group = pairs(random.Random(seed), self.src, target)
@@ -338,8 +409,10 @@ class RetrievalData:
                 filler = self.train_ids[s : s + gap].tolist()
             ids = head + list(filler) + tail
             # the values of the second pass are the answers (key, value[, separator] per group)
-            weights = [1.0] * (len(head) + len(filler)) + [2.0 if i % group == 1 else 1.0 for i in range(len(tail))]
+            weights = [1.0] * (len(head) + len(filler)) + [ANSWER if i % group == 1 else 1.0 for i in range(len(tail))]
             return ids[: length + 1], weights[: length + 1]
+        if task == "qa":
+            return self.qa_row(seed, target, length)
         make = lookup if task == "lookup" else binding
         filler = target - 60
         for _ in range(5):
@@ -352,7 +425,25 @@ class RetrievalData:
         else:
             prompt = prompt[-(length - len(answer)) :]
         ids = prompt + answer + [self.eos]
-        weights = [1.0] * len(prompt) + [2.0] * len(answer) + [1.0]
+        weights = [1.0] * len(prompt) + [ANSWER] * len(answer) + [1.0]
+        return ids[-(length + 1) :], weights[-(length + 1) :]
+
+    def qa_row(self, seed: int, target: int, length: int) -> tuple[list[int], list[float]]:
+        """A qa document's tokens: the context, then each question, its answer (weight ANSWER, the
+        first token `first_weight`) and a line break; the same document is redrawn with less filler
+        until it fits `length` + 1 tokens."""
+        filler = target - 40
+        for _ in range(5):
+            doc = qa(random.Random(seed), self.src, filler)
+            ids = self.encode(doc.context)
+            weights = [1.0] * len(ids)
+            for turn, answer in doc.turns:
+                asked, said = self.encode(turn), self.encode(answer)
+                ids += asked + said + self.encode("\n")
+                weights += [1.0] * len(asked) + [self.first_weight] + [ANSWER] * (len(said) - 1) + [1.0]
+            if len(ids) <= length + 1:
+                break
+            filler -= len(ids) - (length + 1) + 8
         return ids[-(length + 1) :], weights[-(length + 1) :]
 
     def batch(self, rng: random.Random, rows: int, length: int):
@@ -385,8 +476,9 @@ def _sha256(path) -> str:
 
 def weighted_loss(model, ids, weights, answer_weight: float = 1.0):
     """Next-token cross-entropy, position t predicting ids[:, t + 1]: the mean over text positions
-    (weight 1) plus `answer_weight` times the mean over answer positions (weight > 1), so the few
-    answer tokens pull as hard as all the text does. Returns (loss, per-token ce, weights)."""
+    (weight 1) plus `answer_weight` times the weighted mean over answer positions (weight > 1; their
+    weights as given), so the few answer tokens pull as hard as all the text does. Returns (loss,
+    per-token ce, weights)."""
     import torch.nn.functional as F
 
     logits = model(input_ids=ids[:, :-1], use_cache=False).logits.float()
@@ -394,8 +486,8 @@ def weighted_loss(model, ids, weights, answer_weight: float = 1.0):
     w = weights[:, 1:].reshape(-1)
     text, answer = w == 1, w > 1
     loss = ce[text].mean() if bool(text.any()) else ce.sum() * 0
-    if bool(answer.any()):
-        loss = loss + answer_weight * ce[answer].mean()
+    if bool(answer.any()):  # weighted: a qa answer's first token (the lookup) can weigh more than the rest
+        loss = loss + answer_weight * (ce[answer] * w[answer]).sum() / w[answer].sum()
     return loss, ce.detach(), w
 
 
@@ -462,7 +554,14 @@ def build_retrieval_model(
     corpus = load_corpus()
     tokenizer = corpus_tokenizer(corpus)
     train_ids, heldout_ids = token_streams(corpus, tokenizer)
-    data = RetrievalData(tokenizer, corpus.train_text, train_ids, recipe.lm_fraction)
+    data = RetrievalData(
+        tokenizer,
+        corpus.train_text,
+        train_ids,
+        recipe.lm_fraction,
+        task_weights=recipe.tasks or TASK_WEIGHTS,
+        first_weight=recipe.first_weight,
+    )
     cfg = TrainConfig(
         steps=steps,
         batch_size=rows,
@@ -488,6 +587,10 @@ def build_retrieval_model(
             config = model.config
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            if recipe.circuit:
+                from harness.zoo.circuits import write_induction_circuit
+
+                write_induction_circuit(model)
         n_params = sum(p.numel() for p in model.parameters())
         optimizer = make_optimizer(model, cfg)
         data_rng = random.Random(f"retrieval:{seed}")  # the data order, apart from the weights' RNG
@@ -557,11 +660,13 @@ def build_retrieval_model(
             "rows_at_longest": rows,
             "lm_fraction": recipe.lm_fraction,
             "answer_weight": recipe.answer_weight,
-            "task_weights": dict(TASK_WEIGHTS),
+            "task_weights": dict(recipe.tasks or TASK_WEIGHTS),
+            "first_weight": recipe.first_weight,
+            "induction_circuit": recipe.circuit,
         },
         "training_data": "mixture: corpus train-split windows (plain LM) and synthetic retrieval documents of "
-        "harness.zoo.retrieval (lookup / multi-key / multi-value / multi-query / pass key, variable "
-        "binding chains, random-token pairs), with its own templates; none of the RULER suite's",
+        f"harness.zoo.retrieval ({'; '.join(TASKS[t] for t, _ in recipe.tasks or TASK_WEIGHTS)}), with its own "
+        "templates; none of the RULER suite's",
         "curve": curve,
         "eval": "held-out ppl: token-weighted perplexity over non-overlapping windows of 257 tokens of the held-out "
         "split (as the text zoo models); unigram: add-one smoothed train token counts on the same tokens",
