@@ -67,7 +67,7 @@ def test_qa_documents_ask_about_every_key_and_share_no_template_with_ruler(data)
         for _question, answer in doc.turns:
             for value in answer.strip().split(", "):  # every answer is said in the context
                 assert value in doc.context, (value, doc.context[-300:])
-    assert 1 in sizes and max(sizes) >= 6  # one key to eight
+    assert 1 in sizes and max(sizes) >= 5  # one question to eight
 
 
 def test_qa_rows_weigh_the_first_answer_token(data):
@@ -125,7 +125,7 @@ def test_build_writes_a_folder_that_reloads(tmp_path):
         "llama-retrieval-tiny", out_dir=out, steps=2, seed=0, progress=False, batch_size=1, seq_len=64
     )
     info = json.loads((path / "zoo.json").read_text())
-    assert info["task"] == "retrieval" and info["steps"] == 2 and info["train_config"]["lengths"] == [32] * 6 + [64]
+    assert info["task"] == "retrieval" and info["steps"] == 2 and info["train_config"]["lengths"] == [32, 32, 64]
     assert (
         "none of the RULER suite's" in info["training_data"] and "a question about every key" in info["training_data"]
     )

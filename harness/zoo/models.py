@@ -202,7 +202,7 @@ ZOO: dict[str, ZooEntry] = {
             "llama",
             _llama_tied_config,
             RetrievalRecipe(
-                steps=2400,
+                steps=2100,
                 batch_size=4,
                 seq_len=1024,
                 lr=1e-3,
@@ -210,7 +210,7 @@ ZOO: dict[str, ZooEntry] = {
                 weight_decay=0.0,
                 lm_fraction=0.2,
                 answer_weight=1.0,
-                length_quarters=(1, 1, 2, 1, 1, 2, 4),
+                length_quarters=(1, 2, 4),
                 circuit=True,
                 tasks=(("qa", 0.8), ("copy", 0.2)),
                 first_weight=5.0,

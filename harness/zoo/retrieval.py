@@ -15,9 +15,10 @@ transfer to templates the model never saw. What a training document can be:
   three corpus words joined by `-`, `_`, `.` or a space, an invented syllable word, or a capital
   letter code; values: 3-9 digit numbers, capital codes, or corpus words. One document in eight is
   a key-less pass key ("the pass code is ...").
-* **qa** (dense lookups): 1 key (one time in five; then one time in five with 2-4 values) or 2-8
-  keys, said by needle sentences as above, then a question about every key in random order, each
-  followed by its answer and a line break: one document supervises as many lookups as it has keys.
+* **qa** (dense lookups): 1 key (three times in ten; then half the time with 2-4 values) or 2-8
+  keys, said by needle sentences as above, then questions about every key in random order (one
+  time in three a question asks 2-4 keys at once), each followed by its answer and a line break:
+  one document supervises as many lookups as it has keys.
   The answer's first token (where the key is looked up; the rest is copying) can weigh more
   (`first_weight`).
 * **binding** (variable binding, multi-hop): a chain `name0 <- value`, `name1 <- name0`, ... of
@@ -286,8 +287,8 @@ def qa(rng: random.Random, src: Sources, filler_tokens: int) -> QADocument:
     lookups as it has keys."""
     noun = rng.choice(NOUNS)
     kind = rng.choice(("digits", "digits", "digits", "digits", "code", "word"))
-    n_keys = 1 if rng.random() < 0.2 else rng.randint(2, 8)
-    n_values = rng.randint(2, 4) if n_keys == 1 and rng.random() < 0.2 else 1
+    n_keys = 1 if rng.random() < 0.3 else rng.randint(2, 8)
+    n_values = rng.randint(2, 4) if n_keys == 1 and rng.random() < 0.5 else 1
     keys: list[str] = []
     while len(keys) < n_keys:
         k = _key(rng, src)
@@ -298,10 +299,16 @@ def qa(rng: random.Random, src: Sources, filler_tokens: int) -> QADocument:
     rng.shuffle(needles)
     texts = [rng.choice(NEEDLES).format(noun=noun, key=k, value=v) for k, v in needles]
     context = _place(_filler(rng, src, filler_tokens), texts, rng, ordered=True)
+    order = rng.sample(keys, n_keys)
+    groups = []  # the keys each question asks: one, or (one time in three) 2-4 at once
+    while order:
+        size = rng.randint(2, 4) if len(order) > 1 and rng.random() < 1 / 3 else 1
+        groups.append(order[:size])
+        order = order[size:]
     turns = []
-    for k in rng.sample(keys, n_keys):  # a key's values in the order the needles say them
-        question, prefix = (t.format(noun=noun, keys=k) for t in rng.choice(QUESTIONS))
-        turns.append((question + prefix, " " + ", ".join(v for kk, v in needles if kk == k)))
+    for group in groups:  # each key's values in the order the needles say them, the keys as asked
+        question, prefix = (t.format(noun=noun, keys=_join_list(group, rng)) for t in rng.choice(QUESTIONS))
+        turns.append((question + prefix, " " + ", ".join(v for k in group for kk, v in needles if kk == k)))
     return QADocument(_preamble(rng, noun) + context, turns)
 
 
