@@ -42,17 +42,20 @@ def call(module, x, gate):
     return module(x, gate) if gate is not None else module(x)
 
 
+def ours_and_theirs(norm, name: str, dtype, device="cpu", **shape):
+    """`norm` (the kernel or its twin) and the module of class `name` on the same rows."""
+    module, x, gate = module_and_inputs(name, dtype, device, **shape)
+    convention = CONVENTIONS[name]
+    eps = getattr(module, "variance_epsilon", None) or module.eps
+    ours = norm(x, module.weight, eps, offset=convention["offset"], cast_first=convention["cast_first"], gate=gate)
+    with torch.no_grad():
+        return ours, call(module, x, gate)
+
+
 @pytest.mark.parametrize("name", sorted(CONVENTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_twin_is_the_module(name, dtype):
-    module, x, gate = module_and_inputs(name, dtype)
-    convention = CONVENTIONS[name]
-    eps = getattr(module, "variance_epsilon", None) or module.eps
-    ours = rms_norm_rows_reference(
-        x, module.weight, eps, offset=convention["offset"], cast_first=convention["cast_first"], gate=gate
-    )
-    with torch.no_grad():
-        theirs = call(module, x, gate)
+    ours, theirs = ours_and_theirs(rms_norm_rows_reference, name, dtype)
     assert ours.dtype == theirs.dtype == dtype
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6 if dtype == torch.float32 else 0)
 
@@ -108,14 +111,7 @@ def test_triton_kernel_under_the_cpu_interpreter():
 @pytest.mark.parametrize("name", sorted(CONVENTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_on_cuda_is_the_module(name, dtype):
-    module, x, gate = module_and_inputs(name, dtype, "cuda", rows=64 * 16, width=1024)
-    convention = CONVENTIONS[name]
-    eps = getattr(module, "variance_epsilon", None) or module.eps
-    ours = rms_norm_rows(
-        x, module.weight, eps, offset=convention["offset"], cast_first=convention["cast_first"], gate=gate
-    )
-    with torch.no_grad():
-        theirs = call(module, x, gate)
+    ours, theirs = ours_and_theirs(rms_norm_rows, name, dtype, "cuda", rows=64 * 16, width=1024)
     # float32: reduction order only; bfloat16: at most one rounding step of the output apart
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
     torch.testing.assert_close(ours, theirs, **tol)
