@@ -167,6 +167,16 @@ def _key(rng: random.Random, src: Sources) -> str:
     return "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=rng.randint(3, 6)))
 
 
+def _distinct_keys(rng: random.Random, src: Sources, n: int) -> list[str]:
+    """`n` keys, none inside another (a question about one must not match another's needle)."""
+    keys: list[str] = []
+    while len(keys) < n:
+        k = _key(rng, src)
+        if all(k not in other and other not in k for other in keys):
+            keys.append(k)
+    return keys
+
+
 def _value(rng: random.Random, src: Sources, kind: str) -> str:
     if kind == "digits":
         n = rng.choice((3, 4, 5, 6, 6, 7, 7, 7, 8, 9))
@@ -249,11 +259,7 @@ def lookup(rng: random.Random, src: Sources, filler_tokens: int) -> Document:
     n_keys = rng.choice((1, 1, 2, 3, 4, 4, 5, 6))
     n_values = rng.choice((1, 1, 1, 2, 3, 4))
     n_asked = min(n_keys, rng.choice((1, 1, 1, 2, 3, 4)))
-    keys: list[str] = []
-    while len(keys) < n_keys:
-        k = _key(rng, src)
-        if all(k not in other and other not in k for other in keys):
-            keys.append(k)
+    keys = _distinct_keys(rng, src, n_keys)
     values = {
         k: [_value(rng, src, kind) for _ in range(n_values if (k == keys[0] or rng.random() < 0.5) else 1)]
         for k in keys
@@ -282,18 +288,14 @@ class QADocument:
 
 
 def qa(rng: random.Random, src: Sources, filler_tokens: int) -> QADocument:
-    """1 key (one time in five; then, one time in five, with 2-4 values) or 2-8 keys, and a question
-    about every key in random order, each followed by its answer: one document supervises as many
-    lookups as it has keys."""
+    """1 key (three times in ten; then half the time with 2-4 values) or 2-8 keys, and questions
+    about every key in random order (one time in three a question asks 2-4 keys at once), each
+    followed by its answer: one document supervises as many lookups as it has keys."""
     noun = rng.choice(NOUNS)
     kind = rng.choice(("digits", "digits", "digits", "digits", "code", "word"))
     n_keys = 1 if rng.random() < 0.3 else rng.randint(2, 8)
     n_values = rng.randint(2, 4) if n_keys == 1 and rng.random() < 0.5 else 1
-    keys: list[str] = []
-    while len(keys) < n_keys:
-        k = _key(rng, src)
-        if all(k not in other and other not in k for other in keys):
-            keys.append(k)
+    keys = _distinct_keys(rng, src, n_keys)
     values = {k: [_value(rng, src, kind) for _ in range(n_values)] for k in keys}
     needles = [(k, v) for k in keys for v in values[k]]
     rng.shuffle(needles)
@@ -371,7 +373,8 @@ class RetrievalData:
     """Batches of token rows for training: corpus windows and retrieval documents, at a fixed length.
 
     `batch(rng, rows, length)` returns (input_ids, weights), both (rows, length + 1): weights[:, t + 1]
-    marks what predicting position t + 1 is (0 padding, 2 an answer token, 1 text); see weighted_loss."""
+    marks what predicting position t + 1 is (0 padding, ANSWER an answer token, `first_weight` a qa
+    answer's first token, 1 text); see weighted_loss."""
 
     def __init__(
         self,
@@ -439,14 +442,14 @@ class RetrievalData:
         """A qa document's tokens: the context, then each question, its answer (weight ANSWER, the
         first token `first_weight`) and a line break; the same document is redrawn with less filler
         until it fits `length` + 1 tokens."""
-        filler = target - 40
+        filler, newline = target - 40, self.encode("\n")
         for _ in range(5):
             doc = qa(random.Random(seed), self.src, filler)
             ids = self.encode(doc.context)
             weights = [1.0] * len(ids)
             for turn, answer in doc.turns:
                 asked, said = self.encode(turn), self.encode(answer)
-                ids += asked + said + self.encode("\n")
+                ids += asked + said + newline
                 weights += [1.0] * len(asked) + [self.first_weight] + [ANSWER] * (len(said) - 1) + [1.0]
             if len(ids) <= length + 1:
                 break
@@ -561,12 +564,13 @@ def build_retrieval_model(
     corpus = load_corpus()
     tokenizer = corpus_tokenizer(corpus)
     train_ids, heldout_ids = token_streams(corpus, tokenizer)
+    tasks = recipe.tasks or TASK_WEIGHTS
     data = RetrievalData(
         tokenizer,
         corpus.train_text,
         train_ids,
         recipe.lm_fraction,
-        task_weights=recipe.tasks or TASK_WEIGHTS,
+        task_weights=tasks,
         first_weight=recipe.first_weight,
     )
     cfg = TrainConfig(
@@ -667,12 +671,12 @@ def build_retrieval_model(
             "rows_at_longest": rows,
             "lm_fraction": recipe.lm_fraction,
             "answer_weight": recipe.answer_weight,
-            "task_weights": dict(recipe.tasks or TASK_WEIGHTS),
+            "task_weights": dict(tasks),
             "first_weight": recipe.first_weight,
             "induction_circuit": recipe.circuit,
         },
         "training_data": "mixture: corpus train-split windows (plain LM) and synthetic retrieval documents of "
-        f"harness.zoo.retrieval ({'; '.join(TASKS[t] for t, _ in recipe.tasks or TASK_WEIGHTS)}), with its own "
+        f"harness.zoo.retrieval ({'; '.join(TASKS[t] for t, _ in tasks)}), with its own "
         "templates; none of the RULER suite's",
         "curve": curve,
         "eval": "held-out ppl: token-weighted perplexity over non-overlapping windows of 257 tokens of the held-out "
