@@ -4,9 +4,10 @@
 DeltaNet and Kimi Delta Attention (KDA) models call with thin wrappers. A wrapper looks at the tensors it is given: if every one
 of them is on the CPU it calls the reference from :mod:`harness.kernels`; otherwise (CUDA, or any
 other device) it calls the original fla object untouched, so GPU runs are bit-for-bit what fla
-does, with one exception: the two ``fused_recurrent_*`` wrappers hand one-token decode steps on
-CUDA to our Triton step (:mod:`harness.kernels.fla_decode`, bracketed in the table below, which
-says which calls qualify; ``HARNESS_FLA_DECODE=fla`` sends them to fla again, read at call time).
+does, with one exception: the two ``fused_recurrent_*`` wrappers and ``causal_conv1d_update`` hand
+one-token decode steps on CUDA to our Triton steps (:mod:`harness.kernels.fla_decode` and
+:mod:`harness.kernels.conv_decode`, bracketed in the table below, which say which calls qualify;
+``HARNESS_FLA_DECODE=fla`` sends them to fla again, read at call time).
 ``install()`` is idempotent, ``installed()`` says whether the switch is on, ``uninstall()`` puts
 the originals back, and ``patches()`` lists every attribute that was replaced. The switch
 keeps no state of its own: the wrappers in fla's modules are the state (each remembers its
@@ -27,7 +28,7 @@ What is replaced (fla 0.6.0), original -> reference (CPU tensors) [-> GPU fast p
 ``fla.modules.causal_conv1d.causal_conv1d`` (ShortConvolution.forward,  ``conv.causal_conv1d``
 GatedDeltaNet's fused q/k/v conv)
 ``fla.modules.causal_conv1d.causal_conv1d_update`` (ShortConvolution    ``conv.causal_conv1d_update``
-decode step)
+decode step)                                                          [-> ``conv_decode.causal_conv1d_update_decode``]
 ``fla.modules.norm.layernorm.rms_norm`` / ``layer_norm`` (RMSNorm,      ``norm.rms_norm`` / ``norm.layer_norm``
 LayerNorm, fused prenorm + residual)
 ``fla.modules.norm.fused_norm_gate.rms_norm_gated`` /                   ``norm.rms_norm_gated`` / ``norm.layer_norm_gated``
@@ -86,7 +87,7 @@ from typing import Any
 
 import torch
 
-from . import activations, conv, delta_rule, fla_decode, kda, loss, norm
+from . import activations, conv, conv_decode, delta_rule, fla_decode, kda, loss, norm
 
 __all__ = ["install", "installed", "patches", "uninstall", "use_reference", "wants_reference_device"]
 
@@ -117,6 +118,7 @@ _FUNCTIONS: tuple[tuple[str, str, Callable], ...] = (
 _DEVICE_PATHS: dict[str, Callable] = {
     "fused_recurrent_delta_rule": fla_decode.delta_rule_decode,
     "fused_recurrent_gated_delta_rule": fla_decode.gated_delta_rule_decode,
+    "causal_conv1d_update": conv_decode.causal_conv1d_update_decode,
 }
 
 # (defining module, class, method, reference taking the module instance first)

@@ -7,7 +7,8 @@ Those layers call two functions of their modeling module at a cached one-token s
 - ``causal_conv1d_update(hidden_states [B, D, 1], conv_state [B, D, W], weight [D, W], bias,
   activation)``. Without the ``causal_conv1d`` package, transformers runs it as five torch ops (a
   concatenation, a copy into the state, a grouped conv1d, the activation, a cast). Here it is one
-  launch: fla's Triton update on CUDA, its torch twin (:mod:`harness.kernels.conv`) elsewhere.
+  launch of :func:`harness.kernels.conv_decode.conv_step` (fixed block size) on CUDA, its torch
+  twin (:mod:`harness.kernels.conv`) elsewhere.
   Both keep transformers' layout: the state holds the last W inputs, oldest first, and shifts left
   by one in place. The output is computed in float32 and cast to the input's dtype.
 - ``torch_recurrent_gated_delta_rule(query, key, value, g, beta, initial_state, ...)``, which
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .conv import causal_conv1d_update as conv_step_reference
+from .conv_decode import conv_step
 from .fla_decode import decode_backend, decode_rows, refusal
 
 __all__ = ["causal_conv1d_update", "recurrent_gated_delta_rule"]
@@ -41,13 +42,8 @@ def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activatio
         raise ValueError(f"a decode step takes one token a row, got {hidden_states.shape[-1]}")
     if not conv_state.is_contiguous():
         raise ValueError("the conv state must be contiguous (it is updated in place)")
-    x = hidden_states.transpose(1, 2)  # [B, 1, D], fla's layout (a view)
-    if conv_state.is_cuda:
-        from fla.modules.causal_conv1d.ops import causal_conv1d_update as conv_step
-    else:
-        conv_step = conv_step_reference
-    y, _ = conv_step(x, conv_state, weight=weight, bias=bias, activation=activation)
-    return y.transpose(1, 2)
+    y = conv_step(hidden_states[..., 0], conv_state, weight, bias, activation)  # [B, D] rows (views)
+    return y.unsqueeze(-1)
 
 
 def recurrent_gated_delta_rule(original: Callable) -> Callable:

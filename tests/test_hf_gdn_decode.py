@@ -4,8 +4,8 @@ loop's hybrid step running them (harness/decode_state.py, HybridState.step).
 CPU (CI): the conv step against transformers' own torch update, the recurrent step against
 transformers' token loop (our kernel's torch twin, `fla_decode.KERNEL_DEVICES` widened to "cpu"),
 the backend switch, and a tiny hybrid of each kind decoded by the loop through both ops (counted)
-with the same tokens as `generate`. GPU (skipped without CUDA): the same two ops on fla's Triton conv
-update and our Triton step against transformers' torch references.
+with the same tokens as `generate`. GPU (skipped without CUDA): the same two ops on our Triton conv
+step (kernels/conv_decode.py) and delta-rule step against transformers' torch references.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_refused_recurrent_calls_run_the_original(monkeypatch, why):
 def counted_steps(monkeypatch):
     """Calls of our delta-rule step and of our conv step while the test runs (CPU: their torch twins)."""
     calls = {"delta_rule": 0, "conv": 0}
-    step, conv = fla_decode.delta_rule_step, hf_gdn_decode.conv_step_reference
+    step, conv = fla_decode.delta_rule_step, hf_gdn_decode.conv_step
 
     def counted(name, fn):
         def call(*args, **kwargs):
@@ -128,7 +128,7 @@ def counted_steps(monkeypatch):
     monkeypatch.setattr(fla_decode, "KERNEL_DEVICES", ("cpu",))
     monkeypatch.delenv(fla_decode.ENV, raising=False)
     monkeypatch.setattr(fla_decode, "delta_rule_step", counted("delta_rule", step))
-    monkeypatch.setattr(hf_gdn_decode, "conv_step_reference", counted("conv", conv))
+    monkeypatch.setattr(hf_gdn_decode, "conv_step", counted("conv", conv))
     return calls
 
 
