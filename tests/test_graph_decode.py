@@ -316,11 +316,35 @@ def test_recurrent_state_graph_replays_decode_like_generate_on_cuda(name):
     new = 12
     out = graph_decode.generate(model, ids.cuda(), mask.cuda(), max_new_tokens=new, pad_token_id=0, return_logits=True)
     assert model._harness_decoder.graph is not None
+    assert_rows_decode_alike(
+        out, ids, mask, lambda alone: generate(model, alone.cuda(), torch.ones_like(alone).cuda(), new=new)
+    )
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "hybrid-compressed"])
+def test_recurrent_state_loop_decodes_each_row_as_alone(name, monkeypatch):
+    """The GPU test's comparison on CPU, through the kernels' torch twins (`KERNEL_DEVICES` widened):
+    a row of the tiny Gated DeltaNet ends its own generation early (at its end of sequence), so
+    the loop's row is compared up to there and must be padding after."""
+    from harness.kernels import fla_decode
+
+    monkeypatch.setattr(fla_decode, "KERNEL_DEVICES", ("cpu",))
+    model = STATE_MODELS[name]()
+    ids, mask = padded_batch(vocab=128)
+    out = graph_decode.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, return_logits=True)
+    assert_rows_decode_alike(out, ids, mask, lambda alone: generate(model, alone, torch.ones_like(alone), new=12))
+
+
+def assert_rows_decode_alike(out, ids, mask, alone) -> None:
+    """Each row of the loop's batch decodes what `alone(row's prompt)` generates: its tokens up to
+    the row's end of sequence, padding after it, and its logits up to there."""
+    width = ids.shape[1]
     for row in range(ids.shape[0]):
-        alone = ids[row, mask[row].bool()][None].cuda()
-        seq, scores = generate(model, alone, torch.ones_like(alone), new=new)
-        assert torch.equal(out.sequences[row, -new:], seq[0, -new:]), f"row {row}"
-        torch.testing.assert_close(out.logits[row], scores[0], atol=1e-4, rtol=1e-4)
+        seq, scores = alone(ids[row, mask[row].bool()][None])
+        n = scores.shape[1]  # the row's own generation stops at its end of sequence
+        assert torch.equal(out.sequences[row, width : width + n].cpu(), seq[0, -n:].cpu()), f"row {row}"
+        assert not out.sequences[row, width + n :].any(), f"row {row}: padding after its end of sequence"
+        torch.testing.assert_close(out.logits[row, :n], scores[0].to(out.logits.device), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
