@@ -70,6 +70,22 @@ def test_qa_documents_ask_about_every_key_and_share_no_template_with_ruler(data)
     assert 1 in sizes and max(sizes) >= 5  # one question to eight
 
 
+def test_answers_of_several_values_are_asked_mostly_in_the_plural(data):
+    rng = random.Random(3)
+    plural_prefixes = tuple(prefix.split("{")[0] for _, prefix in retrieval.PLURAL_QUESTIONS)
+    counts = {"plural": 0, "several": 0}
+    for _ in range(300):
+        for question, answer in retrieval.qa(rng, data.src, rng.randint(0, 100)).turns:
+            several = len(answer.split(", ")) > 1
+            plural = question.endswith(" are") or question.endswith(" They are")
+            assert several or not plural, question  # one value: never "are"
+            counts["several"] += several
+            counts["plural"] += plural
+            if plural:
+                assert any(p in question for p in plural_prefixes)
+    assert 0.6 < counts["plural"] / counts["several"] < 0.8  # seven times in ten
+
+
 def test_qa_rows_weigh_the_first_answer_token(data):
     qa_data = copy.copy(data)  # the fixture's sources, qa documents only
     qa_data.lm_fraction, qa_data.task_weights, qa_data.first_weight = 0.0, (("qa", 1.0),), 5.0
@@ -137,3 +153,25 @@ def test_build_writes_a_folder_that_reloads(tmp_path):
         assert torch.equal(model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits)
     with pytest.raises(Exception, match="seq_len must be >= 32"):
         zoo.build_model("llama-retrieval-tiny", out_dir=tmp_path / "x", steps=1, progress=False, seq_len=8)
+
+
+@pytest.mark.parametrize("name", RETRIEVAL_MODELS)
+def test_shipped_retrieval_models_find_a_single_needle(name, tmp_path):
+    """Known answer: a shipped retrieval model, dense, finds most of the RULER suite's single needles
+    at 512 tokens (4 samples, the suite's own generator and scoring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.suite import SuiteContext
+    from harness.suites.ruler import RulerSuite
+
+    folder = zoo.default_path(name)
+    if not (folder / "zoo.json").exists():
+        pytest.skip(f"{name} has no shipped weights (build them with `harness zoo build {name}`)")
+    if zoo.entry(name).needs_fla:
+        zoo.prepare_fla()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ctx = SuiteContext(zoo.family_of(name), "cpu", 0, tmp_path, lambda description, total: lambda n=1: None)
+    rows = RulerSuite(lengths="512", tasks="niah_single", limit=4).run(model, tokenizer, ctx)
+    score = next(r.value for r in rows if r.name == "niah_single/512")
+    assert score >= 50, rows

@@ -10,15 +10,17 @@ transfer to templates the model never saw. What a training document can be:
 
 * **lookup** (pass-key, key-value lookup, multi-key, multi-value, multi-query): 1-6 keys, each
   with 1-4 values, said by needle sentences (`NEEDLES`, one picked per needle) at random line
-  breaks of a filler; 1-4 of the keys are asked for (`QUESTIONS`); the answer lists the values of
+  breaks of a filler; 1-4 of the keys are asked for (`QUESTIONS`; an answer of several values is
+  asked seven times in ten with a plural question, `PLURAL_QUESTIONS`, whose answer prefix ends in
+  "are"); the answer lists the values of
   each asked key in the order the needles said them, the keys in the order asked. Keys: two or
   three corpus words joined by `-`, `_`, `.` or a space, an invented syllable word, or a capital
   letter code; values: 3-9 digit numbers, capital codes, or corpus words. One document in eight is
   a key-less pass key ("the pass code is ...").
 * **qa** (dense lookups): 1 key (three times in ten; then half the time with 2-4 values) or 2-8
   keys, said by needle sentences as above, then questions about every key in random order (one
-  time in three a question asks 2-4 keys at once), each followed by its answer and a line break:
-  one document supervises as many lookups as it has keys.
+  time in three a question asks 2-4 keys at once; plural questions as above), each followed by
+  its answer and a line break: one document supervises as many lookups as it has keys.
   The answer's first token (where the key is looked up; the rest is copying) can weigh more
   (`first_weight`).
 * **binding** (variable binding, multi-hop): a chain `name0 <- value`, `name1 <- name0`, ... of
@@ -39,7 +41,9 @@ per step.
 Which documents a model trains on, and in what shares, is its recipe's (`RetrievalRecipe.tasks`;
 `TASK_WEIGHTS` by default). `llama-retrieval-tiny` starts from an induction circuit written into
 its initial weights (`harness.zoo.circuits`) and trains on qa documents, span copies and corpus
-text; docs/results.md has what each recipe reached. No weights are shipped for these entries yet.
+text; `qwen35-hybrid-retrieval-tiny` trains on the same mix from qwen35-hybrid-tiny's weights;
+docs/results.md has what each recipe reached. Both ship their weights; `deltanet-retrieval-tiny`
+keeps an older recipe that does not retrieve and ships none.
 """
 
 from __future__ import annotations
@@ -96,6 +100,15 @@ QUESTIONS = (  # (question, answer prefix); {keys} = the asked keys, {noun}
     ("\nWhat {noun} did the document assign to {keys}?", " The {noun} the document assigned to {keys} is"),
     ("\nName the {noun} for {keys} stated above.", " The {noun} for {keys} stated above is"),
     ("\nWhat is the {noun} for {keys} that appears earlier?", " The {noun} for {keys} that appears earlier is"),
+)
+PLURAL_QUESTIONS = (  # for answers of several values; {noun}s = the plural
+    ("\nWhat are the {noun}s of {keys}?", " The {noun}s of {keys} are"),
+    ("\nList every {noun} given for {keys}.", " The {noun}s given for {keys} are"),
+    ("\nWhich {noun}s were written down for {keys}?", " The {noun}s written down for {keys} in the notes are"),
+    ("\nName all the {noun}s that belong to {keys}.", " They are"),
+    ("\nRecall each {noun} stored under {keys}.", " The stored {noun}s for {keys} are"),
+    ("\nWhat {noun}s does the document list for {keys}?", " The {noun}s that the document lists for {keys} are"),
+    ("\nGive the {noun}s recorded for {keys} earlier.", " The {noun}s recorded for {keys} earlier in the text are"),
 )
 KEYLESS_QUESTIONS = (
     ("\nWhat is the pass code?", " The pass code is"),
@@ -190,6 +203,14 @@ def _preamble(rng: random.Random, noun: str) -> str:
     return rng.choice(PREAMBLES).replace("{noun}", noun)
 
 
+def _question(rng: random.Random, noun: str, keys: list[str], values: int) -> tuple[str, str]:
+    """A question about `keys` and its answer prefix: a plural one (ending in "are", most of the
+    time) when the answer lists several values, else a singular one."""
+    table = PLURAL_QUESTIONS if values > 1 and rng.random() < 0.7 else QUESTIONS
+    question, prefix = rng.choice(table)
+    return tuple(t.format(noun=noun, keys=_join_list(keys, rng)) for t in (question, prefix))
+
+
 def _join_list(items: list[str], rng: random.Random) -> str:
     if len(items) == 1:
         return items[0]
@@ -274,7 +295,7 @@ def lookup(rng: random.Random, src: Sources, filler_tokens: int) -> Document:
         said[k].append(values[k][len(said[k])])
     asked = [keys[0]] + rng.sample(keys[1:], n_asked - 1) if rng.random() < 0.5 else rng.sample(keys, n_asked)
     answer = _join_list([v for k in asked for v in said[k]], rng)
-    question, prefix = (s.format(noun=noun, keys=_join_list(asked, rng)) for s in rng.choice(QUESTIONS))
+    question, prefix = _question(rng, noun, asked, sum(len(said[k]) for k in asked))
     context = _place(_filler(rng, src, filler_tokens), ordered, rng, ordered=True)
     task = "lookup" if n_values == 1 and n_asked == 1 else "multi"
     return Document(preamble + context + question + prefix, " " + answer, task)
@@ -309,8 +330,9 @@ def qa(rng: random.Random, src: Sources, filler_tokens: int) -> QADocument:
         order = order[size:]
     turns = []
     for group in groups:  # each key's values in the order the needles say them, the keys as asked
-        question, prefix = (t.format(noun=noun, keys=_join_list(group, rng)) for t in rng.choice(QUESTIONS))
-        turns.append((question + prefix, " " + ", ".join(v for k in group for kk, v in needles if kk == k)))
+        answer = [v for k in group for kk, v in needles if kk == k]
+        question, prefix = _question(rng, noun, group, len(answer))
+        turns.append((question + prefix, " " + ", ".join(answer)))
     return QADocument(_preamble(rng, noun) + context, turns)
 
 
