@@ -131,6 +131,24 @@ class RetrievalRecipe(TrainRecipe):
     first_weight: float = 2.0  # a qa answer's first token (the lookup), against 2 for the other answer tokens
 
 
+# the retrieval models' shared data and optimizer settings (docs/results.md): 4 rows of 1,024 tokens a
+# step at 256 / 512 / 1,024 tokens in turn, 20% corpus rows, qa documents 80% and span copies 20%, a
+# qa answer's first token weighing 5
+LOOKUP_TRAINING = dict(
+    batch_size=4,
+    seq_len=1024,
+    lr=1e-3,
+    warmup_steps=30,
+    weight_decay=0.0,
+    lm_fraction=0.2,
+    answer_weight=1.0,
+    length_quarters=(1, 2, 4),
+    tasks=(("qa", 0.8), ("copy", 0.2)),
+    first_weight=5.0,
+    threads=2,  # the 2-core machine's both cores: about 10k tokens/s, twice one thread's
+)
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
@@ -201,21 +219,7 @@ ZOO: dict[str, ZooEntry] = {
             "llama-retrieval-tiny",
             "llama",
             _llama_tied_config,
-            RetrievalRecipe(
-                steps=2100,
-                batch_size=4,
-                seq_len=1024,
-                lr=1e-3,
-                warmup_steps=30,
-                weight_decay=0.0,
-                lm_fraction=0.2,
-                answer_weight=1.0,
-                length_quarters=(1, 2, 4),
-                circuit=True,
-                tasks=(("qa", 0.8), ("copy", 0.2)),
-                first_weight=5.0,
-                threads=2,  # the 2-core machine's both cores: about 10k tokens/s, twice one thread's
-            ),
+            RetrievalRecipe(steps=2100, circuit=True, **LOOKUP_TRAINING),
             "llama-tiny's shape with tied embeddings, an induction circuit written into its initial weights, trained on "
             "corpus text + synthetic in-context lookups (every key asked), 256-1024 tokens (docs/results.md)",
             task="retrieval",
@@ -235,20 +239,7 @@ ZOO: dict[str, ZooEntry] = {
             "qwen35-hybrid-retrieval-tiny",
             "qwen3_5",
             _qwen35_hybrid_config,
-            RetrievalRecipe(
-                steps=1500,
-                batch_size=4,
-                seq_len=1024,
-                lr=1e-3,
-                warmup_steps=30,
-                weight_decay=0.0,
-                lm_fraction=0.2,
-                length_quarters=(1, 2, 4),
-                init_from="qwen35-hybrid-tiny",
-                tasks=(("qa", 0.8), ("copy", 0.2)),
-                first_weight=5.0,
-                threads=2,
-            ),
+            RetrievalRecipe(steps=1500, init_from="qwen35-hybrid-tiny", **LOOKUP_TRAINING),
             "qwen35-hybrid-tiny's shape, its text weights further trained on corpus text + synthetic in-context lookups "
             "(every key asked), 256-1024 tokens; retrieves single needles (RULER niah_single 62.5% at 512 tokens), "
             "but its build takes about 28 minutes on 2 cores (docs/results.md)",
