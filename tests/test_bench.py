@@ -133,14 +133,16 @@ def test_decode_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
 
     out = tmp_path / "profile.json"
     profile.main(
-        ["--model", "llama", "--batch", "2", "--context", "96", "--steps", "3", "--top", "4", "--json", str(out)]
+        ["--model", "llama", "--batch", "2", "--context", "96", "--steps", "3", "--top", "40", "--json", str(out)]
     )
     results = json.loads(out.read_text())
     # each model once, through generate (the table's static-loop run of the dense model is left out)
     assert set(results) == {"dense", "random mask (kept 0.5), static loop"}
     for r in results.values():
-        assert r["step_ms"] > 0 and r["gpu_busy_ms"] == 0 and len(r["top_host"]) == 4
-        assert any(name == "aten::mm" and calls >= 1 for name, calls, _ in r["top_host"])  # the projections, per step
+        # a wide top: which ops lead by host time varies with the machine's load (a CI run under load
+        # once ranked unsqueeze and new_empty above the projections' mm)
+        assert r["step_ms"] > 0 and r["gpu_busy_ms"] == 0 and 4 < len(r["top_host"]) <= 40
+        assert any(name in ("aten::mm", "aten::matmul") and calls >= 1 for name, calls, _ in r["top_host"])  # projections
     assert "ms/step wall" in capsys.readouterr().out
 
 
