@@ -141,10 +141,8 @@ def test_decode_profile_runs_on_cpu(tmp_path, no_gpu, capsys):
     for r in results.values():
         # a wide top: which ops lead by host time varies with the machine's load (a CI run under load
         # once ranked unsqueeze and new_empty above the projections' mm)
-        assert r["step_ms"] > 0 and r["gpu_busy_ms"] == 0 and 4 < len(r["top_host"]) <= 40
-        assert any(
-            name in ("aten::mm", "aten::matmul") and calls >= 1 for name, calls, _ in r["top_host"]
-        )  # projections
+        assert r["step_ms"] > 0 and r["gpu_busy_ms"] == 0 and len(r["top_host"]) == 40
+        assert any(name == "aten::mm" and calls >= 1 for name, calls, _ in r["top_host"])  # the projections, per step
     assert "ms/step wall" in capsys.readouterr().out
 
 

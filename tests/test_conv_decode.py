@@ -57,24 +57,18 @@ def test_fla_route_takes_each_one_token_layout(shape, calls):
     x = torch.randn(*x, generator=g)
     cache, weight, bias = torch.randn(n, d, w, generator=g), torch.randn(d, w, generator=g), torch.randn(d, generator=g)
     theirs = cache.clone()
-    expected, _ = fla_cpu_reference(x, theirs, weight, bias)
+    expected, _ = conv_decode.conv_step_reference(x, theirs, weight=weight, bias=bias, activation="silu")
     y, returned = conv_decode.causal_conv1d_update_decode(None, x, cache, weight=weight, bias=bias, activation="silu")
     assert calls == [(n, d)] and returned is cache and y.shape == x.shape
     torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(cache, theirs, atol=0, rtol=0)
 
 
-def fla_cpu_reference(x, cache, weight, bias, residual=None):
-    from harness.kernels.conv import causal_conv1d_update
-
-    return causal_conv1d_update(x, cache, residual=residual, weight=weight, bias=bias, activation="silu")
-
-
 def test_residual_is_added_after_the_activation(calls):
     g = torch.Generator().manual_seed(2)
     x, residual = torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
     cache, weight = torch.randn(2, 8, 3, generator=g), torch.randn(8, 3, generator=g)
-    expected, _ = fla_cpu_reference(x, cache.clone(), weight, None, residual)
+    expected, _ = conv_decode.conv_step_reference(x, cache.clone(), residual, weight, activation="silu")
     y, _ = conv_decode.causal_conv1d_update_decode(None, x, cache, residual, weight, None, "silu")
     torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
 

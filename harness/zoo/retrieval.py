@@ -472,7 +472,7 @@ class RetrievalData:
             for turn, answer in doc.turns:
                 asked, said = self.encode(turn), self.encode(answer)
                 ids += asked + said + newline
-                weights += [1.0] * len(asked) + [self.first_weight] + [ANSWER] * (len(said) - 1) + [1.0]
+                weights += [1.0] * len(asked) + [self.first_weight] + [ANSWER] * (len(said) - 1) + [1.0] * len(newline)
             if len(ids) <= length + 1:
                 break
             filler -= len(ids) - (length + 1) + 8
