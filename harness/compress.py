@@ -119,7 +119,10 @@ class Plan:
         return pruned, selection
 
     def save(self, pruned, selection: ChannelSelection, out: str | Path, suffix: str = "") -> str:
+        from harness import graph_decode
+
         folder = Path(out) / f"{Path(self.loaded.name).name}-{self.method_name}-{selection.ratio:g}{suffix}"
+        graph_decode.release(pruned)  # a held decoder's grouped projections share storage: save_pretrained refuses them
         pruned.save_pretrained(folder)
         self.loaded.tokenizer.save_pretrained(folder)
         selection.save(folder / "selection.json")

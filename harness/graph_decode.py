@@ -21,6 +21,10 @@ synchronizations per step), so bytes a compressed cache saves do not show as spe
   whole dense K is ever held beside them); a recurrent model's final states are copied into their rows.
 - EOS is checked on the device; the host reads it every `check_every` steps (one synchronization
   per `check_every` tokens), and the output is trimmed to where `generate` would have stopped.
+- With a graph, sibling projections that read one tensor (q/k/v/beta, gate/up) run as one GEMM
+  (`harness.shared_projections`: their weights regrouped in place, no second copy); `release`
+  (or `Decoder.close`) gives them their own storage back. `HARNESS_SHARED_PROJECTIONS=off` keeps
+  one GEMM per projection.
 
 On CPU (no graphs) the same step runs eagerly through the kernels' torch twins; tests check the
 whole loop against eager `generate` there and, on a GPU, the captured graph against it.
@@ -31,15 +35,28 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from harness.decode_state import plans, reason, state_for  # noqa: F401 (re-exported: the loop's public names)
+from harness.shared_projections import SharedProjections
 
 CAPACITY_ALIGN = 64  # cache capacity (prompt + new tokens) rounded up to this many tokens
 PREFILL_TOKENS = 32768  # tokens per prefill forward (rows of one length grouped up to this)
+# "off": a graph's step runs each projection on its own (by default sibling projections run as one
+# GEMM while a decoder holds a graph: harness.shared_projections)
+SHARED_PROJECTIONS_ENV = "HARNESS_SHARED_PROJECTIONS"
+
+
+def shares_projections(graphs: bool) -> bool:
+    """A decoder's default: sibling projections grouped with a graph, unless switched off."""
+    value = os.environ.get(SHARED_PROJECTIONS_ENV, "on")
+    if value not in ("on", "off"):
+        raise ValueError(f"{SHARED_PROJECTIONS_ENV} must be on or off, got {value!r}")
+    return graphs and value == "on"
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class Decoder:
         record_logits: bool = False,
         graphs: bool | None = None,
         prefill_tokens: int = PREFILL_TOKENS,
+        shared_projections: bool | None = None,
     ):
         sampling.check()
         self.model, self.batch, self.capacity = model, batch, capacity
@@ -112,6 +130,9 @@ class Decoder:
         vocab = model.config.vocab_size
         self.logits = torch.zeros(max_new_tokens, batch, vocab, device=dev) if record_logits else None
         self.graph = None
+        if shared_projections is None:
+            shared_projections = shares_projections(self.graphs)
+        self.projections = SharedProjections(model) if shared_projections else None
         if self.graphs:
             self._capture()
 
@@ -177,7 +198,8 @@ class Decoder:
         self.step.add_(1)
 
     def _step(self) -> None:
-        self._emit(self.state.step(self.next_ids))
+        with self.projections.routed() if self.projections is not None else contextlib.nullcontext():
+            self._emit(self.state.step(self.next_ids))
 
     def _capture(self) -> None:
         """Warm up (compiles the kernels) and capture `_step`. Both write the state (a softmax
@@ -236,6 +258,14 @@ class Decoder:
                 if self.eos is not None and n % check_every == 0 and bool(self.done.all()):
                     break
         return n, [] if clock is None else clock.intervals()
+
+    def close(self) -> None:
+        """Drop the graph and give the model's projections their own storage back (a decoder's
+        model cannot be saved before: grouped weights share storage)."""
+        self.graph = None
+        if self.projections is not None:
+            self.projections.restore()
+            self.projections = None
 
     def result(self, input_ids: torch.Tensor, n: int) -> DecodeResult:
         """The first `n` new tokens (trimmed where generate stops: every row past its end) after `input_ids`."""
@@ -298,7 +328,7 @@ def release(model) -> None:
     """Free the model's decoder (its cache and graph)."""
     held = model.__dict__.pop("_harness_decoder", None)
     if held is not None:
-        held.graph = None
+        held.close()
         del held
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -294,8 +294,10 @@ def _compress_and_evaluate(p, cells: Cells, layer_data, ratio: float, bar: Bars,
     if save is None and cells.complete(ratio, ["lora"]):
         cells.evaluate(pruned, selection, ratio, False, bar, "lora")  # records the cached cells
         return
+    from harness import graph_decode
     from harness.recovery import lora_recover
 
+    graph_decode.release(pruned)  # training must not run on a held decoder's grouped weights
     recovered, _stats = lora_recover(
         pruned,
         p.loaded.tokenizer,

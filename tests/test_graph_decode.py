@@ -273,6 +273,7 @@ def test_graph_replays_decode_like_generate_on_cuda(kind, dtype, tol, options):
     ids, mask = padded_batch()
     reference, ours = both(model, ids, mask, device="cuda")
     assert model._harness_decoder.graph is not None
+    assert model._harness_decoder.projections.groups  # its step ran q/k/v and gate/up as one GEMM each
     if dtype == torch.float32:
         assert torch.equal(ours[0], reference[0])
     assert_greedy_agrees(reference, ours, ids.shape[1], tol)
@@ -316,6 +317,7 @@ def test_recurrent_state_graph_replays_decode_like_generate_on_cuda(name):
     new = 12
     out = graph_decode.generate(model, ids.cuda(), mask.cuda(), max_new_tokens=new, pad_token_id=0, return_logits=True)
     assert model._harness_decoder.graph is not None
+    assert model._harness_decoder.projections.groups  # its step ran sibling projections as one GEMM each
     assert_rows_decode_alike(
         out, ids, mask, lambda alone: generate(model, alone.cuda(), torch.ones_like(alone).cuda(), new=new)
     )
