@@ -177,6 +177,7 @@ def first_half(geometry: dict, family: str, meta: dict | None = None):
 def linear_case(device: str, shapes, kind: str = "deltanet") -> Case:
     """A linear (or hybrid) model dense through stock `generate` and through the static loop, and
     with half of its key channels pruned through the same loop."""
+    from harness import graph_decode
     from harness.families import adapter_for
     from harness.method import ATTENTION_PART
 
@@ -214,6 +215,13 @@ def linear_case(device: str, shapes, kind: str = "deltanet") -> Case:
         f"dense, {loop}": Variant(dense, engine="static"),
         f"pruned (d_k {d} -> {d // 2}), {loop}": Variant(pruned, twin=f"dense, {loop}", engine="static"),
     }
+    if device == "cuda":  # what grouping the sibling projections into one GEMM each gives (only a graph groups them)
+        off = {graph_decode.SHARED_PROJECTIONS_ENV: "off"}
+        variants[f"dense, {loop}, a GEMM per projection"] = Variant(dense, env=off, engine="static")
+        notes.append(
+            "The static variants run the sibling projections that read one tensor (q/k/v/beta, gate/up) "
+            "as one GEMM each (harness.shared_projections); the last variant runs one GEMM per projection."
+        )
     return Case(f"{zoo} (zoo)" if device == "cpu" else name, variants, shapes, notes)
 
 
