@@ -174,3 +174,15 @@ def test_shipped_weights_beat_the_unigram_baseline(name, corpus):
     if info["corpus_sha256"] == corpus.sha256:  # the same held-out text as at build time
         assert scored == info["heldout_tokens_scored"]
         assert ppl == pytest.approx(info["dense_ppl"], rel=2e-3)
+
+
+def test_denormals_are_flushed_only_inside_the_context():
+    from harness.zoo.train import denormals_flushed
+
+    tiny = torch.tensor([1e-40])  # below float32's smallest normal number (1.2e-38)
+    assert (tiny * 1.0).item() != 0.0
+    with denormals_flushed(True):
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0
+    with denormals_flushed(False):
+        assert (tiny * 1.0).item() != 0.0

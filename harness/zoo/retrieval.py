@@ -561,6 +561,7 @@ def build_retrieval_model(
     from harness.zoo.train import (
         TrainConfig,
         TrainProgress,
+        denormals_flushed,
         fixed_threads,
         heldout_ppl,
         lr_at,
@@ -606,7 +607,7 @@ def build_retrieval_model(
         threads=threads,
     )
 
-    with fixed_threads(threads):
+    with fixed_threads(threads), denormals_flushed(recipe.flush_denormals):
         torch.manual_seed(seed)
         config = spec.config()
         if recipe.init_from:  # the shipped weights of a text zoo model of the same shape
@@ -696,6 +697,7 @@ def build_retrieval_model(
             "task_weights": dict(tasks),
             "first_weight": recipe.first_weight,
             "induction_circuit": recipe.circuit,
+            "flush_denormals": recipe.flush_denormals,
         },
         "training_data": "mixture: corpus train-split windows (plain LM) and synthetic retrieval documents of "
         f"harness.zoo.retrieval ({'; '.join(TASKS[t] for t, _ in tasks)}), with its own "

@@ -191,6 +191,21 @@ class TrainProgress:
 
 
 @contextlib.contextmanager
+def denormals_flushed(on: bool):
+    """With `on`, CPU float math flushes denormal numbers to zero (`torch.set_flush_denormal`), restored
+    afterwards. x86 handles denormals in microcode: the Qwen3.5 hybrid's depthwise-conv backward
+    meets them in training and ran 1.44x slower for it (docs/results.md)."""
+    if not on:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@contextlib.contextmanager
 def fixed_threads(n: int | None):
     """Run with `n` torch CPU threads (None: leave the setting), restoring it afterwards."""
     before = torch.get_num_threads()
