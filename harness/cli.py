@@ -19,6 +19,8 @@ from rich.text import Text
 from harness.errors import HarnessError
 from harness.store import DEFAULT_STORE
 
+DEFAULT_MODEL = "qwen35-hybrid-retrieval-tiny"  # harness.loader.DEFAULT_MODEL (not imported here: that loads torch)
+
 
 def _exception_types(name: str) -> tuple[type, ...]:
     """A click exception class as the installed typer raises it: typer >= 0.2x vendors click
@@ -155,7 +157,7 @@ def _method_params(
 
 # options shared by `run` and `prune` (typer reads them as metadata, so one object serves both)
 METHOD = typer.Option(..., "--method", "-m", help="registered method (see `harness list methods`)")
-MODEL = typer.Option(None, "--model", help="zoo name, save_pretrained folder, or hub id [default: deltanet-tiny]")
+MODEL = typer.Option(None, "--model", help=f"zoo name, save_pretrained folder, or hub id [default: {DEFAULT_MODEL}]")
 RATIO = typer.Option(
     ["0.5"], "--ratio", "-r", help="fraction of key channels removed, in [0, 1); repeat or comma-separate"
 )
@@ -342,7 +344,7 @@ def run(
             **c.plan_args(),
         )
     title = c.method if c.attn_method is None else f"{c.method} (linear) + {c.attn_method} (attention)"
-    print_results(report.rows, f"{title} on {c.model or 'deltanet-tiny'}", detail)
+    print_results(report.rows, f"{title} on {c.model or DEFAULT_MODEL}", detail)
     out_console.print(f"{report.computed} cells computed, {report.reused} reused from {store}")
     for failure in report.failed:
         typer.echo(f"failed cell: {failure}", err=True)
@@ -374,7 +376,7 @@ def sweep(
     spec: Optional[Path] = typer.Argument(
         None, help="sweep file (.yaml, .yml or .toml); the flags below replace its keys"
     ),
-    models: List[str] = typer.Option([], "--models", help="models, comma-separated [default: deltanet-tiny]"),
+    models: List[str] = typer.Option([], "--models", help=f"models, comma-separated [default: {DEFAULT_MODEL}]"),
     methods: List[str] = typer.Option(
         [], "--methods", help="methods, comma-separated; on hybrids a+b = a on the linear, b on the attention layers"
     ),

@@ -21,7 +21,7 @@ from harness.errors import HarnessError
 from harness.family_names import FAMILY_OF_MODEL_TYPE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MODEL = "deltanet-tiny"
+DEFAULT_MODEL = "qwen35-hybrid-retrieval-tiny"
 
 
 @dataclass

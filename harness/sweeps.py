@@ -73,11 +73,17 @@ class MethodSpec:
         return self.name if self.attn is None else f"{self.name}+{self.attn}"
 
 
+def _default_model() -> str:
+    from harness.loader import DEFAULT_MODEL  # imported when needed: it loads torch
+
+    return DEFAULT_MODEL
+
+
 @dataclass
 class Grid:
     """What a sweep covers; `Grid.load(path)` reads it from a YAML or TOML file with these keys."""
 
-    models: list[str] = field(default_factory=lambda: ["deltanet-tiny"])
+    models: list[str] = field(default_factory=lambda: [_default_model()])
     methods: list[MethodSpec] = field(default_factory=list)
     ratios: list[float] = field(default_factory=lambda: [0.5])
     suites: list[str] = field(default_factory=lambda: ["all"])

@@ -61,6 +61,7 @@ def leaderboard_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("leaderboard") / "results.sqlite"
     for method in ("drrqr", "random"):
         run(
+            model="deltanet-tiny",
             method=method,
             ratios=[0.5],
             suites=["ppl", "state-rank"],

@@ -302,3 +302,9 @@ def test_custom_code_architecture_and_a_broken_tokenizer_say_what_to_do(tmp_path
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "no usable tokenizer" in lines[0], result.stderr
     assert not lines[0].rstrip().endswith(":")  # the library's message whole, not cut before its list
+
+
+def test_the_cli_names_the_loaders_default_model():
+    from harness import cli, loader
+
+    assert cli.DEFAULT_MODEL == loader.DEFAULT_MODEL

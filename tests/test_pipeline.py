@@ -1,4 +1,5 @@
-"""End to end on the shipped default model: run, reuse, crash safety, save."""
+"""End to end on a shipped DeltaNet (deltanet-tiny: every layer linear, so kept ratios are exact): run,
+reuse, crash safety, save."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from harness.store import COMPLETE, FAILED, ResultStore
 from harness.suites.ppl import PerplexitySuite
 
 FAST = {"ppl": {"limit": 2048}}
+MODEL = "deltanet-tiny"
 
 
 def ppl_of(report, method):
@@ -17,13 +19,17 @@ def ppl_of(report, method):
 
 def test_run_then_rerun_reuses(tmp_path):
     store = tmp_path / "r.sqlite"
-    first = harness.run(method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False)
+    first = harness.run(
+        model=MODEL, method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False
+    )
     assert first.computed == 4 and first.reused == 0  # dense + pruned, each: compression + ppl
     dense, pruned = ppl_of(first, "dense"), ppl_of(first, "random")
     assert 1 < dense < pruned
     kept = next(r["value"] for r in first.rows if r["method"] == "random" and r["metric"] == "kept_ratio")
     assert kept == 0.5
-    again = harness.run(method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False)
+    again = harness.run(
+        model=MODEL, method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False
+    )
     assert again.computed == 0 and again.reused == 4
     assert ppl_of(again, "random") == pruned
 
@@ -41,7 +47,9 @@ def test_crash_keeps_finished_cells_and_marks_incomplete(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PerplexitySuite, "run", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        harness.run(method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False)
+        harness.run(
+            model=MODEL, method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False
+        )
     rows = ResultStore(store).table()
     status = {(r["method"], r["suite"]): r["status"] for r in rows}
     assert status[("dense", "ppl")] == COMPLETE and status[("random", "compression")] == COMPLETE
@@ -49,12 +57,15 @@ def test_crash_keeps_finished_cells_and_marks_incomplete(tmp_path, monkeypatch):
     assert "simulated crash" in next(r["error"] for r in rows if r["status"] == FAILED)
 
     monkeypatch.setattr(PerplexitySuite, "run", real_run)
-    rerun = harness.run(method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False)
+    rerun = harness.run(
+        model=MODEL, method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False
+    )
     assert rerun.computed == 1 and rerun.reused == 3
 
 
 def test_save_writes_a_plain_checkpoint(tmp_path):
     report = harness.run(
+        model=MODEL,
         method="drrqr",
         ratios=[0.75],
         suites=["ppl"],
@@ -100,6 +111,7 @@ def test_lora_recovery_rows_beside_pruned_rows(tmp_path):
     store = tmp_path / "r.sqlite"
     lora = LoraSpec(steps=3, batch_size=2, seq_len=64)
     first = harness.run(
+        model=MODEL,
         method="random",
         ratios=[0.5],
         suites=["ppl"],
@@ -117,7 +129,14 @@ def test_lora_recovery_rows_beside_pruned_rows(tmp_path):
         "deltanet-tiny-random-0.5-lora",
     ]
     again = harness.run(
-        method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, progress=False, lora=lora
+        model=MODEL,
+        method="random",
+        ratios=[0.5],
+        suites=["ppl"],
+        suite_params=FAST,
+        store=store,
+        progress=False,
+        lora=lora,
     )
     assert again.computed == 0 and again.reused == 6
     rows = ResultStore(store).table(recovery="lora")

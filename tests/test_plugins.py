@@ -116,6 +116,8 @@ def test_plugin_method_runs_and_broken_one_fails_cleanly(plugin_env):
     result = harness(
         env,
         "run",
+        "--model",
+        "deltanet-tiny",
         "--method",
         "first-k",
         "--ratio",
@@ -145,6 +147,8 @@ def test_plugin_method_runs_and_broken_one_fails_cleanly(plugin_env):
     result = harness(
         env,
         "run",
+        "--model",
+        "deltanet-tiny",
         "--method",
         "random",
         "--suite",

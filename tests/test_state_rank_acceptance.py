@@ -1,4 +1,4 @@
-"""state-rank's acceptance on the default model: pruning half of the key channels with DRRQR
+"""state-rank's acceptance on deltanet-tiny: pruning half of the key channels with DRRQR
 raises the rank utilization of the recurrent state (the same information in a smaller d_k)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from harness.zoo.train import fixed_threads
 
 
 @pytest.mark.slow
-def test_drrqr_half_pruned_default_model_uses_more_of_its_state(tmp_path):
+def test_drrqr_half_pruned_deltanet_uses_more_of_its_state(tmp_path):
     suite = StateRankSuite(num_sequences=4, seq_len=128, plots=False)
     with fixed_threads(1):  # tiny model: extra threads only add hand-off cost on a shared machine
-        p = plan(None, "drrqr", [0.5])
+        p = plan("deltanet-tiny", "drrqr", [0.5])
         with bars(False) as bar:
             pruned, _ = p.compress(p.capture(bar), 0.5, bar)
         summaries = {}

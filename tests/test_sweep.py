@@ -80,7 +80,13 @@ def test_a_rerun_computes_nothing_and_the_keys_are_harness_runs(local_store, tmp
     from harness.pipeline import run
 
     report = run(
-        method="l1", ratios=[0.5], suites=["ppl"], suite_params={"ppl": SMALL["ppl"]}, store=local_store, progress=False
+        model="deltanet-tiny",
+        method="l1",
+        ratios=[0.5],
+        suites=["ppl"],
+        suite_params={"ppl": SMALL["ppl"]},
+        store=local_store,
+        progress=False,
     )
     assert report.computed == 0 and report.reused > 0
 
