@@ -110,17 +110,8 @@ def test_lora_recovery_rows_beside_pruned_rows(tmp_path):
 
     store = tmp_path / "r.sqlite"
     lora = LoraSpec(steps=3, batch_size=2, seq_len=64)
-    first = harness.run(
-        model=MODEL,
-        method="random",
-        ratios=[0.5],
-        suites=["ppl"],
-        suite_params=FAST,
-        store=store,
-        progress=False,
-        lora=lora,
-        save=tmp_path / "out",
-    )
+    cell = dict(model=MODEL, method="random", ratios=[0.5], suites=["ppl"], suite_params=FAST, store=store, lora=lora)
+    first = harness.run(**cell, progress=False, save=tmp_path / "out")
     stages = {(r["method"], r["recovery"]) for r in first.rows if r["metric"] == "ppl"}
     assert stages == {("dense", "none"), ("random", "none"), ("random", "lora")}
     assert first.computed == 6
@@ -128,16 +119,7 @@ def test_lora_recovery_rows_beside_pruned_rows(tmp_path):
         "deltanet-tiny-random-0.5",
         "deltanet-tiny-random-0.5-lora",
     ]
-    again = harness.run(
-        model=MODEL,
-        method="random",
-        ratios=[0.5],
-        suites=["ppl"],
-        suite_params=FAST,
-        store=store,
-        progress=False,
-        lora=lora,
-    )
+    again = harness.run(**cell, progress=False)
     assert again.computed == 0 and again.reused == 6
     rows = ResultStore(store).table(recovery="lora")
     assert rows and all(r["status"] == COMPLETE for r in rows)
