@@ -56,6 +56,11 @@ def _groupable(members: list[nn.Linear]) -> bool:
     )
 
 
+def _starts_at(member: torch.Tensor, grouped: torch.Tensor, row: int) -> bool:
+    """Whether `member` still begins at row `row` of the group's tensor (a view of it, not replaced)."""
+    return member.data_ptr() == grouped[row].data_ptr()
+
+
 class ProjectionGroup:
     """Sibling projections whose weights are row blocks of one matrix."""
 
@@ -77,7 +82,7 @@ class ProjectionGroup:
     def intact(self) -> bool:
         """Whether every member still views its rows of the group's matrix."""
         return all(
-            m.weight.data_ptr() == self.weight[a].data_ptr() and m.weight.shape == (b - a, self.weight.shape[1])
+            _starts_at(m.weight, self.weight, a) and m.weight.shape == (b - a, self.weight.shape[1])
             for m, (a, b) in zip(self.members, self.bounds)
         )
 
@@ -95,10 +100,10 @@ class ProjectionGroup:
 
     def restore(self) -> None:
         with torch.no_grad():
-            for m, (a, b) in zip(self.members, self.bounds):
-                if m.weight.data_ptr() == self.weight[a].data_ptr():
+            for m, (a, _b) in zip(self.members, self.bounds):
+                if _starts_at(m.weight, self.weight, a):
                     m.weight.data = m.weight.data.clone()
-                if self.bias is not None and m.bias.data_ptr() == self.bias[a].data_ptr():
+                if self.bias is not None and _starts_at(m.bias, self.bias, a):
                     m.bias.data = m.bias.data.clone()
         self.weight = self.bias = self.last = None
 

@@ -244,7 +244,7 @@ ZOO: dict[str, ZooEntry] = {
             RetrievalRecipe(steps=1500, init_from="qwen35-hybrid-tiny", flush_denormals=True, **LOOKUP_TRAINING),
             "qwen35-hybrid-tiny's shape, its text weights further trained on corpus text + synthetic in-context lookups "
             "(every key asked), 256-1024 tokens; retrieves single needles (RULER niah_single 62.5% at 512 tokens); "
-            "builds in about 16 minutes on 2 cores (docs/results.md)",
+            "builds in about 18 minutes on 2 cores (docs/results.md)",
             task="retrieval",
         ),
     )

@@ -192,9 +192,10 @@ class TrainProgress:
 
 @contextlib.contextmanager
 def denormals_flushed(on: bool):
-    """With `on`, CPU float math flushes denormal numbers to zero (`torch.set_flush_denormal`), restored
-    afterwards. x86 handles denormals in microcode: the Qwen3.5 hybrid's depthwise-conv backward
-    meets them in training and ran 1.44x slower for it (docs/results.md)."""
+    """With `on`, CPU float math flushes denormal numbers to zero (`torch.set_flush_denormal`), and
+    keeps them again afterwards (torch has no getter for the flag, so it is switched off, IEEE's
+    default). x86 handles denormals in microcode: the Qwen3.5 hybrid's depthwise-conv backward meets
+    them in training and ran 1.44x slower for it (docs/results.md)."""
     if not on:
         yield
         return
