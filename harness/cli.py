@@ -623,8 +623,14 @@ def bench(
     tune: bool = typer.Option(
         False,
         "--tune",
-        help="first sweep the pruned decode kernel's launch settings on this GPU and "
+        help="first sweep the decode kernels' launch settings on this GPU and "
         "cache the winners per shape class (then only the --only tables run)",
+    ),
+    sweep: List[str] = typer.Option(
+        [],
+        "--sweep",
+        help="with --tune, the sweeps to run, comma-separated: pruned (Llama-shaped heads), "
+        "pruned-wide (256-wide heads), linear (default: all)",
     ),
     quiet: bool = QUIET,
 ) -> None:
@@ -633,6 +639,7 @@ def bench(
 
     from harness.bench import GPU_ONLY, TABLES, TITLES, Table, run_table
     from harness.bench.masks import default_mask_path
+    from harness.bench.pruned_decode import SWEEPS
     from harness.bench.report import write
     from harness.progress import bars
 
@@ -641,6 +648,12 @@ def bench(
         unknown = [n for n in names if n not in TABLES]
         if unknown:
             raise HarnessError(f"--only: unknown table {unknown[0]!r}; tables: {', '.join(TABLES)}")
+        sweeps = _csv(sweep) or list(SWEEPS)
+        unknown = [n for n in sweeps if n not in SWEEPS]
+        if unknown:
+            raise HarnessError(f"--sweep: unknown sweep {unknown[0]!r}; sweeps: {', '.join(SWEEPS)}")
+        if sweep and not tune:
+            raise HarnessError("--sweep picks what --tune sweeps; add --tune")
         if not torch.cuda.is_available() and (tune or not quick):
             raise HarnessError(
                 "harness bench times GPU kernels and models but CUDA is not available; "
@@ -660,6 +673,7 @@ def bench(
             *(["--mask", str(mask)] if mask is not None else []),
             *(["--quick"] if quick else []),
             *(["--tune"] if tune else []),
+            *(["--sweep", ",".join(sweeps)] if sweep else []),
         ]
         tables = []
         with bars(not quiet) as bar, bench_log(out / "bench.log") as log:
@@ -668,7 +682,7 @@ def bench(
             if tune:
                 from harness.bench.pruned_decode import tune_table
 
-                tables.append(tune_table(mask_path, quick=quick, bars=bar))
+                tables.append(tune_table(mask_path, quick=quick, bars=bar, sweeps=sweeps))
                 text = write(out, tables, " ".join(command))
                 advance()
             for name in [n for n in TABLES if n in names]:  # the registry's order

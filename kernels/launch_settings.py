@@ -12,8 +12,9 @@ settings up by (kernel, device name, shape class), in this order:
 4. `DEFAULTS`.
 
 A shape class names the regime a setting was tuned for: for the pruned decode kernel, how many
-middle tokens one (row, KV head) streams (`shape_class`); for the linear decode step, its key dim
-(`key_dim_class`). Lookups are cached per process; a
+middle tokens one (row, KV head) streams and, past 128, the head's width (`shape_class`: a 256-wide
+head's key and value tiles are twice the registers of the Llama-shaped ones the defaults were tuned
+on); for the linear decode step, its key dim (`key_dim_class`). Lookups are cached per process; a
 sweep that writes the user cache calls `forget()`.
 """
 
@@ -38,12 +39,15 @@ DEFAULTS: dict[str, dict[str, int]] = {
 }
 OVERRIDE: dict[str, dict[str, int]] = {}
 LONG_CONTEXT = 16384  # middle tokens per (row, head) from which the "long" class applies
+NARROW_HEAD = 128  # head widths up to this share the plain classes
 
 
-def shape_class(middle_tokens: int) -> str:
+def shape_class(middle_tokens: int, head_dim: int = NARROW_HEAD) -> str:
     """The pruned decode kernel's regime: "long" (>= 16k middle tokens per row and head: few
-    rows, long streams) or "short" (many rows, short streams)."""
-    return "long" if middle_tokens >= LONG_CONTEXT else "short"
+    rows, long streams) or "short" (many rows, short streams); for heads wider than 128 (Qwen3.5's
+    and Qwen3-Next's 256) the width is part of the class: "short, head dim 256"."""
+    base = "long" if middle_tokens >= LONG_CONTEXT else "short"
+    return base if head_dim <= NARROW_HEAD else f"{base}, head dim {head_dim}"
 
 
 def key_dim_class(d_k: int) -> str:

@@ -962,9 +962,11 @@ def _cuda_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def launch(device, middle_tokens: int) -> dict[str, int]:
-    """This kernel's launch settings on `device` for middles of `middle_tokens` per (row, head)."""
-    return launch_settings.settings(KERNEL, device_name(device), launch_settings.shape_class(middle_tokens))
+def launch(device, middle_tokens: int, head_dim: int) -> dict[str, int]:
+    """This kernel's launch settings on `device` for middles of `middle_tokens` per (row, head)
+    and heads `head_dim` wide."""
+    cls = launch_settings.shape_class(middle_tokens, head_dim)
+    return launch_settings.settings(KERNEL, device_name(device), cls)
 
 
 def _block_stages(tuned: dict[str, int], dot_f32: bool) -> tuple[int, int]:
@@ -1013,7 +1015,7 @@ def _pruned_decode_triton(query, layer, mask, *, scaling: float, split: int | No
     consts = _layer_consts(layer, b, dev)
     kernel_groups, sum_group = _split_groups(layer)
     dot_f32 = bool(kernel_groups) and _dot_f32(query, kernel_groups[0].mid_keys, kernel_groups[0].mid_values)
-    tuned = launch(dev, n_mid)
+    tuned = launch(dev, n_mid, max(d, dv))
     block, stages = _block_stages(tuned, dot_f32)
     n_split, per = _split_plan(
         n_mid,

@@ -514,7 +514,7 @@ def _append_triton(layer, key, value, lengths) -> None:
 def split_count(layer, batch: int, device, split: int | None = None) -> tuple[int, dict[str, int]]:
     """(splits of the middle per (row, KV head), launch settings): fixed for the cache's capacity,
     so a step's launch shape never changes."""
-    tuned = pd.launch(device, layer.capacity)
+    tuned = pd.launch(device, layer.capacity, max(layer.head_dim, layer.value_dim))
     dot_f32 = bool(layer.groups) and pd._dot_f32(layer.ring_k, layer.groups[0].keys, layer.groups[0].values)
     block, _ = pd._block_stages(tuned, dot_f32)
     rows = batch * sum(len(g.heads) for g in layer.groups)

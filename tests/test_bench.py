@@ -72,7 +72,45 @@ def test_bench_without_gpu_needs_quick(tmp_path, no_gpu):
     assert result.exit_code == 2 and "CUDA is not available" in result.output and "--quick" in result.output
     result = CliRunner().invoke(app, ["bench", "--quick", "--only", "e2e-llama,nope", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown table 'nope'" in result.output
+    result = CliRunner().invoke(app, ["bench", "--tune", "--sweep", "pruned-wide,wider", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown sweep 'wider'" in result.output
+    result = CliRunner().invoke(app, ["bench", "--quick", "--sweep", "pruned-wide", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "add --tune" in result.output
     assert not (tmp_path / "benchmarks.md").exists()
+
+
+def test_tune_cases_and_winner(tmp_path, monkeypatch):
+    """The sweep's shapes per part, and per case the least summed time over its layers wins and is
+    cached under the case's class (layer timings faked: the selection, not the GPU, is tested)."""
+    from harness.bench import pruned_decode
+    from harness.kernels import launch_settings as ls
+    from harness.kernels import pruned_decode as kernel
+
+    mask = torch.ones(pruned_decode.LAYERS, pruned_decode.HKV, pruned_decode.D)
+    cases = pruned_decode.tune_cases(mask, ("pruned-wide",))
+    assert [(c.shape, c.shape_class, len(c.kepts)) for c in cases] == [("64 x 2048", "short, head dim 256", 2)]
+    assert [len(k[0]) for k in cases[0].kepts] == [256, 128] and len(cases[0].grid) == 21
+    assert [c.shape_class for c in pruned_decode.tune_cases(mask, ("pruned",))] == ["long", "short"]
+
+    def fake_times(kept, batch, context, geometry):  # fastest at 64-token blocks, 8 warps, 8 items per SM
+        s = ls.OVERRIDE[kernel.KERNEL]
+        us = len(kept[0]) * (1 + abs(s["BLOCK_N"] - 64) + abs(s["NUM_WARPS"] - 8) + abs(s["ITEMS_PER_SM"] - 8))
+        return {"graph_ms": us / 1e3, "eager_ms": us / 1e3, "bytes": 1e6}
+
+    monkeypatch.setattr(pruned_decode, "layer_times", fake_times)
+    monkeypatch.setattr(kernel, "device_name", lambda device: "Fake GPU")
+    monkeypatch.setenv(ls.ENV, str(tmp_path / "user.json"))
+    ls.forget()
+    try:
+        rows = pruned_decode.tune(cases)
+        best = [r for r in rows if r.get("best")]
+        assert len(rows) == 21 and len(best) == 1 and best[0]["graph_us"] == (256 + 128) * 1.0
+        chosen = ls.settings(kernel.KERNEL, "Fake GPU", "short, head dim 256")
+        assert (chosen["BLOCK_N"], chosen["NUM_WARPS"], chosen["ITEMS_PER_SM"]) == (64, 8, 8)
+        assert ls.settings(kernel.KERNEL, "Fake GPU", "short") == ls.DEFAULTS[kernel.KERNEL]  # other classes untouched
+        assert kernel.KERNEL not in ls.OVERRIDE
+    finally:
+        ls.forget()
 
 
 def test_report_escapes_cells():
@@ -190,7 +228,7 @@ def test_tune_table_plumbing_without_a_gpu(monkeypatch):
     monkeypatch.setattr(
         pruned_decode,
         "tune",
-        lambda mask, shapes, grid, advance=None: [
+        lambda cases, advance=None: [
             {"shape": "2 x 4096", "class": "short", "BLOCK_N": 128, "graph_us": 10.0, "best": True}
         ],
     )

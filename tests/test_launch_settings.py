@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from harness.kernels import launch_settings as ls
 
 KERNEL = "pruned_decode"
@@ -42,3 +44,23 @@ def test_lookup_order(tmp_path, monkeypatch):
 
 def test_shape_class():
     assert ls.shape_class(32768) == "long" and ls.shape_class(4000) == "short"
+    assert ls.shape_class(4000, 64) == "short" and ls.shape_class(4000, 128) == "short"
+    assert ls.shape_class(2048, 256) == "short, head dim 256" and ls.shape_class(32768, 256) == "long, head dim 256"
+
+
+def test_wide_heads_read_their_own_class(tmp_path, monkeypatch):
+    """The static decode kernel of a 256-wide layer launches with its class's settings; a
+    128-wide layer keeps the plain class's."""
+    from harness.kcache import KeyChannelPlan
+    from harness.kernels.static_decode import split_count
+    from harness.static_kcache import StaticKLayer
+
+    monkeypatch.setenv(ls.ENV, str(tmp_path / "user.json"))
+    ls.save(KERNEL, "cpu", "short, head dim 256", {"BLOCK_N": 32, "NUM_WARPS": 8})
+    try:
+        for d, block in ((256, 32), (128, ls.DEFAULTS[KERNEL]["BLOCK_N"])):
+            plan = KeyChannelPlan(2, d, d, tuple(tuple(range(d // 2)) for _ in range(2)), sink=4, recent=4)
+            _, tuned = split_count(StaticKLayer(plan, 2, 512, torch.float32, "cpu"), 2, "cpu")
+            assert tuned["BLOCK_N"] == block, d
+    finally:
+        ls.forget()

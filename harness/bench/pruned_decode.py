@@ -19,18 +19,40 @@ against the torch twin.
 
     harness bench --only pruned [--mask PATH]          # this table
     harness bench --tune [--mask PATH]                 # sweep launch settings on this GPU, cache the winners
+    harness bench --tune --sweep pruned-wide           # only the 256-wide heads' class (Qwen3.5's attention)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from harness.bench import log
 from harness.bench.timing import copy_gbps, eager_ms, graph_ms
 
-HKV, HQ, D, LAYERS = 8, 32, 128, 32
+
+@dataclass(frozen=True)
+class Geometry:
+    """An attention layer's heads as the decode kernel sees them."""
+
+    kv_heads: int
+    query_heads: int
+    head_dim: int
+
+    def all_channels(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(range(self.head_dim)) for _ in range(self.kv_heads))
+
+    def first_half(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(range(self.head_dim // 2)) for _ in range(self.kv_heads))
+
+
+LLAMA = Geometry(kv_heads=8, query_heads=32, head_dim=128)  # Llama-3.1-8B
+WIDE = Geometry(kv_heads=2, query_heads=8, head_dim=256)  # Qwen3.5-0.8B's attention layers
+HKV, HQ, D, LAYERS = LLAMA.kv_heads, LLAMA.query_heads, LLAMA.head_dim, 32
 SINK, RECENT = 16, 64
 SHAPES = ((8, 32768), (52, 4096))
+WIDE_SHAPES = ((64, 2048),)  # the e2e-qwen35 table's batch x context
 TARGETS = {"8 x 32768": 1.6, "52 x 4096": 1.45}  # speedup over SDPA the issue asks for (and >= 88% of copy)
 
 
@@ -38,13 +60,14 @@ def kept_of(mask_layer: torch.Tensor) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(torch.nonzero(row).flatten().tolist()) for row in mask_layer)
 
 
-def build_layer(kept, batch: int, context: int, dtype=torch.bfloat16, device="cuda"):
+def build_layer(kept, batch: int, context: int, dtype=torch.bfloat16, device="cuda", geometry: Geometry = LLAMA):
     """A StaticKLayer whose rows each hold `context` tokens, the new one included (head: sink,
     ring: recent + 1, middle: the rest), random contents; and its lengths (the new token's slot)."""
     from harness.kcache import KeyChannelPlan
     from harness.static_kcache import StaticKLayer
 
-    plan = KeyChannelPlan(HKV, D, D, kept, sink=SINK, recent=RECENT)
+    d = geometry.head_dim
+    plan = KeyChannelPlan(geometry.kv_heads, d, d, kept, sink=SINK, recent=RECENT)
     layer = StaticKLayer(plan, batch, context, dtype, device)
     for store in (layer.head_k, layer.head_v, layer.ring_k, layer.ring_v, layer.keys_flat, layer.values_flat):
         store.normal_()
@@ -95,20 +118,21 @@ def dense_times(batch: int, context: int, dtype=torch.bfloat16) -> dict:
     return {"variant": best, "graph_ms": times[best][0], "eager_ms": times[best][1], "bytes": nbytes}
 
 
-def layer_times(kept, batch: int, context: int, check: bool = False) -> dict:
+def layer_times(kept, batch: int, context: int, check: bool = False, geometry: Geometry = LLAMA) -> dict:
     from harness.kernels.static_decode import static_append, static_decode_attention, static_decode_attention_torch
 
     torch.manual_seed(0)
-    layer, lengths = build_layer(kept, batch, context)
-    query = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-    fn = lambda: static_decode_attention(query, layer, lengths, scaling=D**-0.5)  # noqa: E731
+    layer, lengths = build_layer(kept, batch, context, geometry=geometry)
+    d, hkv = geometry.head_dim, geometry.kv_heads
+    query = torch.randn(batch, geometry.query_heads, 1, d, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: static_decode_attention(query, layer, lengths, scaling=d**-0.5)  # noqa: E731
     graph, eager = _times(fn)
     row = {"graph_ms": graph, "eager_ms": eager, "bytes": read_bytes(layer, query, context)}
     if check:
-        key = torch.randn(batch, HKV, 1, D, device="cuda", dtype=torch.bfloat16)
+        key = torch.randn(batch, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
         row["append_us"] = 1e3 * graph_ms(lambda: static_append(layer, key, key, lengths))
         row["host_us"] = host_us_per_call(fn)
-        ref = static_decode_attention_torch(query, layer, lengths, scaling=D**-0.5).float()
+        ref = static_decode_attention_torch(query, layer, lengths, scaling=d**-0.5).float()
         row["rel_error"] = ((fn().float() - ref).norm() / ref.norm()).item()
     torch.cuda.empty_cache()
     return row
@@ -169,66 +193,102 @@ def measure(mask: torch.Tensor, shapes=SHAPES, layers=None, advance=None) -> tup
 
 # the sweep: (BLOCK_N, NUM_WARPS, NUM_STAGES) x ITEMS_PER_SM (runtime: no recompile)
 TUNE_TILES = ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (256, 8, 2))
+# 256-wide heads: a 128-token tile of keys (or values) is already 64 KiB, so smaller tiles and more warps
+WIDE_TILES = ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 8, 2))
 TUNE_ITEMS = (4, 8, 16)
+SWEEPS = ("pruned", "pruned-wide", "linear")  # what `harness bench --tune` sweeps (--sweep picks)
 
 
-def tune(mask: torch.Tensor, shapes=SHAPES, grid=None, save: bool = True, advance=None) -> list[dict]:
-    """Time the typical layer at every launch setting of `grid` for each shape; the fastest per
-    shape class is recorded in the user's launch-settings cache (`save`) for this GPU. Returns
-    every timing (rows with "best": True for the winners)."""
+@dataclass(frozen=True)
+class TuneCase:
+    """One shape of the sweep: the layers it times at each setting (their times summed) and the
+    settings it tries."""
+
+    batch: int
+    context: int
+    geometry: Geometry
+    kepts: tuple  # per layer timed: the kept channels of each KV head
+    grid: tuple  # the settings (dicts) tried
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch} x {self.context}"
+
+    @property
+    def shape_class(self) -> str:
+        from harness.kernels import launch_settings
+
+        return launch_settings.shape_class(self.context, self.geometry.head_dim)
+
+
+def grid_of(tiles, items=TUNE_ITEMS) -> tuple:
+    return tuple(
+        dict(BLOCK_N=bn, NUM_WARPS=w, NUM_STAGES=st, ITEMS_PER_SM=i, MIN_BLOCKS_PER_SPLIT=4)
+        for bn, w, st in tiles
+        for i in items
+    )
+
+
+def tune_cases(mask: torch.Tensor, sweeps=SWEEPS, quick: bool = False) -> list[TuneCase]:
+    """The sweep's shapes: the LeanK mask's typical layer at the Llama shapes ("pruned"); a
+    Qwen3.5-0.8B attention layer with every channel and with half of them ("pruned-wide": the
+    hybrid's dense and pruned rows share its class)."""
+    quick_grid = grid_of(((128, 4, 2), (128, 4, 3)), (8,))
+    cases = []
+    if "pruned" in sweeps:
+        kept = kept_of(mask[typical_layer(mask)])
+        for batch, context in ((2, 4096), (8, 1024)) if quick else SHAPES:
+            cases.append(TuneCase(batch, context, LLAMA, (kept,), quick_grid if quick else grid_of(TUNE_TILES)))
+    if "pruned-wide" in sweeps:
+        kepts = (WIDE.all_channels(), WIDE.first_half())
+        for batch, context in ((4, 512),) if quick else WIDE_SHAPES:
+            cases.append(TuneCase(batch, context, WIDE, kepts, quick_grid if quick else grid_of(WIDE_TILES)))
+    return cases
+
+
+def tune(cases, save: bool = True, advance=None) -> list[dict]:
+    """Time each case's layers at every setting of its grid; the least total time per shape class
+    is recorded in the user's launch-settings cache (`save`) for this GPU. Returns every timing
+    (rows with "best": True for the winners)."""
     from harness.kernels import launch_settings
     from harness.kernels.pruned_decode import KERNEL, device_name
 
-    grid = grid or [
-        dict(BLOCK_N=bn, NUM_WARPS=w, NUM_STAGES=st, ITEMS_PER_SM=i, MIN_BLOCKS_PER_SPLIT=4)
-        for bn, w, st in TUNE_TILES
-        for i in TUNE_ITEMS
-    ]
-    kept = kept_of(mask[typical_layer(mask)])
     gpu = device_name("cuda")
     out = []
     try:
-        for batch, context in shapes:
-            cls = launch_settings.shape_class(context)
-            timed = []
-            for setting in grid:
+        for case in cases:
+            cls, timed = case.shape_class, []
+            for setting in case.grid:
                 launch_settings.OVERRIDE[KERNEL] = setting
+                row = {"shape": case.shape, "class": cls, **setting}
                 try:
-                    r = layer_times(kept, batch, context)
+                    r = [layer_times(k, case.batch, case.context, geometry=case.geometry) for k in case.kepts]
                 except Exception as exc:  # noqa: BLE001 - a setting that does not compile or fit
-                    out.append({"shape": f"{batch} x {context}", "class": cls, **setting, "error": repr(exc)[:120]})
+                    out.append({**row, "error": repr(exc)[:120]})
                     continue
                 finally:
                     if advance:
                         advance()
+                graph = sum(x["graph_ms"] for x in r)
                 timed.append(
                     {
-                        "shape": f"{batch} x {context}",
-                        "class": cls,
-                        **setting,
-                        "graph_us": 1e3 * r["graph_ms"],
-                        "eager_us": 1e3 * r["eager_ms"],
-                        "gbps": r["bytes"] / r["graph_ms"] / 1e6,
+                        **row,
+                        "graph_us": 1e3 * graph,
+                        "eager_us": 1e3 * sum(x["eager_ms"] for x in r),
+                        "gbps": sum(x["bytes"] for x in r) / graph / 1e6,
                     }
                 )
+            if not timed:
+                log.info("tune %s (%s) on %s: no setting ran", case.shape, cls, gpu)
+                continue
             best = min(timed, key=lambda row: row["graph_us"])
             best["best"] = True
-            log.info(
-                "tune %s (%s) on %s: best %s, %.1f us",
-                best["shape"],
-                cls,
-                gpu,
-                {k: best[k] for k in grid[0]},
-                best["graph_us"],
-            )
+            chosen = {k: best[k] for k in case.grid[0]}
+            log.info("tune %s (%s) on %s: best %s, %.1f us", best["shape"], cls, gpu, chosen, best["graph_us"])
             if save:
-                path = launch_settings.save(
-                    KERNEL,
-                    gpu,
-                    cls,
-                    {k: best[k] for k in grid[0]},
-                    note=f"harness bench --tune: typical layer at {best['shape']}, {best['graph_us']:.1f} us",
-                )
+                layers = "typical layer" if len(case.kepts) == 1 else f"{len(case.kepts)} layers (summed)"
+                note = f"harness bench --tune: {layers} at {best['shape']}, {best['graph_us']:.1f} us"
+                path = launch_settings.save(KERNEL, gpu, cls, chosen, note=note)
                 log.info("tune: recorded in %s", path)
             out += timed
     finally:
@@ -236,32 +296,29 @@ def tune(mask: torch.Tensor, shapes=SHAPES, grid=None, save: bool = True, advanc
     return out
 
 
-def tune_table(mask_path=None, quick: bool = False, bars=None):
-    """`harness bench --tune`: the sweep's timings as a table (winners cached for this GPU)."""
+def tune_table(mask_path=None, quick: bool = False, bars=None, sweeps=SWEEPS):
+    """`harness bench --tune`: the sweeps' timings as a table (winners cached for this GPU)."""
     from harness.bench import Table
     from harness.bench.masks import leank_mask
     from harness.kernels import launch_settings
     from harness.kernels.pruned_decode import device_name
 
     mask, source, _ = leank_mask(mask_path, (LAYERS, HKV, D))
-    shapes = ((2, 4096), (8, 1024)) if quick else SHAPES
-    grid = (
-        None
-        if not quick
-        else [dict(BLOCK_N=128, NUM_WARPS=4, NUM_STAGES=st, ITEMS_PER_SM=8, MIN_BLOCKS_PER_SPLIT=4) for st in (2, 3)]
-    )
-    total = len(shapes) * (len(grid) if grid else len(TUNE_TILES) * len(TUNE_ITEMS))
-    advance = bars.task("launch settings sweep", total) if bars is not None else None
-    rows = tune(mask, shapes, grid, advance=advance)
-    from harness.bench.linear_decode import DK_FULL, RATIOS, tune_decode, tune_grid
+    cases = tune_cases(mask, sweeps, quick)
+    total = sum(len(c.grid) for c in cases)
+    advance = bars.task("launch settings sweep", total) if bars is not None and total else None
+    rows = tune(cases, advance=advance)
+    linear = []
+    if "linear" in sweeps:
+        from harness.bench.linear_decode import DK_FULL, RATIOS, tune_decode, tune_grid
 
-    sweep = 4 if quick else sum(len(tune_grid(round(DK_FULL * r))) for r in RATIOS)
-    linear_advance = bars.task("linear decode sweep", sweep) if bars is not None else None
-    linear = tune_decode(quick, advance=linear_advance)
+        sweep = 4 if quick else sum(len(tune_grid(round(DK_FULL * r))) for r in RATIOS)
+        linear_advance = bars.task("linear decode sweep", sweep) if bars is not None else None
+        linear = tune_decode(quick, advance=linear_advance)
     keys = ["BLOCK_N", "NUM_WARPS", "NUM_STAGES", "ITEMS_PER_SM", "MIN_BLOCKS_PER_SPLIT"]
     rows = [{"kernel": "pruned_decode", **r} for r in rows] + [{"kernel": "delta_decode", **r} for r in linear]
     return Table(
-        title=f"Launch settings sweep: static pruned decode (typical layer) and linear decode, {device_name('cuda')}",
+        title=f"Launch settings sweep ({', '.join(sweeps)}), {device_name('cuda')}",
         columns=[
             "kernel",
             "shape",
@@ -294,18 +351,40 @@ def tune_table(mask_path=None, quick: bool = False, bars=None):
             "gated_us": "{:.1f}",
         },
         notes=[
-            f"Mask: {source}; the typical layer (kept fraction nearest the mask's) at each shape; medians of "
-            "do_bench_cudagraph. The fastest setting per shape class is written to the user's launch-settings "
-            f"cache ({launch_settings.user_cache()}), which the kernels read from then on.",
-            "The linear decode step (`delta_rule_step`, batch 64, 16 heads, d_v 128) was swept too, per d_k "
-            "(BLOCK_V x NUM_WARPS, both rules; the least total time wins): "
-            + "; ".join(
-                f"d_k {r['d_k']}: BLOCK_V {r['BLOCK_V']}, {r['NUM_WARPS']} warps, {r['delta_us']:.1f} + "
-                f"{r['gated_us']:.1f} us"
-                for r in linear
-                if r.get("best")
-            )
-            + ". Its timings are the table's delta_decode rows.",
+            *(
+                [
+                    f"Mask: {source}; the typical layer (kept fraction nearest the mask's) at the Llama-3.1-8B "
+                    "shapes (8 KV heads of 128); medians of do_bench_cudagraph. The fastest setting per shape "
+                    f"class is written to the user's launch-settings cache ({launch_settings.user_cache()}), "
+                    "which the kernels read from then on."
+                ]
+                if "pruned" in sweeps
+                else []
+            ),
+            *(
+                [
+                    "Classes with a head dim: a Qwen3.5-0.8B attention layer (2 KV heads of 256, 8 query heads), "
+                    "timed with every channel kept and with the first half (the hybrid's dense and pruned rows); "
+                    "the least summed time wins."
+                ]
+                if "pruned-wide" in sweeps
+                else []
+            ),
+            *(
+                [
+                    "The linear decode step (`delta_rule_step`, batch 64, 16 heads, d_v 128) was swept too, per "
+                    "d_k (BLOCK_V x NUM_WARPS, both rules; the least total time wins): "
+                    + "; ".join(
+                        f"d_k {r['d_k']}: BLOCK_V {r['BLOCK_V']}, {r['NUM_WARPS']} warps, {r['delta_us']:.1f} + "
+                        f"{r['gated_us']:.1f} us"
+                        for r in linear
+                        if r.get("best")
+                    )
+                    + ". Its timings are the table's delta_decode rows."
+                ]
+                if linear
+                else []
+            ),
         ],
     )
 
@@ -406,5 +485,5 @@ if __name__ == "__main__":
 
     m, where, _ = leank_mask(default_mask_path(args.mask), (LAYERS, HKV, D))
     print(where)
-    for row in tune(m) if args.tune else measure(m)[0]:
+    for row in tune(tune_cases(m)) if args.tune else measure(m)[0]:
         print(json.dumps(row))
