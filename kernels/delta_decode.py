@@ -94,6 +94,11 @@ if triton is not None:
         eps,
         HV,
         GROUP,
+        SQ,
+        SK,
+        SV,
+        SBETA,
+        SG,
         DK: tl.constexpr,
         DV: tl.constexpr,
         BK: tl.constexpr,
@@ -109,18 +114,22 @@ if triton is not None:
     ):
         bh = tl.program_id(0)  # (sequence, value head)
         iv = tl.program_id(1)
-        qk = bh // GROUP  # (sequence, key head): b * H + hv // GROUP, as HV = H * GROUP
+        # q, k, v, beta and g are rows of a sequence's values (heads contiguous within a row), a
+        # row starting S* elements after the last: slices of a wider projection need no copy
+        seq = (bh // HV).to(tl.int64)
+        hv = bh % HV
+        head = hv // GROUP  # value head hv reads key head hv // GROUP, as HV = H * GROUP
         offs_k = tl.arange(0, BK)
         offs_v = iv * BV + tl.arange(0, BV)
         mk = offs_k < DK
         mv = offs_v < DV
-        q = tl.load(Q + qk * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
-        k = tl.load(K + qk * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
+        q = tl.load(Q + seq * SQ + head * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(K + seq * SK + head * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
         if L2NORM:
             q = q * tl.rsqrt(tl.sum(q * q, axis=0) + eps)
             k = k * tl.rsqrt(tl.sum(k * k, axis=0) + eps)
-        v = tl.load(V + bh * DV + offs_v, mask=mv, other=0.0).to(tl.float32)
-        beta = tl.load(BETA + bh).to(tl.float32)
+        v = tl.load(V + seq * SV + hv * DV + offs_v, mask=mv, other=0.0).to(tl.float32)
+        beta = tl.load(BETA + seq * SBETA + hv).to(tl.float32)
         if BETA_SIGMOID:
             beta = tl.sigmoid(beta)
             if NEG_EIGVAL:
@@ -135,9 +144,8 @@ if triton is not None:
         else:
             s = tl.load(tile, mask=mask, other=0.0)
         if HAS_G:
-            g = tl.load(G + bh).to(tl.float32)
+            g = tl.load(G + seq * SG + hv).to(tl.float32)
             if GATE_IN_KERNEL:  # fla: -exp(A_log) * softplus(g + dt_bias), softplus linear above 20
-                hv = bh % HV
                 if HAS_DT_BIAS:
                     g = g + tl.load(DT_BIAS + hv).to(tl.float32)
                 softplus = tl.where(g > 20.0, g, tl.log(1.0 + tl.exp(tl.minimum(g, 20.0))))
@@ -152,6 +160,14 @@ if triton is not None:
         else:
             tl.store(tile, s, mask=mask)
         tl.store(OUT + bh * DV + offs_v, o.to(OUT.dtype.element_ty), mask=mv)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` (B, ...) as the kernel reads it: each sequence's values contiguous, sequences at any
+    stride (a column slice of a wider projection's output is read in place); otherwise a copy."""
+    if x.is_contiguous() or x[0].is_contiguous():
+        return x
+    return x.contiguous()
 
 
 def launch(device, d_k: int) -> dict[str, int]:
@@ -207,9 +223,10 @@ def delta_rule_step(
     if A_log is not None and g is None:
         raise ValueError("A_log (the gate computed in the kernel) needs the raw gate g")
     has_g, gate_in_kernel, has_dt_bias = g is not None, A_log is not None, dt_bias is not None
-    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    q, k, v, beta = (_rows(x) for x in (q, k, v, beta))
     # beta stands in (a valid pointer, never read) for the optional tensors a constexpr switch leaves out
-    g, A_log, dt_bias = (x.contiguous() if x is not None else beta for x in (g, A_log, dt_bias))
+    g = _rows(g) if g is not None else beta
+    A_log, dt_bias = (x.contiguous() if x is not None else beta for x in (A_log, dt_bias))
     out = torch.empty(b, hv, dv, dtype=v.dtype, device=v.device)
     tuned = launch(state.device, dk)
     # a d_k x BV fp32 tile in registers
@@ -229,6 +246,11 @@ def delta_rule_step(
         1e-6,
         hv,
         hv // h,
+        q.stride(0),
+        k.stride(0),
+        v.stride(0),
+        beta.stride(0),
+        g.stride(0),
         DK=dk,
         DV=dv,
         BK=triton.next_power_of_2(dk),

@@ -61,6 +61,21 @@ INTERPRETED = textwrap.dedent("""
         o = delta_rule_step(q, k, v, beta, state, gate if gated else None, block_v=16)
         r = delta_rule_step_reference(q, k, v, beta, ref_state, gate if gated else None)
         worst = max(worst, (o - r).abs().max().item(), (state - ref_state).abs().max().item())
+    # rows read in place: q, k, v, beta and the raw gate as column slices of one wide projection
+    # (the Qwen3.5 layer's decode step), the gate and beta's sigmoid computed in the kernel
+    launch_settings.OVERRIDE.pop(KERNEL)
+    h, hv, dk, dv = 2, 4, 16, 8
+    wide = torch.randn(3, 2 * h * dk + hv * dv + 2 * hv + 5, generator=g)
+    q, k, v, b, a = wide[:, :-5].split([h * dk, h * dk, hv * dv, hv, hv], -1)
+    q, k, v = q.view(3, h, dk), k.view(3, h, dk), v.view(3, hv, dv)
+    assert not q.is_contiguous() and not b.is_contiguous()
+    A_log, dt_bias = torch.randn(hv, generator=g), torch.randn(hv, generator=g)
+    state = torch.randn(3, hv, dk, dv, generator=g)
+    ref_state = state.clone()
+    fused = dict(A_log=A_log, dt_bias=dt_bias, beta_sigmoid=True)
+    o = delta_rule_step(q, k, v, b, state, a, block_v=8, **fused)
+    r = delta_rule_step_reference(q, k, v, b, ref_state, a, **fused)
+    worst = max(worst, (o - r).abs().max().item(), (state - ref_state).abs().max().item())
     print("max difference", worst)
 """)
 
