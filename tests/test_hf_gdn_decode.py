@@ -115,12 +115,14 @@ def test_refused_recurrent_calls_run_the_original(monkeypatch, why):
 @pytest.fixture
 def counted_steps(monkeypatch):
     """Calls of our delta-rule step and of our conv step while the test runs (CPU: their torch twins)."""
-    calls = {"delta_rule": 0, "conv": 0}
+    calls = {"delta_rule": 0, "conv": 0, "gates in the kernel": 0}
     step, conv = fla_decode.delta_rule_step, hf_gdn_decode.conv_step
 
     def counted(name, fn):
         def call(*args, **kwargs):
             calls[name] += 1
+            if kwargs.get("A_log") is not None and kwargs.get("beta_sigmoid"):
+                calls["gates in the kernel"] += 1
             return fn(*args, **kwargs)
 
         return call
@@ -135,7 +137,8 @@ def counted_steps(monkeypatch):
 @pytest.mark.parametrize("model_type, compressed", HYBRIDS)
 def test_hybrid_loop_steps_through_our_ops(counted_steps, model_type, compressed):
     """Each decode step of the loop runs our conv and delta-rule steps once per linear layer (3
-    here), and the loop still decodes what `generate` does."""
+    here), and the loop still decodes what `generate` does. Layers of Qwen3.5's layout step
+    through `fused_step`: the decay and beta's sigmoid in the kernel."""
     model = hybrid(compressed, model_type)
     ids, mask = padded_batch(vocab=128)
     new = 6
@@ -143,10 +146,24 @@ def test_hybrid_loop_steps_through_our_ops(counted_steps, model_type, compressed
     assert torch.equal(seq2, seq)
     torch.testing.assert_close(scores2, scores, atol=2e-5, rtol=1e-5)
     steps = new - 1  # the first new token comes from the prefill's logits
-    assert counted_steps == {"delta_rule": 3 * steps, "conv": 3 * steps}
+    fused = 3 * steps if model_type.startswith("qwen3_5") else 0
+    assert counted_steps == {"delta_rule": 3 * steps, "conv": 3 * steps, "gates in the kernel": fused}
     module = sys.modules[type(gdn_layers(model)[0][1]).__module__]
+    assert all("forward" not in attn.__dict__ for _, attn in gdn_layers(model))  # the layers' own forward again
     assert module.causal_conv1d_update is not hf_gdn_decode.causal_conv1d_update  # restored after the steps
     assert module.torch_recurrent_gated_delta_rule.__module__ == module.__name__
+
+
+def test_fused_step_takes_transformers_ops_where_our_kernel_is_refused(counted_steps, monkeypatch):
+    """With fla's backend asked for, a Qwen3.5 layer's own step computes the gates and runs
+    transformers' delta rule (none of ours), and the loop still decodes what `generate` does."""
+    monkeypatch.setenv(fla_decode.ENV, "fla")
+    model = hybrid(True, "qwen3_5_text")
+    ids, mask = padded_batch(vocab=128)
+    (seq, scores), (seq2, scores2) = both(model, ids, mask, new=5)
+    assert torch.equal(seq2, seq)
+    torch.testing.assert_close(scores2, scores, atol=2e-5, rtol=1e-5)
+    assert counted_steps == {"delta_rule": 0, "conv": 3 * 4, "gates in the kernel": 0}
 
 
 @pytest.mark.gpu

@@ -168,16 +168,32 @@ def recording_ops(layers: list[tuple[int, nn.Module]], on_call: Callable[[int, d
             h.remove()
 
 
+@contextlib.contextmanager
 def decode_ops(layers: list[tuple[int, nn.Module]]):
     """While active, these layers' one-token decode step runs on our kernels
-    (`harness.kernels.hf_gdn_decode`): the conv state and the recurrent state updated in place."""
+    (`harness.kernels.hf_gdn_decode`): the conv state and the recurrent state updated in place;
+    layers of Qwen3.5's layout step through `hf_gdn_decode.fused_step` (the decay and beta
+    computed in the delta-rule kernel)."""
     from harness.kernels import hf_gdn_decode
 
     ours = {
         "causal_conv1d_update": lambda _op: hf_gdn_decode.causal_conv1d_update,
         "torch_recurrent_gated_delta_rule": hf_gdn_decode.recurrent_gated_delta_rule,
     }
-    return replaced_ops(layers, ours, lambda name, op: ours[name](op))
+    stepped = [(attn, hf_gdn_decode.fused_step(attn)) for _, attn in layers]
+    stepped = [(attn, forward) for attn, forward in stepped if forward is not None]
+    prior = [(attn, attn.__dict__.get("forward")) for attn, _ in stepped]
+    with replaced_ops(layers, ours, lambda name, op: ours[name](op)):
+        for attn, forward in stepped:
+            attn.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+        try:
+            yield
+        finally:
+            for attn, forward in prior:
+                if forward is None:
+                    del attn.forward
+                else:
+                    attn.forward = forward
 
 
 class HFGatedDeltaNetAdapter(FamilyAdapter):
