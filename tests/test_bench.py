@@ -89,7 +89,7 @@ def test_tune_cases_and_winner(tmp_path, monkeypatch):
     mask = torch.ones(pruned_decode.LAYERS, pruned_decode.HKV, pruned_decode.D)
     cases = pruned_decode.tune_cases(mask, ("pruned-wide",))
     assert [(c.shape, c.shape_class, len(c.kepts)) for c in cases] == [("64 x 2048", "short, head dim 256", 2)]
-    assert [len(k[0]) for k in cases[0].kepts] == [256, 128] and len(cases[0].grid) == 21
+    assert [len(k[0]) for k in cases[0].kepts] == [256, 128] and len(cases[0].grid) == 24
     assert [c.shape_class for c in pruned_decode.tune_cases(mask, ("pruned",))] == ["long", "short"]
 
     def fake_times(kept, batch, context, geometry):  # fastest at 64-token blocks, 8 warps, 8 items per SM
@@ -104,7 +104,7 @@ def test_tune_cases_and_winner(tmp_path, monkeypatch):
     try:
         rows = pruned_decode.tune(cases)
         best = [r for r in rows if r.get("best")]
-        assert len(rows) == 21 and len(best) == 1 and best[0]["graph_us"] == (256 + 128) * 1.0
+        assert len(rows) == 24 and len(best) == 1 and best[0]["graph_us"] == (256 + 128) * 1.0
         chosen = ls.settings(kernel.KERNEL, "Fake GPU", "short, head dim 256")
         assert (chosen["BLOCK_N"], chosen["NUM_WARPS"], chosen["ITEMS_PER_SM"]) == (64, 8, 8)
         assert ls.settings(kernel.KERNEL, "Fake GPU", "short") == ls.DEFAULTS[kernel.KERNEL]  # other classes untouched
