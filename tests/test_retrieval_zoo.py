@@ -122,6 +122,31 @@ def test_pairs_repeat_every_key_with_its_value():
     assert first == again and not {0, 1, 2} & set(head)
 
 
+def test_mqar_rows_ask_every_key_again_on_the_suites_token_sets(data):
+    """An mqar row: blocks of pairs over the mqar suite's key and value ids, each key then asked
+    again and answered with the value it was last bound to (weighted as an answer); every id is a
+    key, a value or noise of those sets."""
+    from harness.mqar_data import tokenizer_sets
+
+    sets = tokenizer_sets(data.tokenizer, 64, 64)
+    keys, values = set(sets.keys.tolist()), set(sets.values.tolist())
+    allowed = keys | values | set(sets.noise.tolist())
+    for seed in range(6):
+        ids, weights = data.mqar_row(random.Random(seed), 256, 256)
+        assert len(ids) == len(weights) == 256 and set(ids) <= allowed
+        bound, asked, bindings = {}, 0, 0
+        for t, (a, b) in enumerate(zip(ids, ids[1:])):
+            if a not in keys:
+                continue
+            assert b in values  # a key is always followed by a value
+            if weights[t + 1] == retrieval.ANSWER:
+                assert bound[a] == b  # a question's answer: the key's latest binding
+                asked += 1
+            else:
+                bound[a], bindings = b, bindings + 1
+        assert asked == bindings > 0 and sum(w == retrieval.ANSWER for w in weights) == asked
+
+
 def test_batches_are_seeded_and_weight_answers(data):
     a_ids, a_w = data.batch(random.Random(5), 10, 256)
     b_ids, b_w = data.batch(random.Random(5), 10, 256)
@@ -155,7 +180,7 @@ def test_build_writes_a_folder_that_reloads(tmp_path):
         zoo.build_model("llama-retrieval-tiny", out_dir=tmp_path / "x", steps=1, progress=False, seq_len=8)
 
 
-SHIPPED_RETRIEVAL_MODELS = ("llama-retrieval-tiny", "qwen35-hybrid-retrieval-tiny")  # deltanet's does not retrieve yet
+SHIPPED_RETRIEVAL_MODELS = ("llama-retrieval-tiny", "qwen35-hybrid-retrieval-tiny")  # the DeltaNet finds no needle
 
 
 @pytest.mark.parametrize("name", SHIPPED_RETRIEVAL_MODELS)
@@ -177,3 +202,23 @@ def test_shipped_retrieval_models_find_a_single_needle(name, tmp_path):
     rows = RulerSuite(lengths="512", tasks="niah_single", limit=4).run(model, tokenizer, ctx)
     score = next(r.value for r in rows if r.name == "niah_single/512")
     assert score >= 50, rows
+
+
+def test_shipped_retrieval_deltanet_recalls_pairs(tmp_path):
+    """Known answer: the shipped retrieval DeltaNet recalls the mqar suite's pairs well above
+    chance (1/64) at 4 and 8 pairs in 128 tokens, where a text-trained DeltaNet stays at chance."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.suite import SuiteContext
+    from harness.suites.mqar import MqarSuite
+
+    name = "deltanet-retrieval-tiny"
+    folder = zoo.default_path(name)
+    assert (folder / "zoo.json").exists(), f"{name}'s weights are not in the package"
+    zoo.prepare_fla()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ctx = SuiteContext("deltanet", "cpu", 0, tmp_path, lambda description, total: lambda n=1: None)
+    rows = MqarSuite(kv_pairs="4,8", seq_lens="128", limit=32).run(model, tokenizer, ctx)
+    recall = next(r.value for r in rows if r.name == "acc")
+    assert recall >= 0.06, rows

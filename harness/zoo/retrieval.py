@@ -26,6 +26,10 @@ transfer to templates the model never saw. What a training document can be:
 * **binding** (variable binding, multi-hop): a chain `name0 <- value`, `name1 <- name0`, ... of
   1-5 hops (`BINDINGS` forms), sometimes beside a decoy chain with another value; the question
   asks which names hold the value, the answer lists the chain's names in order.
+* **mqar** (associative recall on the mqar suite's token sets, `harness.mqar_data`): blocks of
+  2-16 key-value pairs, then each key again after 0-3 noise ids, followed by its value (the
+  answer); a later block binds keys afresh. The suite's own sequences differ: they end in noise
+  after the queries, and nothing is answered in them.
 * **pairs** (associative recall over arbitrary tokens): 8-48 pairs of random token ids (any
   non-special id) with an optional separator token, then corpus filler, then the keys again in
   random order, each followed by its value.
@@ -42,8 +46,9 @@ Which documents a model trains on, and in what shares, is its recipe's (`Retriev
 `TASK_WEIGHTS` by default). `llama-retrieval-tiny` starts from an induction circuit written into
 its initial weights (`harness.zoo.circuits`) and trains on qa documents, span copies and corpus
 text; `qwen35-hybrid-retrieval-tiny` trains on the same mix from qwen35-hybrid-tiny's weights;
-docs/results.md has what each recipe reached. Both ship their weights; `deltanet-retrieval-tiny`
-keeps an older recipe that does not retrieve and ships none.
+`deltanet-retrieval-tiny` trains from deltanet-tiny's weights mostly on mqar documents (below) with
+qa documents and corpus rows: it recalls pairs but finds no needle in RULER's haystacks.
+docs/results.md has what each recipe reached; all three ship their weights.
 """
 
 from __future__ import annotations
@@ -134,13 +139,16 @@ NOISE = (
 JOINERS = ("-", "-", "_", ".", " ")
 TASK_WEIGHTS = (("lookup", 0.6), ("binding", 0.15), ("pairs", 0.1), ("copy", 0.15))
 ANSWER = 2.0  # the weight that marks an answer token (text is 1, padding 0)
+MQAR_NUM_KEYS = MQAR_NUM_VALUES = 64  # the mqar suite's default token sets
 TASKS = {  # what each kind of document is, for a built model's info.json
     "lookup": "lookups: pass key, key-value, multi-key, multi-value, multi-query, one question",
     "qa": "lookups with a question about every key, each answered",
     "binding": "variable binding chains",
     "pairs": "random-token key-value pairs",
     "copy": "a corpus span repeated after a gap",
+    "mqar": "blocks of key-value pairs over the mqar suite's token sets, then the keys again, each followed by its value",
 }
+MQAR_PAIRS = (2, 4, 8, 16)  # pairs per mqar block (at d_k 32, 32 pairs fill a head's state: too hard to start on)
 
 
 @dataclass
@@ -415,6 +423,7 @@ class RetrievalData:
         self.first_weight = first_weight  # a qa answer's first token (the lookup; the rest is copying)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
+        self.mqar_sets = None  # the mqar suite's token sets, made at the first mqar document
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -445,6 +454,8 @@ class RetrievalData:
             return ids[: length + 1], weights[: length + 1]
         if task == "qa":
             return self.qa_row(seed, target, length)
+        if task == "mqar":
+            return self.mqar_row(random.Random(seed), target, length)
         make = lookup if task == "lookup" else binding
         filler = target - 60
         for _ in range(5):
@@ -477,6 +488,37 @@ class RetrievalData:
                 break
             filler -= len(ids) - (length + 1) + 8
         return ids[-(length + 1) :], weights[-(length + 1) :]
+
+    def mqar_row(self, rng: random.Random, target: int, length: int) -> tuple[list[int], list[float]]:
+        """Associative recall on the mqar suite's token sets (`harness.mqar_data`: keys, values and
+        noise are disjoint id ranges), in blocks until the row is full: n pairs `k v`, then every
+        key again in random order, each after 0-3 noise tokens and followed by its value (the
+        answer). A later block binds keys afresh, and its questions ask for the new values."""
+        if self.mqar_sets is None:
+            from harness.mqar_data import tokenizer_sets
+
+            self.mqar_sets = tokenizer_sets(self.tokenizer, MQAR_NUM_KEYS, MQAR_NUM_VALUES)
+        sets = self.mqar_sets
+        keys_pool, values_pool, noise = sets.keys.tolist(), sets.values.tolist(), sets.noise.tolist()
+        size = min(target, length + 1)
+        ids: list[int] = []
+        weights: list[float] = []
+        while True:
+            fits = [n for n in MQAR_PAIRS if 8 * n <= size - len(ids)]
+            if not fits and ids:
+                break
+            n = rng.choice(fits or [MQAR_PAIRS[0]])
+            keys, values = rng.sample(keys_pool, n), rng.sample(values_pool, n)
+            ids += [t for pair in zip(keys, values) for t in pair]
+            weights += [1.0] * (2 * n)
+            for i in rng.sample(range(n), n):
+                gap = [rng.choice(noise) for _ in range(rng.randint(0, 3))]
+                ids += gap + [keys[i], values[i]]
+                weights += [1.0] * (len(gap) + 1) + [ANSWER]
+        tail = max(0, size - len(ids))
+        ids += [rng.choice(noise) for _ in range(tail)]
+        weights += [1.0] * tail
+        return ids[: length + 1], weights[: length + 1]
 
     def batch(self, rng: random.Random, rows: int, length: int):
         import torch
