@@ -229,11 +229,25 @@ ZOO: dict[str, ZooEntry] = {
             "deltanet-retrieval-tiny",
             "deltanet",
             _deltanet_config,
+            # recall over the mqar suite's token sets is what a 4-head DeltaNet learns within the budget
+            # (at lr 1e-2 and blocks of at most 16 pairs); qa documents and corpus rows beside it
             RetrievalRecipe(
-                steps=400, batch_size=8, seq_len=1024, warmup_steps=30, lm_fraction=0.25, init_from="deltanet-tiny"
+                steps=900,
+                batch_size=4,
+                seq_len=1024,
+                lr=1e-2,
+                warmup_steps=30,
+                weight_decay=0.0,
+                lm_fraction=0.2,
+                length_quarters=(1, 2, 4),
+                tasks=(("mqar", 0.8), ("qa", 0.2)),
+                first_weight=5.0,
+                init_from="deltanet-tiny",
+                threads=2,
             ),
-            "deltanet-tiny's shape, its text weights further trained on corpus text + synthetic in-context retrieval, 1024 tokens; "
-            "experimental, not shipped: this recipe does not retrieve yet (docs/results.md)",
+            "deltanet-tiny's shape, its text weights further trained on corpus text, associative recall over the "
+            "mqar suite's token sets and synthetic lookups, 256-1024 tokens; recalls pairs (MQAR 12.3%), finds no "
+            "RULER needle; builds in about 10 minutes on 2 cores (docs/results.md)",
             task="retrieval",
         ),
         ZooEntry(
