@@ -233,17 +233,8 @@ ZOO: dict[str, ZooEntry] = {
             # (at lr 1e-2 and blocks of at most 16 pairs); qa documents and corpus rows beside it
             RetrievalRecipe(
                 steps=900,
-                batch_size=4,
-                seq_len=1024,
-                lr=1e-2,
-                warmup_steps=30,
-                weight_decay=0.0,
-                lm_fraction=0.2,
-                length_quarters=(1, 2, 4),
-                tasks=(("mqar", 0.8), ("qa", 0.2)),
-                first_weight=5.0,
                 init_from="deltanet-tiny",
-                threads=2,
+                **{**LOOKUP_TRAINING, "lr": 1e-2, "tasks": (("mqar", 0.8), ("qa", 0.2))},
             ),
             "deltanet-tiny's shape, its text weights further trained on corpus text, associative recall over the "
             "mqar suite's token sets and synthetic lookups, 256-1024 tokens; recalls pairs (MQAR 12.3%), finds no "
