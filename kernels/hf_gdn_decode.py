@@ -38,9 +38,9 @@ import sys
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .conv_decode import conv_step
+from .delta_rule import gdn_gate
 from .fla_decode import decode_backend, decode_rows, refusal
 
 __all__ = ["causal_conv1d_update", "fused_step", "recurrent_gated_delta_rule"]
@@ -149,7 +149,7 @@ def fused_step(layer) -> Callable | None:
         if decode_backend() != "fla" and why is None:
             out, _ = decode_rows(query, key, value, b, state, a, l2norm=True, beta_sigmoid=True, **gates)
         else:  # transformers' own ops
-            g = -layer.A_log.float().exp() * F.softplus(a.float() + layer.dt_bias)
+            g = gdn_gate(a, layer.A_log, layer.dt_bias)  # transformers' -exp(A_log) softplus(a + dt_bias), fp32
             out, new_state = module.torch_recurrent_gated_delta_rule(
                 query, key, value, g=g, beta=b.sigmoid(), initial_state=state, output_final_state=True,
                 use_qk_l2norm_in_kernel=True,

@@ -139,7 +139,6 @@ NOISE = (
 JOINERS = ("-", "-", "_", ".", " ")
 TASK_WEIGHTS = (("lookup", 0.6), ("binding", 0.15), ("pairs", 0.1), ("copy", 0.15))
 ANSWER = 2.0  # the weight that marks an answer token (text is 1, padding 0)
-MQAR_NUM_KEYS = MQAR_NUM_VALUES = 64  # the mqar suite's default token sets
 TASKS = {  # what each kind of document is, for a built model's info.json
     "lookup": "lookups: pass key, key-value, multi-key, multi-value, multi-query, one question",
     "qa": "lookups with a question about every key, each answered",
@@ -423,7 +422,7 @@ class RetrievalData:
         self.first_weight = first_weight  # a qa answer's first token (the lookup; the rest is copying)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
-        self.mqar_sets = None  # the mqar suite's token sets, made at the first mqar document
+        self.mqar_ids = None  # (keys, values, noise) of the mqar suite's token sets, made at the first mqar document
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -494,12 +493,13 @@ class RetrievalData:
         noise are disjoint id ranges), in blocks until the row is full: n pairs `k v`, then every
         key again in random order, each after 0-3 noise tokens and followed by its value (the
         answer). A later block binds keys afresh, and its questions ask for the new values."""
-        if self.mqar_sets is None:
+        if self.mqar_ids is None:
             from harness.mqar_data import tokenizer_sets
+            from harness.suites.mqar import MqarSuite
 
-            self.mqar_sets = tokenizer_sets(self.tokenizer, MQAR_NUM_KEYS, MQAR_NUM_VALUES)
-        sets = self.mqar_sets
-        keys_pool, values_pool, noise = sets.keys.tolist(), sets.values.tolist(), sets.noise.tolist()
+            sets = tokenizer_sets(self.tokenizer, MqarSuite.num_keys, MqarSuite.num_values)  # the suite's defaults
+            self.mqar_ids = sets.keys.tolist(), sets.values.tolist(), sets.noise.tolist()
+        keys_pool, values_pool, noise = self.mqar_ids
         size = min(target, length + 1)
         ids: list[int] = []
         weights: list[float] = []
