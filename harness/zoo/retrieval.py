@@ -495,9 +495,10 @@ class RetrievalData:
         answer). A later block binds keys afresh, and its questions ask for the new values."""
         if self.mqar_ids is None:
             from harness.mqar_data import tokenizer_sets
-            from harness.suites.mqar import MqarSuite
+            from harness.zoo.mqar import MqarRecipe
 
-            sets = tokenizer_sets(self.tokenizer, MqarSuite.num_keys, MqarSuite.num_values)  # the suite's defaults
+            # the MQAR zoo model's token sets, which are the mqar suite's defaults
+            sets = tokenizer_sets(self.tokenizer, MqarRecipe.num_keys, MqarRecipe.num_values)
             self.mqar_ids = sets.keys.tolist(), sets.values.tolist(), sets.noise.tolist()
         keys_pool, values_pool, noise = self.mqar_ids
         size = min(target, length + 1)
